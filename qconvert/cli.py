@@ -1,0 +1,26 @@
+"""`qconvert`: quantize, import, inspect, evaluate, fine-tune and publish checkpoints.
+
+Each subcommand is a thin shell over a library function; they live in `qconvert/cli_*.py`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from qserve.cli_group import ErrorHandlingGroup
+
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qlora-toolkit")
+def main() -> None:
+    """QLoRA toolkit: NF4+DQ checkpoints, LoRA fine-tuning on the 4-bit base, Hub publishing.
+
+    \b
+    Typical flow:
+      qconvert import-gguf model.gguf ./fp16        # or start from any HF checkpoint
+      qconvert quantize ./fp16 ./nf4                # NF4 + double-quantized scales
+      qconvert inspect ./nf4 --verify
+    """
+
+
+# Subcommands register here, one line each.

@@ -1,0 +1,259 @@
+"""The NF4 + double-quantization codec: the torch reference every other part of the toolkit calls.
+
+Semantics are those of bitsandbytes (`quantize_4bit(quant_type="nf4", compress_statistics=True)`),
+checked byte for byte in tests/test_nf4.py:
+- blocks of `blocksize` consecutive elements of the row-major flattened weight, fp32 absmax per
+  block over real elements only (a partial last block is allowed);
+- code index = number of fp32 midpoints strictly below `w * (1/absmax)`;
+- element 2k in the high nibble of byte k, packed as uint8 `[ceil(numel/2), 1]`;
+- double quantization: `offset = mean(absmax)`, `absmax - offset` in blocks of 256 coded with
+  the signed 8-bit dynamic map (nearest value), one fp32 `nested_absmax` per 256 blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qformats.errors import QError
+
+NF4_CODE = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+
+# Midpoints between neighbouring codes, computed in fp32 as bitsandbytes does.
+_NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+
+
+def _signed_dynamic_map() -> torch.Tensor:
+    """The 256-entry signed 8-bit dynamic map of bitsandbytes (`create_dynamic_map(signed=True)`).
+
+    Built from the exact fp32 words recorded in DESIGN.md (facts/dynamic_map_signed.hex),
+    sha256 e732639a...; tests check the hash and that it equals bitsandbytes' own map.
+    """
+    words = bytes.fromhex(_DYNAMIC_MAP_HEX)
+    return torch.frombuffer(bytearray(words), dtype=torch.int32).view(torch.float32).clone()
+
+
+_DYNAMIC_MAP_HEX = "".join(
+    int(w, 16).to_bytes(4, "little").hex()
+    for w in (Path(__file__).with_name("dynamic_map_signed.hex").read_text().split())
+)
+DYNAMIC_MAP_SIGNED = _signed_dynamic_map()
+
+SUPPORTED_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NESTED_BLOCKSIZE = 256
+
+
+@dataclass
+class NF4Weight:
+    """A quantized weight exactly as stored on disk (bitsandbytes' `Params4bit` layout)."""
+
+    packed: torch.Tensor  # uint8 [ceil(numel/2), 1]
+    absmax: torch.Tensor  # uint8 codes (double-quant) or fp32 per block
+    quant_map: torch.Tensor  # fp32 [16]
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the dtype the weight dequantizes to
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None  # fp32 per 256 blocks (double-quant only)
+    nested_quant_map: torch.Tensor | None = None  # fp32 [256]
+    offset: float | None = None  # mean of the first-level absmax
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def quant_state_json(self) -> dict:
+        """The JSON stored under `P.weight.quant_state.bitsandbytes__nf4`."""
+        state = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+                 "shape": list(self.shape)}  # fmt: skip
+        if self.double_quant:
+            state.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
+                         nested_offset=float(self.offset))  # fmt: skip
+        return state
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The safetensors entries for weight `prefix` (e.g. `model.layers.0.mlp.up_proj.weight`)."""
+        out = {
+            prefix: self.packed,
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": self.quant_map,
+        }
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = self.nested_quant_map
+        blob = json.dumps(self.quant_state_json()).encode()
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor]) -> NF4Weight:
+        """Rebuild a weight from its safetensors entries; raises QError naming the missing key."""
+
+        def get(key: str) -> torch.Tensor:
+            if key not in tensors:
+                raise QError(f"{prefix}: missing tensor {key!r} of a 4-bit weight")
+            return tensors[key]
+
+        state_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+        if state_key not in tensors:
+            if f"{prefix}.quant_state.bitsandbytes__fp4" in tensors:
+                raise QError(f"{prefix}: FP4 weights are not supported, only NF4")
+            get(state_key)
+        try:
+            state = json.loads(bytes(tensors[state_key].to(torch.uint8).numpy().tobytes()))
+            shape = tuple(int(s) for s in state["shape"])
+            blocksize = int(state["blocksize"])
+            dtype = _dtype_from_name(state["dtype"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise QError(f"{state_key}: unreadable quant state ({e})") from None
+        if state.get("quant_type", "nf4") != "nf4":
+            raise QError(f"{state_key}: quant_type {state.get('quant_type')!r} is not supported, only nf4")
+        w = cls(packed=get(prefix), absmax=get(f"{prefix}.absmax"), quant_map=get(f"{prefix}.quant_map").float(),
+                shape=shape, dtype=dtype, blocksize=blocksize)  # fmt: skip
+        if "nested_offset" in state:
+            w.nested_absmax = get(f"{prefix}.nested_absmax").float()
+            w.nested_quant_map = get(f"{prefix}.nested_quant_map").float()
+            w.offset = float(state["nested_offset"])
+            w.nested_blocksize = int(state.get("nested_blocksize", NESTED_BLOCKSIZE))
+        w.validate(prefix)
+        return w
+
+    def validate(self, name: str) -> None:
+        """Check that the stored sizes agree with the shape; a lying file fails here, not later."""
+        n_blocks = -(-self.numel // self.blocksize)
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != -(-self.numel // 2):
+            raise QError(f"{name}: packed weight has {self.packed.numel()} bytes of {self.packed.dtype}, "
+                         f"expected {-(-self.numel // 2)} uint8 for shape {list(self.shape)}")  # fmt: skip
+        if self.absmax.numel() != n_blocks:
+            raise QError(f"{name}: absmax has {self.absmax.numel()} entries, expected {n_blocks}")
+        if self.quant_map.numel() != 16:
+            raise QError(f"{name}: quant_map has {self.quant_map.numel()} entries, expected 16")
+        if self.double_quant:
+            n_nested = -(-n_blocks // self.nested_blocksize)
+            if self.absmax.dtype != torch.uint8 or self.nested_absmax.numel() != n_nested:
+                raise QError(f"{name}: nested_absmax has {self.nested_absmax.numel()} entries, expected {n_nested}")
+            if self.nested_quant_map.numel() != 256:
+                raise QError(f"{name}: nested_quant_map has {self.nested_quant_map.numel()} entries, expected 256")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if dtype not in SUPPORTED_INPUT_DTYPES:
+        raise ValueError(f"dtype {name!r}")
+    return dtype
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise QError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096")
+
+
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """fp32 absmax of each block; the partial last block counts real elements only."""
+    n = flat.numel()
+    n_full = n // blocksize
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    if n_full:
+        absmax[:n_full] = flat[: n_full * blocksize].view(n_full, blocksize).abs().amax(dim=1).float()
+    if n % blocksize:
+        absmax[n_full] = flat[n_full * blocksize :].abs().amax().float()
+    return absmax
+
+
+def _pad_to_blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    pad = (-flat.numel()) % blocksize
+    return torch.nn.functional.pad(flat, (0, pad)) if pad else flat
+
+
+def quantize_absmax_dq(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSIZE):
+    """Double quantization of fp32 block scales: (uint8 codes, fp32 nested_absmax, offset).
+
+    The 8-bit code is the exact nearest value of the dynamic map (ties take the lower index);
+    bitsandbytes' CPU build approximates this search and differs by one code on ~0.2%.
+    """
+    offset = absmax.mean()
+    centered = absmax - offset
+    n = centered.numel()
+    blocks = _pad_to_blocks(centered, nested_blocksize).view(-1, nested_blocksize)
+    nested_absmax = _blockwise_absmax(centered, nested_blocksize)
+    scaled = torch.nan_to_num(blocks * (1.0 / nested_absmax).unsqueeze(1), nan=0.0)
+    code_map = DYNAMIC_MAP_SIGNED.to(absmax.device)
+    # Nearest by searching midpoints: index = number of midpoints strictly below the value.
+    mids = (code_map[:-1] + code_map[1:]) / 2
+    codes = torch.bucketize(scaled.reshape(-1)[:n], mids, right=False).to(torch.uint8)
+    return codes, nested_absmax, float(offset)
+
+
+def dequantize_absmax(w: NF4Weight) -> torch.Tensor:
+    """The fp32 per-block absmax of a weight, undoing double quantization if present."""
+    if not w.double_quant:
+        return w.absmax.float()
+    idx = torch.arange(w.absmax.numel(), device=w.absmax.device) // w.nested_blocksize
+    scaled = w.nested_quant_map[w.absmax.long()] * w.nested_absmax[idx]
+    return scaled + torch.tensor(w.offset, dtype=torch.float32)
+
+
+def quantize_nf4(
+    weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True
+) -> NF4Weight:
+    """Quantize a fp16/bf16/fp32 tensor of any shape and numel to NF4 (+ double-quantized scales)."""
+    check_blocksize(blocksize)
+    if weight.dtype not in SUPPORTED_INPUT_DTYPES:
+        raise QError(f"cannot quantize a {weight.dtype} tensor: NF4 takes float16, bfloat16 or float32")
+    if weight.numel() == 0:
+        raise QError("cannot quantize an empty tensor")
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    absmax = _blockwise_absmax(flat, blocksize)
+    blocks = _pad_to_blocks(flat, blocksize).view(-1, blocksize).float()
+    # Multiply by the reciprocal, as bitsandbytes does (division rounds differently).
+    normed = blocks * (1.0 / absmax).unsqueeze(1)
+    normed = torch.nan_to_num(normed, nan=0.0)  # an all-zero block: 0 * inf -> nan -> code 7
+    idx = torch.bucketize(normed.reshape(-1)[:n], _NF4_MIDPOINTS.to(flat.device), right=False).to(torch.uint8)
+    if n % 2:  # the unused low nibble of the last byte holds code 7 (zero), as in bitsandbytes
+        idx = torch.cat([idx, idx.new_full((1,), 7)])
+    pairs = idx.view(-1, 2)
+    packed = ((pairs[:, 0] << 4) | pairs[:, 1]).unsqueeze(1)
+    w = NF4Weight(packed=packed, absmax=absmax, quant_map=NF4_CODE.to(flat.device).clone(),
+                  shape=tuple(weight.shape), dtype=weight.dtype, blocksize=blocksize)  # fmt: skip
+    if double_quant:
+        w.absmax, w.nested_absmax, w.offset = quantize_absmax_dq(absmax)
+        w.nested_quant_map = DYNAMIC_MAP_SIGNED.to(flat.device).clone()
+    return w
+
+
+def unpack_nf4_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8 code indices 0..15, one per element, from the packed nibbles."""
+    p = packed.reshape(-1)
+    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
+
+
+def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The full-precision weight: `quant_map[code] * absmax[block]`, cast to `dtype` (default: w.dtype)."""
+    n = w.numel
+    absmax = dequantize_absmax(w)
+    values = w.quant_map[unpack_nf4_codes(w.packed, n).long()]
+    values = _pad_to_blocks(values, w.blocksize).view(-1, w.blocksize) * absmax.unsqueeze(1)
+    return values.reshape(-1)[:n].view(w.shape).to(dtype or w.dtype)

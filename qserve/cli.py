@@ -1,0 +1,19 @@
+"""`qserve`: generate with, serve and export NF4 models (base plus LoRA adapters).
+
+Each subcommand is a thin shell over a library function; they live in `qserve/cli_*.py`.
+"""
+
+from __future__ import annotations
+
+import click
+
+from qserve.cli_group import ErrorHandlingGroup
+
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qlora-toolkit")
+def main() -> None:
+    """Run NF4 models: generate text, serve an OpenAI-compatible API, export merged models."""
+
+
+# Subcommands register here, one line each.
