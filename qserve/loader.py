@@ -1,0 +1,205 @@
+"""Load a `CausalLM` from an fp16/bf16/fp32 or NF4 (bitsandbytes-4bit layout) checkpoint folder or Hub id.
+
+The model is built on the meta device (no memory), then filled shard by shard, one tensor at a
+time: float tensors are cast to the compute dtype, NF4 weights become `NF4Linear` modules holding
+the stored tensors as they are. Peak memory is therefore about the final model size (near its
+4-bit size for NF4) plus one tensor. Every tensor is checked against the config before use: a
+missing, unexpected or wrongly shaped tensor is a QError naming it.
+
+Compute dtype (`dtype=None`): on CPU float32 (fp16 matmuls are slow on CPUs, and bf16 is only fast
+on some); on CUDA the checkpoint's dtype, or `bnb_4bit_compute_dtype` for NF4 checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
+from qformats.errors import QError
+from qformats.nf4 import NF4Weight
+from qserve.model import CausalLM, ModelArgs
+from qserve.nf4_linear import NF4Linear
+
+_NF4_STATE = ".quant_state.bitsandbytes__nf4"
+_NF4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _NF4_STATE)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """`float32`/`fp32`, `bfloat16`/`bf16`, `float16`/`fp16`, or None/`auto` (None)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+    key = aliases.get(name.lower(), name.lower()).removeprefix("torch.")
+    if key == "auto":
+        return None
+    if key not in _DTYPES:
+        raise QError(f"dtype {name!r} is not supported: use auto, float32, bfloat16 or float16")
+    return _DTYPES[key]
+
+
+def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
+    """A local folder as-is, or a Hub id (`owner/name`) fetched with snapshot_download.
+
+    snapshot_download honours HF_HUB_OFFLINE (cache only), HF_HOME / HF_HUB_CACHE and HF_TOKEN.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QError(f"{model}: not a folder (give a model folder or a Hub id like owner/name)")
+        return path
+    if not _REPO_ID.match(str(model)):
+        raise QError(f"{model}: no such folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=str(model), revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise QError(f"{model}: no such folder, and not in the Hub cache (offline, or the Hub is unreachable)") from None
+    except HfHubHTTPError as e:
+        raise QError(f"{model}: no such folder, and the Hub refused it ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError) as e:
+        raise QError(f"{model}: no such folder, and it could not be fetched from the Hub ({e})") from None
+
+
+def quantization_of(cfg: dict, name: str = "config.json") -> dict | None:
+    """The bitsandbytes-4bit `quantization_config`, None for a float checkpoint; QError for other kinds."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise QError(f"{name}: quantization {method!r} is not supported; qserve loads bitsandbytes NF4 checkpoints")
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        raise QError(f"{name}: 8-bit bitsandbytes checkpoints are not supported, only 4-bit NF4")
+    if q.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise QError(f"{name}: bnb_4bit_quant_type {q.get('bnb_4bit_quant_type')!r} is not supported, only nf4")
+    return q
+
+
+def default_dtype(cfg: dict, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32
+    q = quantization_of(cfg) or {}
+    name = q.get("bnb_4bit_compute_dtype") or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               revision: str | None = None, progress: bool = False) -> CausalLM:  # fmt: skip
+    """Load a checkpoint folder or Hub id as a `CausalLM` in eval mode, every weight frozen.
+
+    dtype: compute dtype (None: see module doc). Loaded parameters have requires_grad=False;
+    training code enables what it trains (LoRA adapters) and gets gradients through the rest.
+    """
+    device = torch.device(device)
+    model_dir = resolve_model_dir(model, revision)
+    ckpt = open_checkpoint(model_dir)  # config.json and every shard header, checked before any data is read
+    cfg = ckpt.config
+    args = ModelArgs.from_config(cfg, str(model_dir / "config.json"))
+    quantization_of(cfg, str(model_dir / "config.json"))
+    dtype = parse_dtype(dtype) or default_dtype(cfg, device)
+    found = {name: (info.file, info.shape) for name, info in ckpt.tensors.items()}
+
+    with torch.device("meta"):
+        lm = CausalLM(args)
+    expected = {name: tuple(p.shape) for name, p in lm.named_parameters(remove_duplicate=False)}
+    nf4_prefixes = {k[: -len(_NF4_STATE)] for k in found if k.endswith(_NF4_STATE)}
+    for p in nf4_prefixes:
+        if p not in expected or not isinstance(_module_of(lm, p), nn.Linear):
+            raise QError(f"{model_dir}: unexpected 4-bit tensor {p!r} (not a linear weight of this "
+                         f"{args.model_type} config)")  # fmt: skip
+    tied = args.tie_word_embeddings
+    for name, (shard, shape) in found.items():
+        if _nf4_group(name, nf4_prefixes) is not None:
+            continue
+        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected:
+            raise QError(f"{shard}: unexpected tensor {name!r} (not part of a {args.model_type} model with this "
+                         "config.json)")  # fmt: skip
+        if shape != expected[name]:
+            raise QError(f"{shard}: tensor {name!r} has shape {list(shape)}, but config.json implies "
+                         f"{list(expected[name])}")  # fmt: skip
+    missing = [n for n in expected if n not in found and not (tied and n == "lm_head.weight")]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise QError(f"{model_dir}: checkpoint lacks {', '.join(repr(m) for m in missing[:3])}{more}")
+
+    pending: dict[str, dict[str, torch.Tensor]] = {p: {} for p in nf4_prefixes}
+    bar = tqdm(total=len(found), desc="loading", unit="tensor", disable=not progress, leave=False)
+    for name, t in iter_checkpoint_tensors(ckpt):
+        bar.update()
+        group = _nf4_group(name, pending)
+        if group is not None:
+            pending[group][name] = t.to(device)
+            if len(pending[group]) == _nf4_group_size(pending[group], group):
+                _install_nf4(lm, group, pending.pop(group), model_dir)
+            continue
+        if name in expected and not (tied and name == "lm_head.weight"):
+            _set_param(lm, name, t.to(device=device, dtype=dtype))
+    bar.close()
+    if pending:
+        p, got = next(iter(pending.items()))
+        NF4Weight.from_tensors(p, got)  # raises naming the missing part
+    if tied:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    lm.model.reset_rope(device)
+    for name, t in [*lm.named_parameters(), *lm.named_buffers()]:
+        if t is not None and t.is_meta:  # every expected tensor was checked above; this is a loader bug
+            raise QError(f"{model_dir}: {name!r} was not loaded")
+    return lm.eval()
+
+
+def _nf4_group(name: str, prefixes) -> str | None:
+    """The quantized weight (`P.weight`) that tensor `name` belongs to, if any."""
+    if name in prefixes:
+        return name
+    for suffix in _NF4_SUFFIXES:
+        if name.endswith(suffix) and name[: -len(suffix)] in prefixes:
+            return name[: -len(suffix)]
+    return None
+
+
+def _nf4_group_size(got: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many tensors the weight `prefix` has: 4, or 6 with double quantization (known once the state is read)."""
+    state = got.get(prefix + _NF4_STATE)
+    if state is None:
+        return -1
+    try:
+        nested = "nested_offset" in json.loads(bytes(state.to(torch.uint8).numpy().tobytes()))
+    except ValueError:
+        return len(got)  # let NF4Weight.from_tensors report the unreadable state
+    return 6 if nested else 4
+
+
+def _module_of(root: nn.Module, param_name: str) -> nn.Module:
+    return root.get_submodule(param_name.rsplit(".", 1)[0])
+
+
+def _set_param(root: nn.Module, name: str, t: torch.Tensor) -> None:
+    module_name, attr = name.rsplit(".", 1)
+    module = root.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(t, requires_grad=False))
+
+
+def _install_nf4(root: nn.Module, weight_name: str, tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
+    w = NF4Weight.from_tensors(weight_name, tensors)
+    module_name = weight_name.rsplit(".", 1)[0]
+    old = root.get_submodule(module_name)
+    if tuple(w.shape) != (old.out_features, old.in_features):
+        raise QError(f"{model_dir}: 4-bit tensor {weight_name!r} has shape {list(w.shape)}, but config.json "
+                     f"implies {[old.out_features, old.in_features]}")  # fmt: skip
+    new = NF4Linear(w, bias=None)
+    new.bias = old.bias  # a meta placeholder until the bias tensor arrives, or the loaded one
+    parent_name, child = module_name.rsplit(".", 1)
+    setattr(root.get_submodule(parent_name), child, new)
