@@ -24,3 +24,9 @@ def main() -> None:
 
 
 # Subcommands register here, one line each.
+from qconvert.cli_quantize import quantize
+
+main.add_command(quantize)
+from qconvert.cli_inspect import inspect
+
+main.add_command(inspect)

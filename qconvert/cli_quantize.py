@@ -1,0 +1,51 @@
+"""`qconvert quantize SRC OUT`: a thin shell over `qconvert.quantize.quantize_checkpoint`."""
+
+from __future__ import annotations
+
+import click
+
+# Mirrors qconvert.quantize.COMPUTE_DTYPES; importing that module (and torch) waits until the command runs.
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@click.command("quantize")
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--blocksize", default=64, show_default=True, type=int,
+              help="Elements per absmax block (a power of two, 32..4096).")  # fmt: skip
+@click.option("--no-double-quant", is_flag=True, help="Store fp32 absmax instead of 8-bit double-quantized scales.")
+@click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default=None,
+              help="bnb_4bit_compute_dtype recorded for loaders  [default: the source dtype]")  # fmt: skip
+@click.option("--skip-modules", multiple=True, metavar="NAMES",
+              help="Modules to keep unquantized (comma-separated or repeated), matched like transformers' "
+                   "llm_int8_skip_modules: a prefix, a regex or a suffix, e.g. mlp.down_proj.")  # fmt: skip
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--device", default="cpu", show_default=True, help="Where to quantize: cpu, or cuda when present.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
+@click.option("--revision", default=None, help="Branch, tag or commit when SRC is a Hub repo id.")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, shard_size, device, force,
+             revision, quiet):  # fmt: skip
+    """Quantize the FP16/BF16 checkpoint SRC to NF4 with double-quantized scales, into folder OUT.
+
+    SRC is a local Hugging Face folder (safetensors, single or sharded) or a Hub repo id such as
+    owner/name (downloaded into the local cache; HF_HUB_OFFLINE=1 uses the cache only). Linear
+    weights inside the decoder layers become NF4; embeddings, lm_head, norms and biases keep the
+    source dtype. The result loads as-is in transformers + bitsandbytes, vLLM and qserve. Tensors
+    are read and written one at a time, so memory stays far below one shard. OUT appears only
+    when complete; tokenizer files, generation_config.json and the chat template are copied, and
+    qconvert.json records the settings and the sha256 of every file.
+
+    \b
+    Example:
+      qconvert quantize ./smollm2-fp16 ./smollm2-nf4
+      qconvert quantize owner/model ./model-nf4 --revision main --shard-size 2GB
+    """
+    from qconvert.quantize import quantize_checkpoint
+
+    names = [m.strip() for group in skip_modules for m in group.split(",") if m.strip()]
+    summary = quantize_checkpoint(src, out, blocksize=blocksize, double_quant=not no_double_quant,
+                                  compute_dtype=compute_dtype, skip_modules=names, shard_size=shard_size,
+                                  device=device, force=force, revision=revision, progress=not quiet)  # fmt: skip
+    if not quiet:
+        click.echo(summary.describe())
