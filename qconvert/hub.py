@@ -1,0 +1,198 @@
+"""Publish an artifact folder (NF4 base, PEFT adapter, merged model) to the Hugging Face Hub.
+
+`push_folder` refuses a folder that does not verify (the qconvert.json manifest's sha256s, or the
+PEFT fields of an adapter), writes or refreshes the model card, then creates the repo, the branch
+for `revision`, and uploads with `upload_folder` (huggingface_hub decides which files go as
+regular git blobs and which as LFS/xet). Nothing is reported as done until the commit is
+confirmed; any failure is one `QError` line. `dry_run` needs no network: it lists the files,
+their sizes and the card. `push_after` is the tail of `quantize`/`finetune`/`export
+--push-to-hub`: the same push, with a message that says the local output is intact on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qconvert.model_card import Artifact, card_text, read_artifact, refresh_card
+from qformats.errors import QError
+from qformats.hub_pull import explain_hub_error, hub_endpoint, hub_offline, is_repo_id
+
+# Never published: hidden files and folders, temporaries, caches, training checkpoints.
+IGNORE_PATTERNS = [".*", "*/.*", "*.tmp", "*.partial", "__pycache__/*", "*/__pycache__/*",
+                   "checkpoints/*", "checkpoint-*/*", "*.lock"]  # fmt: skip
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    files: list[tuple[str, int]]  # (path in repo, bytes), README.md included
+    card: str
+    kind: str
+    url: str | None = None  # the commit's URL; None for a dry run
+    commit: str | None = None
+    revision: str | None = None
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def list_upload_files(folder: Path) -> list[tuple[str, int]]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    kept = filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS)
+    return [(p, (folder / p).stat().st_size) for p in kept]
+
+
+# ---------------------------------------------------------------- verification
+
+
+def verify_artifact(art: Artifact) -> None:
+    """Refuse what `qconvert inspect --verify` would refuse, and what others could not load."""
+    folder = art.folder
+    pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles:
+        raise QError(f"{folder}: holds pickle files ({', '.join(sorted(pickles))}); qconvert publishes safetensors only")
+    if (folder / "qconvert.json").is_file():
+        from qformats.manifest import verify_manifest
+
+        verify_manifest(folder)
+    if art.kind == "adapter":
+        _verify_adapter(art)
+    else:
+        _verify_weights(folder)
+
+
+def _verify_weights(folder: Path) -> None:
+    from qformats.checkpoint import open_checkpoint
+
+    open_checkpoint(folder)  # config, every shard header against its file size, the index against the headers
+
+
+_ADAPTER_FIELDS = {"peft_type": str, "r": int, "lora_alpha": (int, float), "target_modules": (list, str)}
+
+
+def _verify_adapter(art: Artifact) -> None:
+    """The PEFT fields others' loaders rely on, and A/B shapes that agree with `r`."""
+    from qformats.checkpoint import read_safetensors_header
+
+    where = art.folder / "adapter_config.json"
+    ac = art.adapter_config
+    for key, types in _ADAPTER_FIELDS.items():
+        if not isinstance(ac.get(key), types) or isinstance(ac.get(key), bool):
+            raise QError(f"{where}: field {key!r} is missing or not a {getattr(types, '__name__', 'valid value')}")
+    if ac["peft_type"] != "LORA":
+        raise QError(f"{where}: peft_type {ac['peft_type']!r} is not LORA")
+    if ac["r"] <= 0 or not ac["target_modules"]:
+        raise QError(f"{where}: r must be positive and target_modules non-empty")
+    weights = art.folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise QError(f"{art.folder}: no adapter_model.safetensors")
+    tensors = read_safetensors_header(weights).tensors
+    lora = {n: t for n, t in tensors.items() if ".lora_A." in n or ".lora_B." in n}
+    if not lora:
+        raise QError(f"{weights}: no lora_A / lora_B tensors")
+    fixed_rank = not ac.get("rank_pattern")  # rank_pattern gives some modules their own rank
+    for name, a in lora.items():
+        if ".lora_A." not in name:
+            continue
+        b = lora.get(name.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise QError(f"{weights}: {name} has no matching lora_B tensor")
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or (fixed_rank and a.shape[0] != ac["r"]):
+            raise QError(f"{weights}: {name} {list(a.shape)} and its lora_B {list(b.shape)} disagree "
+                         f"with each other or with r={ac['r']}")  # fmt: skip
+
+
+# ---------------------------------------------------------------- push
+
+
+def _describe(files: list[tuple[str, int]]) -> str:
+    total = sum(n for _, n in files)
+    return f"{len(files)} files, {total / 1e6:.2f} MB"
+
+
+def push_folder(
+    path: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+    report: Callable[[str], None] | None = _stderr,
+) -> PushResult:
+    """Verify `path`, write its card, upload it to `repo_id` (created if needed) on `revision` (created if needed)."""
+    say = report or (lambda _line: None)
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise QError(f"{path}: no such folder")
+    art = read_artifact(folder)
+    verify_artifact(art)
+    if "/" in repo_id and not is_repo_id(repo_id) or "/" not in repo_id and not is_repo_id(f"user/{repo_id}"):
+        raise QError(f"{repo_id!r} is not a valid Hub repo id (owner/name: letters, digits, '-', '_', '.')")
+
+    card = card_text(art, repo_id)
+    files = [f for f in list_upload_files(folder) if f[0] != "README.md"] + [("README.md", len(card.encode()))]
+    files.sort()
+    result = PushResult(repo_id=repo_id, files=files, card=card, kind=art.kind, revision=revision)
+    if not art.base_model:
+        say(f"note: no Hub repo id found for the base model of {folder}; the card has no base_model")
+    if dry_run:
+        return result
+    if hub_offline():
+        raise QError("HF_HUB_OFFLINE is set: unset it to push (or use --dry-run)")
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub_endpoint(), token=token)
+    target = repo_id
+    try:
+        user = api.whoami()["name"]  # a bad token fails here, before anything is created
+        if "/" not in repo_id:
+            target = result.repo_id = f"{user}/{repo_id}"
+        card = result.card = card_text(art, target)
+        refresh_card(art, target)
+        repo_url = api.create_repo(target, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(target, branch=revision, exist_ok=True)
+        say(f"uploading {_describe(files)} from {folder} to {repo_url}" + (f" (branch {revision})" if revision else ""))
+        info = api.upload_folder(
+            repo_id=target,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message or f"Upload {_KIND_NAMES[art.kind]} with qconvert",
+            ignore_patterns=list(IGNORE_PATTERNS),
+        )
+    except Exception as e:
+        if not _is_hub_error(e):
+            raise
+        why = explain_hub_error(e, target, revision, token_given=token is not None)
+        raise QError(f"push to {target} did not complete: {why}") from e
+    result.url, result.commit = info.commit_url, info.oid
+    say(f"pushed {_describe(files)} to {target}" + (f"@{revision}" if revision else "") + f": {info.commit_url}")
+    return result
+
+
+_KIND_NAMES = {"nf4": "NF4 checkpoint", "adapter": "LoRA adapter", "merged": "merged model"}
+
+
+def _is_hub_error(e: BaseException) -> bool:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    return isinstance(e, (HfHubHTTPError, LocalTokenNotFoundError, httpx2.HTTPError))
+
+
+def push_after(path: str | os.PathLike, repo_id: str, **kwargs) -> PushResult:
+    """`--push-to-hub` at the end of a run: push `path`; on failure say that the local output is complete."""
+    try:
+        return push_folder(path, repo_id, **kwargs)
+    except QError as e:
+        raise QError(f"{path} is complete, but {e}; retry with: qconvert push {path} {repo_id}") from e
