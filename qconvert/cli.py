@@ -30,3 +30,6 @@ main.add_command(quantize)
 from qconvert.cli_inspect import inspect
 
 main.add_command(inspect)
+from qconvert.cli_push import push  # noqa: E402
+
+main.add_command(push)
