@@ -1,15 +1,30 @@
 """One dispatch entry per op on the NF4 format, registered as torch.library custom ops.
 
-`nf4_linear(x, w, bias)` computes `x @ dequantize(w).T + bias` without keeping a dequantized
-copy of the weight; `dequantize(w, dtype)` materialises it. On CUDA the ops run Triton kernels,
-on CPU a torch path. Fake (meta) implementations let torch.compile trace through them.
+- `nf4_linear(x, w, bias)`: `x @ dequantize(w).T + bias`, never keeping a dequantized copy of W.
+- `nf4_linear_lora(x, w, bias, lora_a, lora_b, scale)`: the same plus `scale * (x @ A.T) @ B.T`,
+  in one pass over y (a LoRA epilogue).
+- `dequantize(w, dtype)`: the whole weight, bit-identical to `qformats.nf4.dequantize_nf4`.
+
+Dispatch: CUDA tensors -> Triton kernels (`qkernels.triton_nf4`, imported only then, so CPU code
+never touches Triton); CPU -> `qkernels.cpu` (fused C++ kernel for decode, dequantize + MKL for
+larger batches); any other device -> the torch reference. Outputs are in x's dtype.
+
+torch.compile traces the ops through their fake implementations. In eager mode without autograd,
+the public functions call the implementation directly: the custom-op dispatcher costs tens of
+microseconds per call, which is a large share of a decode step spread over 200 small linears.
+Autograd: a backward is registered for x, bias and the LoRA factors (W is frozen), so x that
+requires grad is fine; it dequantizes W once per backward. A training loop that wants its own
+memory trade-offs can wrap `dequantize` / `nf4_linear` in an autograd.Function of its own.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from qformats.errors import QError
 from qformats.nf4 import NF4Weight, dequantize_nf4
+from qkernels import cpu
 
 _LIB = "qkernels"
 
@@ -22,6 +37,37 @@ def _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, 
                      nested_blocksize=nested_blocksize)  # fmt: skip
 
 
+def _weight_args(w: NF4Weight) -> tuple:
+    return (w.packed, w.absmax, w.nested_absmax, w.quant_map, w.nested_quant_map, float(w.offset or 0.0),
+            w.blocksize, w.nested_blocksize, w.shape[0], w.shape[1])  # fmt: skip
+
+
+def _linear_impl(x, w: NF4Weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+    if x.is_cuda:
+        from qkernels import triton_nf4  # only here: importing Triton on a CPU-only path fails
+
+        return triton_nf4.linear(x, w, bias, lora_a, lora_b, scale)
+    if x.device.type == "cpu":
+        return cpu.linear(x, w, bias, lora_a, lora_b, scale)
+    y = F.linear(x, dequantize_nf4(w, x.dtype), bias)
+    if lora_a is not None:
+        y = y + scale * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return y
+
+
+def _dequantize_impl(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    if w.packed.is_cuda:
+        from qkernels import triton_nf4
+
+        return triton_nf4.dequantize(w, dtype)
+    if w.packed.device.type == "cpu":
+        return cpu.dequantize(w, dtype)
+    return dequantize_nf4(w, dtype)
+
+
+# ---- nf4_linear -------------------------------------------------------------------------------
+
+
 @torch.library.custom_op(f"{_LIB}::nf4_linear", mutates_args=())
 def _nf4_linear(
     x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
@@ -30,7 +76,7 @@ def _nf4_linear(
 ) -> torch.Tensor:  # fmt: skip
     w = _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
                 out_features, in_features, x.dtype)  # fmt: skip
-    return torch.nn.functional.linear(x, dequantize_nf4(w, x.dtype), bias)
+    return _linear_impl(x, w, bias, None, None, 0.0)
 
 
 @_nf4_linear.register_fake
@@ -39,12 +85,134 @@ def _(x, packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blo
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _save_weight(ctx, inputs, first: int) -> None:
+    packed, absmax, nested_absmax, quant_map, nested_quant_map = inputs[first : first + 5]
+    ctx.weight_tensors = (packed, absmax, nested_absmax, quant_map, nested_quant_map)  # frozen: no version check
+    ctx.weight_meta = inputs[first + 5 : first + 10]
+    ctx.x_shape = inputs[0].shape
+
+
+def _saved_weight(ctx, dtype: torch.dtype) -> torch.Tensor:
+    return _dequantize(*ctx.weight_tensors, *ctx.weight_meta, dtype)
+
+
+def _linear_setup(ctx, inputs, output):
+    _save_weight(ctx, inputs, 1)
+    ctx.has_bias = inputs[11] is not None
+
+
+def _linear_backward(ctx, grad):
+    gx = grad @ _saved_weight(ctx, grad.dtype) if ctx.needs_input_grad[0] else None
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[11] else None
+    return (gx,) + (None,) * 10 + (gb,)
+
+
+_nf4_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for an NF4 weight W of shape [out, in], computed in x's dtype."""
-    return _nf4_linear(x, w.packed, w.absmax, w.nested_absmax, w.quant_map, w.nested_quant_map,
-                       float(w.offset or 0.0), w.blocksize, w.nested_blocksize, w.shape[0], w.shape[1], bias)  # fmt: skip
+    _check_x(x, w)
+    if _needs_op(x, bias):
+        return _nf4_linear(x, *_weight_args(w), bias)
+    return _linear_impl(x, w, bias, None, None, 0.0)
+
+
+def _check_x(x: torch.Tensor, w: NF4Weight) -> None:
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
+        raise QError(f"x has {x.shape[-1]} features, the NF4 weight {list(w.shape)} expects {w.shape[-1]}")
+
+
+def _needs_op(*tensors: torch.Tensor | None) -> bool:
+    """Go through the registered op when tracing or when autograd must record it."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---- nf4_linear_lora --------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_LIB}::nf4_linear_lora", mutates_args=())
+def _nf4_linear_lora(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+    quant_map: torch.Tensor, nested_quant_map: torch.Tensor | None, offset: float, blocksize: int,
+    nested_blocksize: int, out_features: int, in_features: int, bias: torch.Tensor | None,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    w = _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
+                out_features, in_features, x.dtype)  # fmt: skip
+    return _linear_impl(x, w, bias, lora_a, lora_b, scale)
+
+
+@_nf4_linear_lora.register_fake
+def _(x, packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
+      out_features, in_features, bias, lora_a, lora_b, scale):  # fmt: skip
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _lora_setup(ctx, inputs, output):
+    _save_weight(ctx, inputs, 1)
+    ctx.has_bias = inputs[11] is not None
+    ctx.scale = inputs[14]
+    ctx.save_for_backward(inputs[0], inputs[12], inputs[13])
+
+
+def _lora_backward(ctx, grad):
+    x, a, b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).to(grad.dtype)
+    gb_r = g2 @ b.to(grad.dtype)  # [tokens, r]: the gradient at the LoRA bottleneck
+    gx = None
+    if need[0]:
+        gx = (g2 @ _saved_weight(ctx, grad.dtype) + ctx.scale * gb_r @ a.to(grad.dtype)).view(ctx.x_shape)
+    gbias = g2.sum(0) if ctx.has_bias and need[11] else None
+    ga = (ctx.scale * gb_r.t() @ x2).to(a.dtype) if need[12] else None
+    gb = (ctx.scale * g2.t() @ (x2 @ a.to(grad.dtype).t())).to(b.dtype) if need[13] else None
+    return (gx,) + (None,) * 10 + (gbias, ga, gb, None)
+
+
+_nf4_linear_lora.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def nf4_linear_lora(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
+    """`x @ W.T + bias + scale * (x @ A.T) @ B.T` with A `[r, in]`, B `[out, r]` (PEFT's lora_A / lora_B)."""
+    _check_x(x, w)
+    if lora_a.shape[-1] != w.shape[1] or lora_b.shape[0] != w.shape[0] or lora_a.shape[0] != lora_b.shape[-1]:
+        raise QError(f"LoRA factors A {list(lora_a.shape)} and B {list(lora_b.shape)} do not fit the NF4 weight "
+                     f"{list(w.shape)}: expected A [r, {w.shape[1]}] and B [{w.shape[0]}, r]")  # fmt: skip
+    if _needs_op(x, bias, lora_a, lora_b):
+        return _nf4_linear_lora(x, *_weight_args(w), bias, lora_a, lora_b, float(scale))
+    return _linear_impl(x, w, bias, lora_a, lora_b, float(scale))
+
+
+# ---- dequantize -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
+def _dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None, quant_map: torch.Tensor,
+    nested_quant_map: torch.Tensor | None, offset: float, blocksize: int, nested_blocksize: int,
+    out_features: int, in_features: int, dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    w = _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
+                out_features, in_features, dtype)  # fmt: skip
+    return _dequantize_impl(w, dtype)
+
+
+@_dequantize.register_fake
+def _(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
+      out_features, in_features, dtype):  # fmt: skip
+    return packed.new_empty(out_features, in_features, dtype=dtype)
 
 
 def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The full weight in `dtype` (default: the dtype it was quantized from)."""
-    return dequantize_nf4(w, dtype)
+    dtype = dtype or w.dtype
+    if len(w.shape) != 2:  # the ops are for linear weights; other shapes take the direct path
+        return _dequantize_impl(w, dtype)
+    if torch.compiler.is_compiling():
+        return _dequantize(*_weight_args(w), dtype)
+    return _dequantize_impl(w, dtype)

@@ -1,0 +1,189 @@
+"""The CPU path for NF4 compute: a fused C++ dequant-GEMM for decode, dequantize + BLAS for the rest.
+
+Regimes (measured by bench/cpu_kernels.py on the SmolLM2 shapes):
+- `M <= FUSED_MAX_M` rows of x (decode): `qkernels_cpu.gemm` (cpu_nf4.cpp) reads each packed byte
+  once, decodes both nibbles with two in-register table permutes, multiplies by the block scale
+  (double quantization undone on the fly) and accumulates in fp32. Nothing the size of the weight
+  is ever written, so decode reads 0.5 bytes per weight instead of fp32's 4.
+- more rows (prefill, training): the weight is dequantized chunk by chunk into a reusable fp32
+  scratch buffer and multiplied with MKL; the matmul dominates there.
+
+The C++ file is compiled once per machine and torch version with `torch.utils.cpp_extension`
+(gcc; about a minute on a busy 2-core box) into `$TORCH_EXTENSIONS_DIR/qkernels/` (default
+`~/.cache/torch_extensions/qkernels/`). Without a compiler, or with `QKERNELS_CPU_EXT=0`, a
+pure-torch path runs instead: a 256-entry byte -> (high, low) value table dequantizes chunks into
+the same scratch buffer. Every dequantized weight is bit-identical to `qformats.nf4.dequantize_nf4`
+in fp32; results differ from the reference only by fp32 summation order (and, for bf16/fp16 x, by
+not rounding W to x's dtype before the matmul: the product is computed in fp32, then rounded once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qformats.nf4 import NF4Weight, dequantize_absmax
+
+FUSED_MAX_M = 8  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
+_CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
+_SOURCE = Path(__file__).with_name("cpu_nf4.cpp")
+
+_ext_lock = threading.Lock()
+_ext_state: dict[str, object] = {}  # "ok": bool, "error": str
+_scratch = threading.local()
+
+
+def _build_flags() -> list[str]:
+    # AVX2+FMA code when torch itself runs AVX2 kernels here; otherwise the portable scalar code.
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+    return ["-O3", "-ffp-contract=off", "-fopenmp"]
+
+
+def extension_available() -> bool:
+    """Load (building once if needed) the C++ kernels; False, with one warning, if that fails."""
+    if "ok" in _ext_state:
+        return bool(_ext_state["ok"])
+    with _ext_lock:
+        if "ok" in _ext_state:
+            return bool(_ext_state["ok"])
+        if os.environ.get("QKERNELS_CPU_EXT", "1") == "0":
+            _ext_state.update(ok=False, error="disabled by QKERNELS_CPU_EXT=0")
+            return False
+        try:
+            _load_extension()
+            _ext_state["ok"] = True
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:  # no compiler, a build error
+            _ext_state.update(ok=False, error=f"{type(e).__name__}: {e}".splitlines()[0])
+            warnings.warn(f"qkernels: the NF4 CPU kernels could not be built ({_ext_state['error']}); "
+                          "using the slower pure-torch path", stacklevel=3)  # fmt: skip
+    return bool(_ext_state["ok"])
+
+
+def _load_extension() -> None:
+    from torch.utils import cpp_extension
+
+    flags = _build_flags()
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    name = f"qkernels_cpu_{key[:12]}"  # a new name for every source/flags/torch: never a stale .so
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build_dir = root / "qkernels" / name
+    so = build_dir / f"{name}.so"
+    if so.exists():
+        torch.ops.load_library(str(so))
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print("qkernels: compiling the NF4 CPU kernels (once per machine, about a minute)...", file=sys.stderr)
+    cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build_dir), is_python_module=False)  # fmt: skip
+
+
+def _kernel_args(w: NF4Weight) -> tuple:
+    return (w.packed.contiguous(), w.absmax, w.nested_absmax, w.nested_quant_map, w.quant_map,
+            float(w.offset or 0.0), w.blocksize, w.nested_blocksize)  # fmt: skip
+
+
+def _use_extension(w: NF4Weight) -> bool:
+    pow2 = w.blocksize & (w.blocksize - 1) == 0 and w.nested_blocksize & (w.nested_blocksize - 1) == 0
+    return pow2 and extension_available()
+
+
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    """A per-thread fp32 buffer reused across calls (a fresh 10 MB allocation page-faults every time)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def _pair_table(quant_map: torch.Tensor) -> torch.Tensor:
+    """[256, 2] fp32: the (high nibble, low nibble) values of every byte."""
+    b = torch.arange(256, device=quant_map.device)
+    return torch.stack([quant_map[b >> 4], quant_map[b & 15]], dim=1)
+
+
+def _dequantize_rows_torch(w: NF4Weight, row0: int, rows: int, out: torch.Tensor) -> None:
+    """The pure-torch fallback of the C++ `dequantize`: rows [row0, row0+rows) as fp32 into out."""
+    K, bs = w.shape[1], w.blocksize
+    start, stop = row0 * K, (row0 + rows) * K
+    b0, b1 = start // bs, -(-stop // bs)
+    lo, hi = b0 * bs, min(b1 * bs, w.numel)  # the whole blocks that cover the rows
+    pairs = _pair_table(w.quant_map)[w.packed.reshape(-1)[lo // 2 : -(-hi // 2)].long()].reshape(-1)
+    vals = F.pad(pairs[lo % 2 : lo % 2 + hi - lo], (0, (b1 - b0) * bs - (hi - lo))).view(b1 - b0, bs)
+    vals = vals * _absmax_slice(w, b0, b1).unsqueeze(1)
+    out.reshape(-1)[: stop - start].copy_(vals.reshape(-1)[start - lo : stop - lo])
+
+
+def _absmax_slice(w: NF4Weight, b0: int, b1: int) -> torch.Tensor:
+    """fp32 scales of blocks [b0, b1), decoded by the reference (from a nested-block boundary)."""
+    if not w.double_quant:
+        return w.absmax[b0:b1].float()
+    a0 = b0 - b0 % w.nested_blocksize
+    sub = replace(w, absmax=w.absmax[a0:b1], nested_absmax=w.nested_absmax[a0 // w.nested_blocksize :])
+    return dequantize_absmax(sub)[b0 - a0 :]
+
+
+def dequantize_rows(w: NF4Weight, row0: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows [row0, row0+rows) of W as fp32, written into `out` (>= rows*K elements); returns [rows, K]."""
+    K = w.shape[1]
+    if _use_extension(w):
+        torch.ops.qkernels_cpu.dequantize(*_kernel_args(w), K, row0, rows, out)
+    else:
+        _dequantize_rows_torch(w, row0, rows, out)
+    return out.reshape(-1)[: rows * K].view(rows, K)
+
+
+def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole weight, bit-identical to `qformats.nf4.dequantize_nf4(w, dtype)`."""
+    n = w.numel
+    K = w.shape[-1] if len(w.shape) > 1 else n
+    rows = n // K
+    out = torch.empty(n, dtype=torch.float32)
+    dequantize_rows(replace(w, shape=(rows, K)), 0, rows, out)
+    return out.view(w.shape).to(dtype or w.dtype)
+
+
+def _dequant_matmul(xf: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """fp32 x [M, K] @ W.T through a scratch buffer of at most _CHUNK_ELEMS weights."""
+    N, K = w.shape
+    rows = max(1, _CHUNK_ELEMS // K)
+    if rows >= N:
+        return F.linear(xf, dequantize_rows(w, 0, N, _scratch_buffer(N * K)))
+    yt = torch.empty(N, xf.shape[0], dtype=torch.float32)  # y transposed: each chunk is contiguous rows
+    buf = _scratch_buffer(rows * K)
+    for n0 in range(0, N, rows):
+        r = min(rows, N - n0)
+        torch.mm(dequantize_rows(w, n0, r, buf), xf.t(), out=yt[n0 : n0 + r])
+    return yt.t().contiguous()
+
+
+@torch.no_grad()
+def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora_a: torch.Tensor | None = None,
+           lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """`x @ W.T + bias [+ lora_scale * (x @ A.T) @ B.T]` in fp32, returned in x's dtype.
+
+    No autograd (it runs under no_grad and reuses a scratch buffer): ops.py registers the backward.
+    """
+    N, K = w.shape
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], N)
+    if M <= FUSED_MAX_M and _use_extension(w):
+        y = torch.ops.qkernels_cpu.gemm(x2, *_kernel_args(w), N, K)
+    else:
+        y = _dequant_matmul(x2.float(), w)
+    if lora_a is not None:
+        y.add_(F.linear(F.linear(x2.float(), lora_a.float()), lora_b.float()), alpha=lora_scale)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).view(*x.shape[:-1], N)

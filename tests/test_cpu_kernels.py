@@ -1,0 +1,156 @@
+"""The CPU path of qkernels (fused C++ kernel and the pure-torch fallback) against the reference and bitsandbytes."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qformats.errors import QError
+from qformats.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from qkernels import cpu, ops
+
+# (out, in, blocksize, double quant): odd K, blocks straddling rows, partial last blocks, no DQ.
+WEIGHTS = [(77, 33, 64, True), (65, 130, 128, True), (96, 576, 128, True), (33, 576, 256, False),
+           (40, 200, 256, True), (129, 1536, 64, False), (7, 9, 64, False)]  # fmt: skip
+XDTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROWS = [1, 2, 3, 5, 8, 9, 33]
+
+
+@pytest.fixture(params=["extension", "torch"])
+def path(request, monkeypatch):
+    """Run a test through the C++ kernels and again through the pure-torch fallback."""
+    if request.param == "extension":
+        assert cpu.extension_available(), cpu._ext_state.get("error")
+    else:
+        monkeypatch.setattr(cpu, "_use_extension", lambda w: False)
+    return request.param
+
+
+def make_weight(n, k, blocksize, double_quant, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_nf4(torch.randn(n, k, generator=g), blocksize=blocksize, double_quant=double_quant)
+
+
+def reference(x, w, bias=None):
+    """The spec: the reference dequantization in fp32, then an fp64 matmul (so only our rounding shows)."""
+    y = x.double() @ dequantize_nf4(w, torch.float32).double().t()
+    return y + bias.double() if bias is not None else y
+
+
+def assert_close_to(y, ref, x, w, dtype):
+    """fp32 accumulation: error within a few ulps of sum |x||w|; bf16/fp16 output: one rounding of y."""
+    bound = (x.double().abs() @ dequantize_nf4(w, torch.float32).double().abs().t()) * 2**-21 + 1e-30
+    if dtype != torch.float32:
+        bound = bound + ref.abs() * torch.finfo(dtype).eps
+    assert y.dtype == dtype
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"max error {err.max().item():.3g}, bound there {bound[err == err.max()][0]:.3g}"
+
+
+@pytest.mark.parametrize("n,k,blocksize,dq", WEIGHTS)
+def test_dequantize_is_bit_identical(path, n, k, blocksize, dq):
+    w = make_weight(n, k, blocksize, dq)
+    for dtype in XDTYPES:
+        assert torch.equal(ops.dequantize(w, dtype), dequantize_nf4(w, dtype))
+    out = torch.full((n * k,), float("nan"))
+    rows = cpu.dequantize_rows(w, 3, n - 4, out)  # a chunk that starts and ends mid-block
+    assert torch.equal(rows, dequantize_nf4(w, torch.float32)[3 : n - 1])
+
+
+@pytest.mark.parametrize("n,k,blocksize,dq", WEIGHTS)
+def test_linear_matches_reference(path, n, k, blocksize, dq):
+    w = make_weight(n, k, blocksize, dq, seed=n)
+    g = torch.Generator().manual_seed(k)
+    for dtype in XDTYPES:
+        for m in ROWS:
+            x = torch.randn(m, k, generator=g).to(dtype)
+            bias = torch.randn(n, generator=g).to(dtype) if m % 2 else None
+            y = ops.nf4_linear(x, w, bias)
+            assert_close_to(y, reference(x, w, bias), x, w, dtype)
+
+
+def test_linear_keeps_leading_dims_and_handles_strided_x(path):
+    w = make_weight(48, 64, 64, True)
+    x = torch.randn(2, 3, 128)[..., ::2]  # non-contiguous
+    y = ops.nf4_linear(x, w)
+    assert y.shape == (2, 3, 48)
+    assert_close_to(y.reshape(6, 48), reference(x.reshape(6, 64), w), x.reshape(6, 64), w, torch.float32)
+    assert ops.nf4_linear(torch.randn(0, 64), w).shape == (0, 48)
+
+
+def test_large_weight_goes_through_scratch_chunks(path, monkeypatch):
+    monkeypatch.setattr(cpu, "_CHUNK_ELEMS", 64 * 100)  # force several chunks of 100 rows
+    w = make_weight(250, 64, 64, True)
+    x = torch.randn(20, 64)
+    assert_close_to(ops.nf4_linear(x, w), reference(x, w), x, w, torch.float32)
+
+
+def test_lora_epilogue(path):
+    w = make_weight(96, 130, 64, True)
+    a, b = torch.randn(8, 130) / 10, torch.randn(96, 8) / 10
+    bias = torch.randn(96)
+    for m in (1, 4, 17):
+        x = torch.randn(m, 130)
+        y = ops.nf4_linear_lora(x, w, bias, a, b, 0.25)
+        ref = reference(x, w, bias) + 0.25 * (x.double() @ a.double().t()) @ b.double().t()
+        lora_bound = (x.abs() @ a.abs().t() @ b.abs().t()).double() * 2**-20
+        assert ((y.double() - ref).abs() <= lora_bound + 1e-5).all()
+
+
+def test_matches_bitsandbytes_on_its_own_quantization(path):
+    """bitsandbytes quantizes; we read its packed bytes and states like a checkpoint loader would."""
+    src = torch.randn(192, 320, dtype=torch.bfloat16)
+    packed, st = bnbf.quantize_4bit(src, blocksize=64, quant_type="nf4", compress_statistics=True)
+    w = NF4Weight(packed=packed, absmax=st.absmax, quant_map=st.code, shape=tuple(st.shape), dtype=st.dtype,
+                  blocksize=st.blocksize, nested_absmax=st.state2.absmax, nested_quant_map=st.state2.code,
+                  offset=st.offset.item())  # fmt: skip
+    assert torch.equal(ops.dequantize(w), bnbf.dequantize_4bit(packed, st))
+    for m in (1, 8, 40):
+        x = torch.randn(m, 320, dtype=torch.bfloat16)
+        theirs = bnb.matmul_4bit(x, packed.t(), quant_state=st)
+        ours = ops.nf4_linear(x, w)
+        # Both round to bf16 at the end; bitsandbytes also rounds W to bf16 first.
+        tol = 4 * torch.finfo(torch.bfloat16).eps * (x.float().abs() @ ops.dequantize(w, torch.float32).abs().t())
+        assert ((ours.float() - theirs.float()).abs() <= tol + 1e-3).all()
+
+
+def test_autograd_through_the_ops():
+    w = make_weight(40, 72, 64, True)
+    wf = dequantize_nf4(w, torch.float32)
+    x = torch.randn(5, 72, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    a = (torch.randn(4, 72) / 10).requires_grad_()
+    b = (torch.randn(40, 4) / 10).requires_grad_()
+    gy = torch.randn(5, 40)
+    ops.nf4_linear_lora(x, w, bias, a, b, 0.5).backward(gy)
+    ours = [t.grad.clone() for t in (x, bias, a, b)]
+    for t in (x, bias, a, b):
+        t.grad = None
+    (F.linear(x, wf, bias) + 0.5 * F.linear(F.linear(x, a), b)).backward(gy)
+    for mine, theirs in zip(ours, (x.grad, bias.grad, a.grad, b.grad)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    x.grad = None
+    ops.nf4_linear(x, w).backward(gy)
+    torch.testing.assert_close(x.grad, gy @ wf, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_through_the_ops():
+    w = make_weight(64, 96, 64, True)
+    a, b = torch.randn(4, 96), torch.randn(64, 4)
+
+    def f(x):
+        return ops.nf4_linear(x, w).relu() + ops.nf4_linear_lora(x, w, None, a, b, 2.0) + ops.dequantize(w)[:, 0]
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for m in (1, 3, 16):
+        x = torch.randn(m, 96)
+        torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_is_a_clear_error():
+    w = make_weight(8, 64, 64, True)
+    with pytest.raises(QError, match=r"x has 32 features, the NF4 weight \[8, 64\] expects 64"):
+        ops.nf4_linear(torch.randn(2, 32), w)
