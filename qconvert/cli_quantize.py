@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from qconvert.cli_push import push_if_asked, push_to_hub_option
+
 # Mirrors qconvert.quantize.COMPUTE_DTYPES; importing that module (and torch) waits until the command runs.
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -24,8 +26,9 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
 @click.option("--revision", default=None, help="Branch, tag or commit when SRC is a Hub repo id.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@push_to_hub_option
 def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, shard_size, device, force,
-             revision, quiet):  # fmt: skip
+             revision, quiet, push_to_hub, push_private):  # fmt: skip
     """Quantize the FP16/BF16 checkpoint SRC to NF4 with double-quantized scales, into folder OUT.
 
     SRC is a local Hugging Face folder (safetensors, single or sharded) or a Hub repo id such as
@@ -49,3 +52,4 @@ def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, 
                                   device=device, force=force, revision=revision, progress=not quiet)  # fmt: skip
     if not quiet:
         click.echo(summary.describe())
+    push_if_asked(out, push_to_hub, push_private)

@@ -452,3 +452,15 @@ def test_quantize_from_hub_id_then_push_keeps_the_repo_id(hub, original, tmp_pat
     card = ModelCard(result.card)
     assert card.data.base_model == ORIGINAL and card.data.base_model_relation == "quantized"
     assert f"| quantized from | `{ORIGINAL}` at `{hub.repos[ORIGINAL].branches['main'][:10]}` |" in card.text
+
+
+def test_quantize_push_to_hub(hub, original, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", GOOD)  # the usual way to give the token to commands without --token
+    out = tmp_path / "q"
+    code, stdout, err = _invoke(["quantize", str(original), str(out), "--quiet", "--push-to-hub", "tester/q",
+                                 "--private"])  # fmt: skip
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1].startswith(f"{hub.endpoint}/tester/q/commit/")
+    assert hub.repos["tester/q"].private
+    assert hub.files("tester/q")["qconvert.json"] == (out / "qconvert.json").read_bytes()
+    assert ModelCard(hub.files("tester/q")["README.md"].decode()).data.base_model_relation == "quantized"
