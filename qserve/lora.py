@@ -1,0 +1,232 @@
+"""LoRA on the frozen base: `LoRALinear`, applying adapters to a model, PEFT-named state, merging.
+
+`LoRALinear` wraps an `NF4Linear` (QLoRA) or a plain `nn.Linear` (LoRA on a float base):
+
+    y = base(x) + scale * lora_B(lora_A(dropout(x)))
+
+with PEFT's initialisation (A Kaiming-uniform, B zero) and scaling (alpha / r, or alpha / sqrt(r)
+with rsLoRA). The NF4 base runs through `_FrozenNF4`, an autograd function that saves nothing
+of its own: the packed 4-bit weight is already in memory, the backward pass dequantizes it
+again (`qkernels.ops.dequantize`, Triton on CUDA) for the input gradient, and the weight gets
+no gradient. So training holds no full-precision copy of any base weight.
+
+Parameter names are PEFT's: `<module>.lora_A.weight`, `<module>.lora_B.weight`, so the adapter
+file keys are `base_model.model.` + the parameter name. The LoRA path computes in the LoRA
+weights' dtype (fp32 for training) and casts back to the activations' dtype, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qformats.errors import QError
+from qformats.peft_adapter import AdapterConfig, PeftAdapter, adapter_tensors, read_adapter, target_matches
+from qkernels.ops import dequantize
+from qserve.nf4_linear import NF4Linear
+
+# The decoder's linear layers, the QLoRA paper's "all linear layers" (lm_head excluded, as PEFT's all-linear).
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _FrozenNF4(torch.autograd.Function):
+    """`x @ dequantize(W).T + bias` with W frozen in NF4: the backward dequantizes W again for dx."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
+        ctx.base = base  # the module, not a tensor copy: its packed buffers are the only weight memory
+        return base(x)  # autograd is off inside forward: the plain kernel path, no graph
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = dequantize(ctx.base.nf4_weight, grad.dtype)  # transient, one layer at a time
+        return grad @ w, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear plus a trainable low-rank update (PEFT's `lora.Linear` semantics)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):  # fmt: skip
+        super().__init__()
+        if not isinstance(base, (NF4Linear, nn.Linear)):
+            raise QError(f"LoRA applies to linear layers, not {type(base).__name__}")
+        if r < 1:
+            raise QError(f"LoRA rank must be at least 1, not {r}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, NF4Linear) and torch.is_grad_enabled() and x.requires_grad:
+            y = _FrozenNF4.apply(x, self.base)
+        else:
+            y = self.base(x)
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (lora * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """`scale * B @ A` [out, in] in fp32: what merging adds to the base weight."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if isinstance(self.base, NF4Linear):
+            return dequantize(self.base.nf4_weight, dtype)
+        return self.base.weight.detach().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, base={type(self.base).__name__}"
+
+
+def _targets(model: nn.Module, target_modules: list[str] | str | None) -> list[str]:
+    targets = ALL_LINEAR if target_modules in (None, "all-linear") else target_modules
+    wrapped = lora_modules(model)
+    inside = tuple(f"{n}." for n in wrapped)  # a LoRALinear's own base / lora_A / lora_B
+    for n in wrapped:
+        if target_matches(n, targets):
+            raise QError(f"{n} already has a LoRA adapter")
+    names = [n for n, m in model.named_modules() if isinstance(m, (NF4Linear, nn.Linear)) and n != "lm_head"
+             and not n.startswith(inside) and target_matches(n, targets)]  # fmt: skip
+    if not names:
+        shown = targets if isinstance(targets, str) else ", ".join(targets)
+        raise QError(f"target modules {shown!r} match no linear layer of the model "
+                     f"(its linears are named like {_example_linear(model)})")  # fmt: skip
+    return names
+
+
+def _example_linear(model: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if isinstance(m, (NF4Linear, nn.Linear))), "?")
+
+
+def apply_lora(model: nn.Module, target_modules: list[str] | str | None = None, r: int = 64, alpha: float = 16,
+               dropout: float = 0.0, use_rslora: bool = False, rank_pattern: dict | None = None,
+               alpha_pattern: dict | None = None, seed: int | None = None) -> list[str]:  # fmt: skip
+    """Wrap the target linears of `model` in `LoRALinear`, in place; returns their names.
+
+    target_modules: None or "all-linear" for every decoder linear, a list of names/suffixes, or a regex
+    (PEFT's rules). Every other parameter is frozen; only lora_A/lora_B train.
+    """
+    cfg = AdapterConfig(r=r, lora_alpha=alpha, target_modules=target_modules or ALL_LINEAR, use_rslora=use_rslora,
+                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})  # fmt: skip
+    names = _targets(model, target_modules)
+    generator = torch.Generator(_device_of(model)).manual_seed(seed) if seed is not None else None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent, child = _split(name)
+        owner = model.get_submodule(parent) if parent else model
+        base = getattr(owner, child)
+        lora = LoRALinear(base, cfg.rank_of(name), cfg.alpha_of(name), dropout, use_rslora, generator=generator)
+        setattr(owner, child, lora)
+    return names
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters())).device
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA weights, in a fixed order (module order, A then B)."""
+    return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors in PEFT's key naming (`base_model.model.<module>.lora_A.weight`, ...)."""
+    return adapter_tensors({n: (m.lora_A.weight, m.lora_B.weight) for n, m in lora_modules(model).items()})
+
+
+def to_peft_adapter(model: nn.Module, target_modules: list[str] | str | None = None, dropout: float = 0.0,
+                    base_model: str | None = None) -> PeftAdapter:  # fmt: skip
+    """The model's adapter as a `PeftAdapter` (config + weights), ready for `qformats.peft_adapter.write_adapter`."""
+    mods = lora_modules(model)
+    if not mods:
+        raise QError("the model has no LoRA adapter to save")
+    first = next(iter(mods.values()))
+    rank_pattern = {n: m.r for n, m in mods.items() if m.r != first.r}
+    alpha_pattern = {n: m.alpha for n, m in mods.items() if m.alpha != first.alpha}
+    cfg = AdapterConfig(r=first.r, lora_alpha=first.alpha, target_modules=_target_names(target_modules, mods),
+                        lora_dropout=dropout, use_rslora=first.use_rslora, base_model_name_or_path=base_model,
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)  # fmt: skip
+    return PeftAdapter(cfg, {n: (m.lora_A.weight.detach().cpu(), m.lora_B.weight.detach().cpu()) for n, m in mods.items()})
+
+
+def _target_names(target_modules, mods: dict[str, LoRALinear]) -> list[str] | str:
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        return target_modules
+    return sorted({n.rsplit(".", 1)[-1] for n in mods})  # short names, as PEFT and vLLM expect
+
+
+def load_lora(model: nn.Module, adapter: PeftAdapter | str | Path, trainable: bool = False) -> list[str]:
+    """Apply a PEFT adapter to `model` (wrapping its target linears) and load its weights; returns module names.
+
+    Every module of the adapter must exist in the model with matching shapes (QError naming it otherwise).
+    """
+    if not isinstance(adapter, PeftAdapter):
+        adapter = read_adapter(adapter)
+    cfg = adapter.config
+    existing = lora_modules(model)
+    for name, (a, b) in adapter.weights.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise QError(f"adapter module {name!r} does not exist in the model") from None
+        if not isinstance(module, LoRALinear):
+            if not isinstance(module, (NF4Linear, nn.Linear)):
+                raise QError(f"adapter module {name!r} is a {type(module).__name__}, not a linear layer")
+            parent, child = _split(name)
+            module = LoRALinear(module, cfg.rank_of(name), 1.0, cfg.lora_dropout, cfg.use_rslora)
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+            existing[name] = module
+        if tuple(a.shape) != tuple(module.lora_A.weight.shape) or tuple(b.shape) != tuple(module.lora_B.weight.shape):
+            raise QError(f"adapter module {name!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
+                         f"layer [{module.out_features}, {module.in_features}] with rank {module.r}")  # fmt: skip
+        with torch.no_grad():
+            module.lora_A.weight.copy_(a)
+            module.lora_B.weight.copy_(b)
+        module.alpha, module.scaling = cfg.alpha_of(name), adapter.scale(name)
+        for p in (module.lora_A.weight, module.lora_B.weight):
+            p.requires_grad_(trainable)
+    return list(adapter.weights)
+
+
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, names: Iterable[str] | None = None) -> list[str]:
+    """Replace each `LoRALinear` by a dense `nn.Linear` holding `W + scale * B @ A` (for export), in place.
+
+    The sum is formed in fp32 and cast once to `dtype` (default: the base's dequantized dtype).
+    """
+    mods = lora_modules(model)
+    merged = []
+    for name in names if names is not None else list(mods):
+        m = mods[name]
+        out_dtype = dtype or (m.base.weight_dtype if isinstance(m.base, NF4Linear) else m.base.weight.dtype)
+        w = (m.base_weight(torch.float32) + m.delta_weight()).to(out_dtype)
+        dense = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None, device=w.device, dtype=out_dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if m.base.bias is not None:
+                dense.bias.copy_(m.base.bias)
+        dense.requires_grad_(False)
+        parent, child = _split(name)
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        merged.append(name)
+    return merged
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child

@@ -1,0 +1,204 @@
+"""LoRA on the NF4 base (qserve.lora) and PEFT adapter folders (qformats.peft_adapter), against PEFT."""
+
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+from tiny_models import save_tiny
+
+from qconvert.quantize import quantize_checkpoint
+from qformats.errors import QError
+from qformats.nf4 import dequantize_nf4, quantize_nf4
+from qformats.peft_adapter import AdapterConfig, PeftAdapter, read_adapter, write_adapter
+from qserve.loader import load_model
+from qserve.lora import ALL_LINEAR, LoRALinear, apply_lora, load_lora, lora_parameters, merge_lora, to_peft_adapter
+from qserve.nf4_linear import NF4Linear
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def randomize_b(model, seed=1):
+    """B starts at zero (PEFT's init); random B makes the adapter matter and A's gradient non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model)[1::2]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora")
+    save_tiny("llama", d / "fp", dtype=torch.float32)
+    quantize_checkpoint(d / "fp", d / "nf4", compute_dtype="float32", progress=False)
+    return d / "nf4"
+
+
+def peft_over_bnb(nf4_dir, **lora_kw):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(nf4_dir)
+    cfg = peft.LoraConfig(target_modules=ALL_LINEAR, task_type="CAUSAL_LM", **lora_kw)
+    return peft.get_peft_model(ref, cfg)
+
+
+def copy_into_peft(ours, ref):
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                key = name.removeprefix("base_model.model.").replace(".default", "")
+                p.copy_(ours.get_submodule(key.rsplit(".", 1)[0]).weight)
+
+
+def test_nf4_lora_linear_matches_dense_and_keeps_no_fp_weight():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    q = quantize_nf4(w)
+    dense = torch.nn.Linear(64, 96, bias=True)
+    with torch.no_grad():
+        dense.weight.copy_(dequantize_nf4(q, torch.float32))
+    bias = torch.randn(96)
+    dense.bias.data.copy_(bias)
+    ours = LoRALinear(NF4Linear(q, bias.clone()), r=4, alpha=8)
+    ref = LoRALinear(dense, r=4, alpha=8)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.lora_B.weight.copy_(torch.randn(96, 4, generator=torch.Generator().manual_seed(2)))
+        ref.lora_A.weight.copy_(ours.lora_A.weight)
+    x = torch.randn(3, 5, 64)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ours(xs[0])
+    y_ref = ref(xs[1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    for a, b in ((ours.lora_A, ref.lora_A), (ours.lora_B, ref.lora_B)):
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-5, atol=1e-5)
+    assert ours.base.bias.grad is None and not ours.base.weight.requires_grad
+    # Nothing weight-sized in full precision was kept for the backward pass.
+    assert all(t.numel() < 96 * 64 or not t.is_floating_point() for t in saved), [t.shape for t in saved]
+
+
+def test_logits_and_grads_equal_peft_over_bitsandbytes(nf4_dir):
+    ours = load_model(nf4_dir, dtype=torch.float32)
+    names = apply_lora(ours, r=8, alpha=16, seed=0)
+    assert len(names) == 2 * 7 and all(isinstance(ours.get_submodule(n).base, NF4Linear) for n in names)
+    randomize_b(ours)
+    ref = peft_over_bnb(nf4_dir, r=8, lora_alpha=16, lora_dropout=0.0)
+    copy_into_peft(ours, ref)
+    tokens = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    ours.train()
+    ref.train()
+    logits, ref_logits = ours(tokens), ref(input_ids=tokens).logits
+    assert rel_err(logits, ref_logits) < 1e-4
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    ref_loss = ref(input_ids=tokens, labels=tokens).loss
+    assert abs(loss.item() - ref_loss.item()) < 1e-4
+    loss.backward()
+    ref_loss.backward()
+    ref_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                 for n, p in ref.named_parameters() if p.requires_grad}  # fmt: skip
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert ours_grads.keys() == ref_grads.keys()
+    for n, grad in ours_grads.items():
+        assert (grad - ref_grads[n]).abs().max() < 1e-4 * max(1.0, ref_grads[n].abs().max().item()), n
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_saved_adapter_loads_in_peft_and_back(nf4_dir, tmp_path, rslora):
+    ours = load_model(nf4_dir, dtype=torch.float32)
+    apply_lora(ours, r=4, alpha=32, use_rslora=rslora, seed=3, rank_pattern={"down_proj": 2})
+    randomize_b(ours)
+    write_adapter(tmp_path / "adapter", to_peft_adapter(ours, base_model="tiny-llama"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["bias"] == "none" and cfg["modules_to_save"] is None and cfg["use_dora"] is False
+    assert sorted(cfg["target_modules"]) == sorted(ALL_LINEAR)
+    base = transformers.AutoModelForCausalLM.from_pretrained(nf4_dir)
+    ref = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    tokens = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours.eval()
+        logits = ours(tokens)
+        assert rel_err(logits, ref(input_ids=tokens).logits) < 1e-3
+        # ...and PEFT's own save loads back into ours with the same logits.
+        ref.save_pretrained(tmp_path / "peft_saved")
+        fresh = load_model(nf4_dir, dtype=torch.float32)
+        load_lora(fresh, tmp_path / "peft_saved")
+        assert rel_err(fresh.eval()(tokens), logits) < 1e-6
+
+
+def test_merge_gives_the_same_logits(nf4_dir):
+    ours = load_model(nf4_dir, dtype=torch.float32)
+    apply_lora(ours, target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8, seed=0)
+    randomize_b(ours)
+    tokens = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = ours(tokens)
+        merged = merge_lora(ours)
+        assert len(merged) == 6 and type(ours.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert isinstance(ours.model.layers[0].self_attn.k_proj, NF4Linear)  # untargeted layers stay 4-bit
+        assert rel_err(ours(tokens), before) < 1e-5
+
+
+def test_target_modules_rules(nf4_dir):
+    ours = load_model(nf4_dir, dtype=torch.float32)
+    assert apply_lora(ours, target_modules=r".*\.0\.mlp\.(up|down)_proj", r=2) == [
+        "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]  # fmt: skip
+    with pytest.raises(QError, match="already has a LoRA adapter"):
+        apply_lora(ours, target_modules=["up_proj"], r=2)
+    with pytest.raises(QError, match="match no linear layer"):
+        apply_lora(load_model(nf4_dir), target_modules=["qkv"], r=2)
+    assert [p.requires_grad for p in ours.parameters()].count(True) == 4
+
+
+def good_config(**kw):
+    return {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "bias": "none"} | kw
+
+
+@pytest.mark.parametrize("field,value", [("peft_type", "IA3"), ("r", 0), ("lora_alpha", "x"), ("bias", "all"),
+                                         ("use_dora", True), ("modules_to_save", ["lm_head"]),
+                                         ("target_modules", []), ("lora_dropout", 2.0)])  # fmt: skip
+def test_bad_adapter_config_names_the_field(tmp_path, field, value):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(good_config(**{field: value})))
+    with pytest.raises(QError, match=f"field '{field}'"):
+        read_adapter(tmp_path)
+
+
+def test_bad_adapter_folders(tmp_path):
+    with pytest.raises(QError, match="no adapter_config.json"):
+        read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(good_config()))
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(QError, match="pickle"):
+        read_adapter(tmp_path)
+    a = torch.zeros(2, 8)
+    from safetensors.torch import save_file
+
+    save_file({"base_model.model.m.q_proj.lora_A.weight": a}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(QError, match="lora_B.weight is missing"):
+        read_adapter(tmp_path)
+    save_file({"base_model.model.m.q_proj.lora_A.weight": torch.zeros(3, 8),
+               "base_model.model.m.q_proj.lora_B.weight": torch.zeros(8, 3)}, tmp_path / "adapter_model.safetensors")  # fmt: skip
+    with pytest.raises(QError, match="rank 2"):
+        read_adapter(tmp_path)
+    adapter = PeftAdapter(AdapterConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+                          {"m.q_proj": (torch.zeros(2, 8), torch.zeros(8, 2))})  # fmt: skip
+    with pytest.raises(QError, match="already exists.*--force"):
+        write_adapter(tmp_path, adapter)
+    write_adapter(tmp_path / "new", adapter)
+    write_adapter(tmp_path / "new", adapter, force=True)
+    assert read_adapter(tmp_path / "new").weights.keys() == {"m.q_proj"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp leftovers
+
+
+def test_scaling_equals_peft():
+    cfg = AdapterConfig(r=8, lora_alpha=16, target_modules=["q_proj"], use_rslora=True,
+                        rank_pattern={"down_proj": 4}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 2})  # fmt: skip
+    assert cfg.scale_of("model.layers.0.self_attn.q_proj") == 16 / 8**0.5
+    assert cfg.scale_of("model.layers.0.mlp.down_proj") == 16 / 2
+    assert cfg.scale_of("model.layers.1.mlp.down_proj") == 2 / 2
