@@ -142,14 +142,17 @@ def push_folder(
     files = [f for f in list_upload_files(folder) if f[0] != "README.md"] + [("README.md", len(card.encode()))]
     files.sort()
     result = PushResult(repo_id=repo_id, files=files, card=card, kind=art.kind, revision=revision)
-    if not art.base_model:
-        say(f"note: no Hub repo id found for the base model of {folder}; the card has no base_model")
+    no_base = f"note: no Hub repo id found for the base model of {folder}, so the card has no base_model"
     if dry_run:
+        if not art.base_model:
+            say(no_base)
         return result
     if hub_offline():
         raise QError("HF_HUB_OFFLINE is set: unset it to push (or use --dry-run)")
 
+    import httpx2
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=hub_endpoint(), token=token)
     target = repo_id
@@ -157,8 +160,9 @@ def push_folder(
         user = api.whoami()["name"]  # a bad token fails here, before anything is created
         if "/" not in repo_id:
             target = result.repo_id = f"{user}/{repo_id}"
-        card = result.card = card_text(art, target)
+        result.card = card_text(art, target)
         refresh_card(art, target)
+        files = result.files = list_upload_files(folder)
         repo_url = api.create_repo(target, private=private, exist_ok=True)
         if revision:
             api.create_branch(target, branch=revision, exist_ok=True)
@@ -174,9 +178,13 @@ def push_folder(
         if not _is_hub_error(e):
             raise
         why = explain_hub_error(e, target, revision, token_given=token is not None)
+        if isinstance(e, httpx2.HTTPError) and not isinstance(e, HfHubHTTPError):
+            why += "; run the same command again to finish (files already on the Hub are skipped)"
         raise QError(f"push to {target} did not complete: {why}") from e
     result.url, result.commit = info.commit_url, info.oid
     say(f"pushed {_describe(files)} to {target}" + (f"@{revision}" if revision else "") + f": {info.commit_url}")
+    if not art.base_model:
+        say(no_base)
     return result
 
 

@@ -283,6 +283,8 @@ def test_unverifiable_folders_are_refused_before_any_network(hub, merged, adapte
 
 
 def test_bad_token_is_one_clear_line(hub, merged):
+    (merged / "config.json").write_text(json.dumps({**json.loads((merged / "config.json").read_text()),
+                                                    "_name_or_path": ""}))  # no base: no note either  # fmt: skip
     code, out, err = _invoke(["push", str(merged), "tester/x", "--token", BAD])
     assert code == 1 and out == ""
     assert err == ("error: push to tester/x did not complete: the Hub rejected the token (401 Unauthorized at "
@@ -302,6 +304,7 @@ def test_network_drop_mid_upload_claims_nothing(hub, merged, no_backoff):
     assert out == ""  # no URL: nothing is reported as pushed
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: push to tester/dropped did not complete: network error talking to ")
+    assert last.endswith("run the same command again to finish (files already on the Hub are skipped)")
     assert "pushed" not in err
     repo = hub.repos["tester/dropped"]
     assert list(repo.commits) == [repo.branches["main"]]  # only the Hub's initial commit
