@@ -17,3 +17,6 @@ def main() -> None:
 
 
 # Subcommands register here, one line each.
+from qserve.cli_generate import generate_cmd
+
+main.add_command(generate_cmd)

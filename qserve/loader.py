@@ -13,7 +13,6 @@ on some); on CUDA the checkpoint's dtype, or `bnb_4bit_compute_dtype` for NF4 ch
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -22,13 +21,13 @@ from tqdm import tqdm
 
 from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
 from qformats.errors import QError
+from qformats.hub_pull import resolve_source
 from qformats.nf4 import NF4Weight
 from qserve.model import CausalLM, ModelArgs
 from qserve.nf4_linear import NF4Linear
 
 _NF4_STATE = ".quant_state.bitsandbytes__nf4"
 _NF4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _NF4_STATE)
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
@@ -47,28 +46,11 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
-    """A local folder as-is, or a Hub id (`owner/name`) fetched with snapshot_download.
+    """A local folder as-is, or a Hub id (`owner/name`) fetched into the HF cache (weights, configs, tokenizer).
 
-    snapshot_download honours HF_HUB_OFFLINE (cache only), HF_HOME / HF_HUB_CACHE and HF_TOKEN.
+    Honours HF_HUB_OFFLINE (cache only), HF_HOME / HF_HUB_CACHE, HF_TOKEN and HF_ENDPOINT; see qformats.hub_pull.
     """
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise QError(f"{model}: not a folder (give a model folder or a Hub id like owner/name)")
-        return path
-    if not _REPO_ID.match(str(model)):
-        raise QError(f"{model}: no such folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id=str(model), revision=revision, allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise QError(f"{model}: no such folder, and not in the Hub cache (offline, or the Hub is unreachable)") from None
-    except HfHubHTTPError as e:
-        raise QError(f"{model}: no such folder, and the Hub refused it ({str(e).splitlines()[0]})") from None
-    except (OSError, ValueError) as e:
-        raise QError(f"{model}: no such folder, and it could not be fetched from the Hub ({e})") from None
+    return resolve_source(model, revision=revision, allow_patterns=HUB_PATTERNS)
 
 
 def quantization_of(cfg: dict, name: str = "config.json") -> dict | None:
@@ -119,24 +101,23 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, dev
             raise QError(f"{model_dir}: unexpected 4-bit tensor {p!r} (not a linear weight of this "
                          f"{args.model_type} config)")  # fmt: skip
     tied = args.tie_word_embeddings
-    for name, (shard, shape) in found.items():
-        if _nf4_group(name, nf4_prefixes) is not None:
-            continue
-        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-            continue
-        if name not in expected:
-            raise QError(f"{shard}: unexpected tensor {name!r} (not part of a {args.model_type} model with this "
-                         "config.json)")  # fmt: skip
-        if shape != expected[name]:
-            raise QError(f"{shard}: tensor {name!r} has shape {list(shape)}, but config.json implies "
-                         f"{list(expected[name])}")  # fmt: skip
+    # In model order, so the first tensor reported is the first one that disagrees.
+    for name, want in expected.items():
+        if name in found and name not in nf4_prefixes and found[name][1] != want:
+            raise QError(f"{found[name][0]}: tensor {name!r} has shape {list(found[name][1])}, but config.json "
+                         f"implies {list(want)}")  # fmt: skip
     missing = [n for n in expected if n not in found and not (tied and n == "lm_head.weight")]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise QError(f"{model_dir}: checkpoint lacks {', '.join(repr(m) for m in missing[:3])}{more}")
+    for name, (shard, _) in found.items():
+        known = name in expected or _nf4_group(name, nf4_prefixes) is not None
+        if not known and not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight"):
+            raise QError(f"{shard}: unexpected tensor {name!r} (not part of a {args.model_type} model with this "
+                         "config.json)")  # fmt: skip
 
     pending: dict[str, dict[str, torch.Tensor]] = {p: {} for p in nf4_prefixes}
-    bar = tqdm(total=len(found), desc="loading", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(found), desc="loading", unit="tensor", disable=None if progress else True, leave=False)  # None: off when not a TTY
     for name, t in iter_checkpoint_tensors(ckpt):
         bar.update()
         group = _nf4_group(name, pending)

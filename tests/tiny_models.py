@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 import transformers
 
-from qformats.nf4 import quantize_nf4
-
 BASE = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "initializer_range": 0.2,
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}  # fmt: skip
@@ -51,31 +49,54 @@ def save_tiny(family: str, out: Path, dtype: torch.dtype = torch.float32, seed: 
     return model.float()
 
 
-def write_nf4_folder(src: Path, out: Path, compute_dtype: str = "float32", skip: tuple[str, ...] = ("lm_head",)):
-    """The NF4 + DQ checkpoint of the float folder `src`, in the DESIGN key layout (bitsandbytes')."""
-    from safetensors.torch import load_file, save_file
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+          "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # fmt: skip
+CORPUS = [
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+    "Größe, café, naïve, 日本語のテキスト, emoji 🙂🚀 and the end.",
+    "def main():\n    return 42  # numbers 1234567890",
+] * 20
 
+
+def save_tiny_tokenizer(out: Path, kind: str = "bytelevel", vocab_size: int = 320) -> None:
+    """A small trained tokenizer in `out`: GPT-2 style byte-level BPE with a ChatML template (SmolLM2's kind),
+    or a SentencePiece-style BPE with byte fallback and a leading-space marker (Llama 2's kind)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    if kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+        tok.train_from_iterator(CORPUS, trainer)
+        bos, eos, template = "<|im_start|>", "<|im_end|>", CHATML
+    else:
+        specials = ["<unk>", "<s>", "</s>"]
+        normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, limit_alphabet=40)
+        base = Tokenizer(models.BPE(unk_token="<unk>"))
+        base.normalizer = normalizer
+        base.train_from_iterator(CORPUS, trainer)
+        state = json.loads(base.to_str())
+        vocab = dict(state["model"]["vocab"])
+        for b in range(256):  # byte-fallback pieces, as in Llama's vocabulary
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+        tok.add_special_tokens(specials)
+        tok.normalizer = normalizer
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])  # fmt: skip
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])  # fmt: skip
+        bos, eos = "<s>", "</s>"
+        template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                    "' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    tensors = load_file(src / "model.safetensors")
-    result: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        module = name.rsplit(".", 1)[0]
-        is_linear = name.endswith(".weight") and t.dim() == 2 and "embed_tokens" not in name
-        if is_linear and not any(module.endswith(s) for s in skip):
-            result.update(quantize_nf4(t).to_tensors(name))
-        else:
-            result[name] = t
-    save_file(result, out / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "_load_in_4bit": True, "load_in_8bit": False,
-        "_load_in_8bit": False, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": list(skip), "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-    }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (src / extra).is_file():
-            (out / extra).write_bytes((src / extra).read_bytes())
-    return out
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+           "unk_token": specials[0] if kind != "bytelevel" else None, "pad_token": specials[0],
+           "chat_template": template, "clean_up_tokenization_spaces": False, "model_max_length": 128}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))

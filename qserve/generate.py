@@ -1,0 +1,268 @@
+"""Text generation on a `CausalLM`: sampling, stop conditions, streaming, batches of different lengths.
+
+`Generator(model, tokenizer).generate(prompts, params)` runs a batch: the prompts are right-padded
+and prefilled together with per-row positions, then every row decodes one token per step at its
+own position (see `CausalLM.forward`), so a batch answers exactly as its prompts would one by one
+(greedy; sampled rows share one random stream). `stream(prompt, params)` yields text deltas as
+they are decoded, never half a UTF-8 character and never text that a stop string later takes back;
+joined, they equal `generate(...)[0].text`.
+
+Sampling follows transformers' order: temperature, then top-k, then top-p, then a draw from the
+softmax with a `torch.Generator` seeded by `seed`. `temperature == 0` is greedy (argmax).
+With `compile=True` the one-token decode step runs through `torch.compile` (static shapes: the
+batch fills the whole cache and attention spans all of it); the eager path is the default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qformats.errors import QError
+from qserve.model import CausalLM
+from qserve.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int | None = None
+    stop: Sequence[str] = ()  # stop strings: the text ends before the first one
+    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS ids; () never stops on a token
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise QError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise QError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise QError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise QError(f"top-k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated ids, the stop token included
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    prompt_tokens: int
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """fp32 logits [B, V] after temperature, top-k and top-p (removed entries are -inf), as transformers does."""
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        logits = logits.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_prompt_length(n_tokens: int, context: int) -> None:
+    if n_tokens >= context:
+        raise QError(f"the prompt is {n_tokens} tokens, longer than the model's context of {context} tokens "
+                     f"(at most {context - 1} leave room for an answer)")  # fmt: skip
+
+
+class StopStrings:
+    """Cuts the text at the first stop string and holds back a tail that may still become one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def feed(self, delta: str, final: bool = False) -> str:
+        """Add decoded text; return what can be shown now."""
+        self.text += delta
+        for s in self.stops:
+            i = self.text.find(s, max(0, self.emitted - len(s) + 1))
+            if i != -1:
+                self.text, self.stopped, final = self.text[:i], True, True
+        hold = 0 if final else self._partial_suffix()
+        out = self.text[self.emitted : len(self.text) - hold]
+        self.emitted += len(out)
+        return out
+
+    def _partial_suffix(self) -> int:
+        best = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+class Generator:
+    """Generation with one model; keeps its KV cache between calls (grown when a call needs more)."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, compile: bool = False,
+                 context: int | None = None):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.context = context or model.args.max_position_embeddings
+        self.compile = compile
+        self._compiled_decode = None
+        self.device = model.model.embed_tokens.weight.device
+        self.last_completion: Completion | None = None  # set when a stream() iterator is exhausted
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise QError("a text prompt needs a tokenizer")
+            prompt = self.tokenizer.encode(prompt)
+        ids = [int(i) for i in prompt]
+        if not ids:
+            raise QError("the prompt is empty")
+        check_prompt_length(len(ids), self.context)
+        return ids
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        if params.stop_token_ids is not None:
+            return set(params.stop_token_ids)
+        return set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
+
+    def _ensure_cache(self, batch: int, seq: int) -> None:
+        m = self.model
+        if self.compile:  # static shapes: one cache size for every call, so the step compiles once
+            seq = max(seq, m.max_seq)
+            if m.max_batch != batch or m.max_seq != seq:
+                m.setup_cache(batch, seq)
+                self._compiled_decode = None
+        elif m.max_batch < batch or m.max_seq < seq:
+            m.setup_cache(max(batch, m.max_batch), max(seq, m.max_seq))
+
+    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        if not self.compile:
+            return self.model(tokens, pos, kv_len=kv_len)[:, -1]
+        if self._compiled_decode is None:
+            self._compiled_decode = torch.compile(lambda t, p: self.model(t, p)[:, -1], fullgraph=True, dynamic=False)
+        return self._compiled_decode(tokens, pos)
+
+    @torch.inference_mode()
+    def token_steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, [B] on the CPU, for up to max_new_tokens steps.
+
+        Rows never stop early here (the caller decides); the caller stops iterating when all are done.
+        """
+        params.check()
+        lens = [len(p) for p in prompts]
+        b, t = len(prompts), max(lens)
+        steps = min(params.max_new_tokens, self.context - t)
+        self._ensure_cache(b, t + steps)
+        dev = self.device
+        tokens = torch.zeros(b, t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        tokens = tokens.to(dev)
+        generator = torch.Generator(dev)
+        if params.seed is not None:
+            generator.manual_seed(params.seed)
+        else:
+            generator.seed()
+        pos = torch.tensor(lens, device=dev)
+        # Right-padded prefill: padding lands in cache positions a row overwrites before it attends there.
+        logits = self.model(tokens, torch.arange(t, device=dev).expand(b, t), logits_at=pos - 1, kv_len=t)[:, -1]
+        for _ in range(steps):
+            nxt = sample(logits, params, generator)
+            yield nxt.cpu()
+            logits = self._decode_step(nxt[:, None], pos[:, None], int(max(lens)) + 1)
+            pos = pos + 1
+            lens = [n + 1 for n in lens]
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
+                 ) -> list[Completion]:  # fmt: skip
+        """Complete every prompt (text or token ids); one batch, rows of any lengths."""
+        params = params or SamplingParams()
+        ids = [self._prompt_ids(p) for p in prompts]
+        start = time.perf_counter()
+        rows = [_Row(self.tokenizer, params, self._stop_ids(params)) for _ in ids]
+        for nxt in self.token_steps(ids, params):
+            for row, tok in zip(rows, nxt.tolist()):
+                if not row.done:
+                    row.push(tok)
+            if all(r.done for r in rows):
+                break
+        seconds = time.perf_counter() - start
+        return [r.completion(len(p), seconds) for r, p in zip(rows, ids)]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they are generated; `''.join()` equals `generate()`'s text."""
+        if self.tokenizer is None:
+            raise QError("streaming text needs a tokenizer")
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        row = _Row(self.tokenizer, params, self._stop_ids(params))
+        for nxt in self.token_steps([ids], params):
+            delta = row.push(int(nxt[0]))
+            if delta:
+                yield delta
+            if row.done:
+                break
+        tail = row.finish()
+        if tail:
+            yield tail
+        self.last_completion = row.completion(len(ids), 0.0)
+
+
+class _Row:
+    """One sequence's generated ids, text and stop state."""
+
+    def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: set[int]):
+        self.params, self.stop_ids = params, stop_ids
+        self.decoder = StreamDecoder(tokenizer) if tokenizer else None
+        self.stops = StopStrings(params.stop)
+        self.ids: list[int] = []
+        self.done, self.reason, self.finished_text = False, "length", False
+        self.chunks: list[str] = []
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        if token in self.stop_ids:
+            self.done, self.reason = True, "stop"
+            return self.finish()
+        delta = self.stops.feed(self.decoder.push(token)) if self.decoder else ""
+        if self.stops.stopped:
+            self.done, self.reason = True, "stop"
+            return self.finish(delta)
+        if len(self.ids) >= self.params.max_new_tokens:
+            self.done = True
+            return self.finish(delta)
+        self.chunks.append(delta)
+        return delta
+
+    def finish(self, delta: str = "") -> str:
+        """Flush held-back text once the row is over; returns the last delta (once)."""
+        if self.finished_text:
+            return ""
+        self.finished_text = True
+        if self.decoder and not self.stops.stopped:
+            delta += self.stops.feed(self.decoder.flush(), final=True)
+        self.chunks.append(delta)
+        return delta
+
+    def completion(self, prompt_tokens: int, seconds: float) -> Completion:
+        self.finish()
+        return Completion(text="".join(self.chunks), token_ids=self.ids, finish_reason=self.reason,
+                          prompt_tokens=prompt_tokens, seconds=seconds)  # fmt: skip
