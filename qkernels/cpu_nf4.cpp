@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -74,18 +75,36 @@ inline float code_of(const uint8_t* packed, int64_t i, const float* qmap) {
 }
 
 #ifdef QK_AVX2
-// 16-entry fp32 table lookup for 8 int32 indices: two in-register permutes and a blend on bit 3.
-inline __m256 lut16(__m256 lo8, __m256 hi8, __m256i idx) {
-  __m256 a = _mm256_permutevar8x32_ps(lo8, idx);
-  __m256 b = _mm256_permutevar8x32_ps(hi8, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
+// The 16 fp32 code values as four byte planes (byte p of every value), repeated in both 128-bit
+// lanes: a 16-entry lookup of 32 nibbles is then four vpshufb, which run two per cycle, where a
+// vpermps-based lookup of 8 indices costs two lane-crossing permutes and a blend.
+struct CodePlanes {
+  __m256i plane[4];
+  explicit CodePlanes(const float* qmap) {
+    alignas(32) uint8_t bytes[4][32];
+    for (int c = 0; c < 16; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, qmap + c, 4);
+      for (int p = 0; p < 4; ++p) bytes[p][c] = bytes[p][c + 16] = static_cast<uint8_t>(bits >> (8 * p));
+    }
+    for (int p = 0; p < 4; ++p) plane[p] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[p]));
+  }
+};
 
-// Decode 8 packed bytes (16 weights) into the 8 even-position and 8 odd-position values.
-inline void decode16(const uint8_t* p, __m256 lo8, __m256 hi8, __m256 scale, __m256& even, __m256& odd) {
-  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  even = _mm256_mul_ps(lut16(lo8, hi8, _mm256_srli_epi32(b, 4)), scale);
-  odd = _mm256_mul_ps(lut16(lo8, hi8, _mm256_and_si256(b, _mm256_set1_epi32(15))), scale);
+// Decode 16 packed bytes (32 weights w0..w31) into four fp32 code vectors, in the order
+//   f[q] = [w(8q), w(8q+2), w(8q+4), w(8q+6) | w(8q+1), w(8q+3), w(8q+5), w(8q+7)]
+// (high nibbles, i.e. even elements, in the low lane; low nibbles in the high lane).
+inline void decode32(const uint8_t* p, const CodePlanes& cp, __m256 f[4]) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i idx = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v, 4), v, 0xF0), _mm256_set1_epi8(0x0F));
+  const __m256i b0 = _mm256_shuffle_epi8(cp.plane[0], idx), b1 = _mm256_shuffle_epi8(cp.plane[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(cp.plane[2], idx), b3 = _mm256_shuffle_epi8(cp.plane[3], idx);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
 }
 
 inline float hsum(__m256 v) {
@@ -96,97 +115,92 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// y[m, n] for MB rows of x at once, weight rows [n0, n1). K is even, so every row starts on a
-// byte; xe/xo hold x's even and odd columns ([M, K/2] each) so decoded values need no shuffle.
-template <int MB>
-void gemm_rows(const float* xe, const float* xo, int64_t K, const uint8_t* packed, const float* qmap,
-               const BlockScales& scales, int bshift, int64_t n0, int64_t n1, int64_t N, float* y) {
-  const int64_t K2 = K / 2;
-#ifdef QK_AVX2
-  const __m256 lo8 = _mm256_loadu_ps(qmap), hi8 = _mm256_loadu_ps(qmap + 8);
-#endif
-  for (int64_t n = n0; n < n1; ++n) {
-    float tail[MB] = {};
-#ifdef QK_AVX2
-    // Separate even/odd accumulators (and two chunks in flight for one row of x) keep the FMA
-    // dependency chains short enough that the decode, not FMA latency, sets the pace.
-    __m256 acc_e[MB], acc_o[MB], acc_e2 = _mm256_setzero_ps(), acc_o2 = _mm256_setzero_ps();
-    for (int m = 0; m < MB; ++m) acc_e[m] = acc_o[m] = _mm256_setzero_ps();
-#endif
-    const int64_t base = n * K;
-    int64_t k = 0;
-    while (k < K) {  // one segment per block touched by this row
-      const int64_t b = (base + k) >> bshift;
-      const int64_t end = std::min(K, ((b + 1) << bshift) - base);
-      const float s = scales(b);
-      int64_t j = k / 2;
-      const int64_t jend = end / 2;
-      const uint8_t* row = packed + base / 2;
-#ifdef QK_AVX2
-      const __m256 vs = _mm256_set1_ps(s);
-      if (MB == 1) {
-        for (; j + 16 <= jend; j += 16) {
-          __m256 we, wo, we2, wo2;
-          decode16(row + j, lo8, hi8, vs, we, wo);
-          decode16(row + j + 8, lo8, hi8, vs, we2, wo2);
-          acc_e[0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xe + j), acc_e[0]);
-          acc_o[0] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xo + j), acc_o[0]);
-          acc_e2 = _mm256_fmadd_ps(we2, _mm256_loadu_ps(xe + j + 8), acc_e2);
-          acc_o2 = _mm256_fmadd_ps(wo2, _mm256_loadu_ps(xo + j + 8), acc_o2);
-        }
-      }
-      for (; j + 8 <= jend; j += 8) {
-        __m256 we, wo;
-        decode16(row + j, lo8, hi8, vs, we, wo);
-        for (int m = 0; m < MB; ++m) {
-          acc_e[m] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xe + m * K2 + j), acc_e[m]);
-          acc_o[m] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xo + m * K2 + j), acc_o[m]);
-        }
-      }
-#endif
-      for (; j < jend; ++j) {
-        const uint8_t byte = row[j];
-        const float we = qmap[byte >> 4] * s, wo = qmap[byte & 15] * s;
-        for (int m = 0; m < MB; ++m) tail[m] += we * xe[m * K2 + j] + wo * xo[m * K2 + j];
-      }
-      k = end;
-    }
-#ifdef QK_AVX2
-    acc_e[0] = _mm256_add_ps(acc_e[0], _mm256_add_ps(acc_e2, acc_o2));
-#endif
-    for (int m = 0; m < MB; ++m) {
-#ifdef QK_AVX2
-      tail[m] += hsum(_mm256_add_ps(acc_e[m], acc_o[m]));
-#endif
-      y[m * N + n] = tail[m];
-    }
+// The fp32 scales of the blocks that rows [n0, n1) touch, decoded once per task: the inner
+// loops then see one load per block instead of the double-quant lookups.
+struct RowScales {
+  std::vector<float> v;
+  int64_t first;
+  RowScales(const BlockScales& scales, int bshift, int64_t K, int64_t n0, int64_t n1) {
+    first = (n0 * K) >> bshift;
+    const int64_t last = (n1 * K - 1) >> bshift;
+    v.resize(last - first + 1);
+    for (int64_t b = first; b <= last; ++b) v[b - first] = scales(b);
   }
-}
+  inline float operator[](int64_t b) const { return v[b - first]; }
+};
 
-// Any K (odd included): element by element. Odd in_features do not occur in real models.
+// Any K, any CPU: element by element.
 void gemm_rows_generic(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* qmap,
-                       const BlockScales& scales, int bshift, int64_t n0, int64_t n1, int64_t N, float* y) {
+                       const BlockScales& block_scales, int bshift, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const RowScales scales(block_scales, bshift, K, n0, n1);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t i = n * K + k;
-        acc += code_of(packed, i, qmap) * scales(i >> bshift) * x[m * K + k];
+        acc += code_of(packed, i, qmap) * scales[i >> bshift] * x[m * K + k];
       }
       y[m * N + n] = acc;
     }
   }
 }
 
+#ifdef QK_AVX2
+// y[m, n] for MB rows of x at once, weight rows [n0, n1), K a multiple of 32. xp is x with each
+// group of 8 columns permuted to [x0 x2 x4 x6 x1 x3 x5 x7], the order decode32 produces, so
+// decoded vectors multiply x without a shuffle. A row is walked block segment by block segment
+// (a block may straddle two rows); segments are multiples of 32 columns.
 template <int MB>
-void gemm_group(const float* xe, const float* xo, int64_t K, const uint8_t* packed, const float* qmap,
-                const BlockScales& scales, int bshift, int64_t N, float* y) {
+void gemm_rows(const float* xp, int64_t K, const uint8_t* packed, const CodePlanes& cp,
+               const BlockScales& block_scales, int bshift, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const RowScales scales(block_scales, bshift, K, n0, n1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t base = n * K;
+    const uint8_t* row = packed + base / 2;
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K;) {
+      const int64_t b = (base + k) >> bshift;
+      const int64_t end = std::min(K, ((b + 1) << bshift) - base);
+      const __m256 vs = _mm256_set1_ps(scales[b]);
+      if (MB == 1) {
+        // One row of x: sum code * x over the segment in four independent chains, scale once.
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (; k < end; k += 32) {
+          __m256 f[4];
+          decode32(row + k / 2, cp, f);
+          s0 = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xp + k), s0);
+          s1 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xp + k + 8), s1);
+          s2 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xp + k + 16), s2);
+          s3 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xp + k + 24), s3);
+        }
+        acc[0] = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)), vs, acc[0]);
+      } else {
+        // Several rows of x share each decoded, scaled weight vector.
+        for (; k < end; k += 32) {
+          __m256 f[4];
+          decode32(row + k / 2, cp, f);
+          for (int q = 0; q < 4; ++q) {
+            const __m256 w = _mm256_mul_ps(f[q], vs);
+            for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + m * K + k + 8 * q), acc[m]);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * N + n] = hsum(acc[m]);
+  }
+}
+
+template <int MB>
+void gemm_group(const float* xp, int64_t K, const uint8_t* packed, const CodePlanes& cp, const BlockScales& scales,
+                int bshift, int64_t N, float* y) {
   // ~64 KiB of packed weight per task: enough work to amortise the fork, small enough to balance.
-  const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, 131072 / K);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    gemm_rows<MB>(xe, xo, K, packed, qmap, scales, bshift, n0, n1, N, y);
+    gemm_rows<MB>(xp, K, packed, cp, scales, bshift, n0, n1, N, y);
   });
 }
+#endif
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                 const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_map,
@@ -202,40 +216,42 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* qmap = quant_map.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (K % 2) {
-    const float* xp = xf.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      gemm_rows_generic(xp, M, K, p, qmap, scales, bshift, n0, n1, N, yp);
-    });
+  const float* xp = xf.data_ptr<float>();
+#ifdef QK_AVX2
+  if (K % 32 == 0) {
+    // x with every 8 columns in decode32's order [0 2 4 6 1 3 5 7].
+    std::vector<float> xperm(M * K);
+    for (int64_t i = 0; i < M * K; i += 8)
+      for (int t = 0; t < 4; ++t) {
+        xperm[i + t] = xp[i + 2 * t];
+        xperm[i + 4 + t] = xp[i + 2 * t + 1];
+      }
+    const CodePlanes cp(qmap);
+    // Groups of up to 8 rows of x share each decoded weight (8 accumulators stay in registers).
+    for (int64_t m = 0; m < M;) {
+      const int64_t left = M - m;
+      const float* xm = xperm.data() + m * K;
+      float* ym = yp + m * N;
+      if (left >= 8) {
+        gemm_group<8>(xm, K, p, cp, scales, bshift, N, ym);
+        m += 8;
+      } else if (left >= 4) {
+        gemm_group<4>(xm, K, p, cp, scales, bshift, N, ym);
+        m += 4;
+      } else if (left >= 2) {
+        gemm_group<2>(xm, K, p, cp, scales, bshift, N, ym);
+        m += 2;
+      } else {
+        gemm_group<1>(xm, K, p, cp, scales, bshift, N, ym);
+        m += 1;
+      }
+    }
     return y;
   }
-  // De-interleave x into even and odd columns: [M, K/2] each.
-  const int64_t K2 = K / 2;
-  std::vector<float> xeo(2 * M * K2);
-  const float* xp = xf.data_ptr<float>();
-  float* xe = xeo.data();
-  float* xo = xeo.data() + M * K2;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < K2; ++j) {
-      xe[m * K2 + j] = xp[m * K + 2 * j];
-      xo[m * K2 + j] = xp[m * K + 2 * j + 1];
-    }
-  // Groups of up to 4 rows of x share each decoded weight (4 x 2 accumulators stay in registers).
-  for (int64_t m = 0; m < M;) {
-    const int64_t left = M - m;
-    const float *e = xe + m * K2, *o = xo + m * K2;
-    float* ym = yp + m * N;
-    if (left >= 4) {
-      gemm_group<4>(e, o, K, p, qmap, scales, bshift, N, ym);
-      m += 4;
-    } else if (left >= 2) {
-      gemm_group<2>(e, o, K, p, qmap, scales, bshift, N, ym);
-      m += 2;
-    } else {
-      gemm_group<1>(e, o, K, p, qmap, scales, bshift, N, ym);
-      m += 1;
-    }
-  }
+#endif
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    gemm_rows_generic(xp, M, K, p, qmap, scales, bshift, n0, n1, N, yp);
+  });
   return y;
 }
 
@@ -243,27 +259,23 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
 void dequantize_rows(const uint8_t* packed, const float* qmap, const BlockScales& scales, int bshift, int64_t K,
                      int64_t row0, int64_t r0, int64_t r1, float* out) {
 #ifdef QK_AVX2
-  const __m256 lo8 = _mm256_loadu_ps(qmap), hi8 = _mm256_loadu_ps(qmap + 8);
+  const CodePlanes cp(qmap);
+  const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // decode32 order -> w0..w7
 #endif
-  const int64_t n_begin = (row0 + r0) * K, n_end = (row0 + r1) * K;
-  int64_t i = n_begin;
-  while (i < n_end) {
+  const int64_t n_end = (row0 + r1) * K;
+  float* dst = out + r0 * K;
+  for (int64_t i = (row0 + r0) * K; i < n_end;) {
     const int64_t b = i >> bshift;
     const int64_t end = std::min(n_end, (b + 1) << bshift);
     const float s = scales(b);
-    float* dst = out + (i - row0 * K);
-    if (i & 1) {  // a segment starting on a low nibble (odd K only)
-      *dst++ = code_of(packed, i, qmap) * s;
-      ++i;
-    }
 #ifdef QK_AVX2
+    for (; i < end && i % 32; ++i) *dst++ = code_of(packed, i, qmap) * s;  // to a 16-byte boundary
     const __m256 vs = _mm256_set1_ps(s);
-    for (; i + 16 <= end; i += 16, dst += 16) {
-      __m256 we, wo;
-      decode16(packed + i / 2, lo8, hi8, vs, we, wo);
-      const __m256 a = _mm256_unpacklo_ps(we, wo), c = _mm256_unpackhi_ps(we, wo);
-      _mm256_storeu_ps(dst, _mm256_permute2f128_ps(a, c, 0x20));
-      _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(a, c, 0x31));
+    for (; i + 32 <= end; i += 32, dst += 32) {
+      __m256 f[4];
+      decode32(packed + i / 2, cp, f);
+      for (int q = 0; q < 4; ++q)
+        _mm256_storeu_ps(dst + 8 * q, _mm256_permutevar8x32_ps(_mm256_mul_ps(f[q], vs), natural));
     }
 #endif
     for (; i < end; ++i) *dst++ = code_of(packed, i, qmap) * s;

@@ -96,8 +96,9 @@ def test_lora_epilogue(path):
         x = torch.randn(m, 130)
         y = ops.nf4_linear_lora(x, w, bias, a, b, 0.25)
         ref = reference(x, w, bias) + 0.25 * (x.double() @ a.double().t()) @ b.double().t()
-        lora_bound = (x.abs() @ a.abs().t() @ b.abs().t()).double() * 2**-20
-        assert ((y.double() - ref).abs() <= lora_bound + 1e-5).all()
+        sum_abs = x.double().abs() @ (dequantize_nf4(w, torch.float32).double().abs().t() + 0.25 * (
+            a.double().abs().t() @ b.double().abs().t())) + bias.double().abs()
+        assert ((y.double() - ref).abs() <= sum_abs * 2**-20).all()
 
 
 def test_matches_bitsandbytes_on_its_own_quantization(path):
