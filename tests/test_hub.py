@@ -233,14 +233,16 @@ def test_dry_run_lists_files_sizes_and_card_without_network(hub, merged, monkeyp
     assert card.data.base_model == ORIGINAL and card.data.library_name == "transformers"
 
 
-def test_card_snippets_are_valid_python_and_the_transformers_one_runs(hub, merged, tmp_path):
-    push_folder(merged, "tester/runnable", token=GOOD, report=None)
+@pytest.mark.parametrize("kind", ["merged", "nf4"])
+def test_card_snippets_are_valid_python_and_the_transformers_one_runs(hub, kind, request, tmp_path):
+    push_folder(request.getfixturevalue(kind), "tester/runnable", token=GOOD, report=None)
     text = hub.files("tester/runnable")["README.md"].decode()
     blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
     assert len(blocks) == 2
     for block in blocks:
         ast.parse(block)
-    # Run the transformers snippet as a user would, in a fresh process, against the fake Hub.
+    # Run the transformers snippet as a user would, in a fresh process, against the fake Hub
+    # (for NF4: transformers + bitsandbytes read the quantization_config from config.json).
     env = {**os.environ, "HF_HOME": str(tmp_path / "user_cache"), "HF_TOKEN": GOOD}
     run = subprocess.run([sys.executable, "-c", blocks[0]], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
