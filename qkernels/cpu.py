@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from qformats.nf4 import NF4Weight, dequantize_absmax
 
-FUSED_MAX_M = 8  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
+FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
 _SOURCE = Path(__file__).with_name("cpu_nf4.cpp")
 
