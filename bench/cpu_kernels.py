@@ -88,6 +88,7 @@ def main() -> int:
         w = quantize_nf4(torch.randn(n, k, generator=g))
         for m in (int(r) for r in args.rows.split(",")):
             print(bench_row(w, torch.randn(m, k, generator=g), args.runs, compiled), flush=True)
+    print(decode_step(args.runs))
     print(f"\ncustom-op dispatch overhead per call: {dispatch_overhead_us(args.runs):.1f} us "
           "(why ops.py calls the implementation directly in eager mode)")  # fmt: skip
     return 0
@@ -132,6 +133,23 @@ def explore_inductor(compiled, x, w, runs: int) -> float:
     torch.testing.assert_close(y, F.linear(x, w32), rtol=1e-4, atol=1e-3)
     print(f"  (inductor compile for M={x.shape[0]}: {compile_s:.1f} s)", file=sys.stderr)
     return median_us(lambda: compiled(*args), max(5, runs // 10))
+
+
+def decode_step(runs: int) -> str:
+    """All 210 linears of SmolLM2-135M's 30 layers at M=1, as one decode step sees them (each weight
+    read once per token, so from DRAM): NF4 vs the fp32 weights. lm_head (tied, unquantized) is
+    the same for both and not included."""
+    layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    g = torch.Generator().manual_seed(1)
+    proto = {s: quantize_nf4(torch.randn(*s, generator=g)) for s in set(layer)}
+    nf4 = [replace(proto[s], packed=proto[s].packed.clone(), absmax=proto[s].absmax.clone())
+           for _ in range(30) for s in layer]  # fmt: skip
+    fp32 = [dequantize_nf4(w, torch.float32) for w in nf4]
+    xs = {k: torch.randn(1, k, generator=g) for k in (576, 1536)}
+    t4 = median_us(lambda: [ops.nf4_linear(xs[w.shape[1]], w) for w in nf4], max(5, runs // 5))
+    t32 = median_us(lambda: [F.linear(xs[w.shape[1]], w) for w in fp32], max(5, runs // 5))
+    return (f"\nSmolLM2-135M decode step, 210 linears at M=1 (excl. lm_head): nf4 {t4 / 1e3:.1f} ms, "
+            f"fp32 F.linear {t32 / 1e3:.1f} ms ({t32 / t4:.2f}x)")  # fmt: skip
 
 
 def dispatch_overhead_us(runs: int) -> float:
