@@ -36,3 +36,6 @@ main.add_command(push)
 from qconvert.cli_import_gguf import import_gguf_command  # noqa: E402
 
 main.add_command(import_gguf_command)
+from qconvert.cli_eval import eval_cmd
+
+main.add_command(eval_cmd)

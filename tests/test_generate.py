@@ -181,3 +181,33 @@ def test_cli_generate_bad_input_one_line(chat_model, tmp_path):
         r = runner.invoke(qserve_main, ["generate", *args])
         assert r.exit_code == 1
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_fp16_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_fp16_dir, dtype=torch.float32).eval()
+    return hf, AutoTokenizer.from_pretrained(smollm2_fp16_dir), Generator(load_model(smollm2_fp16_dir),
+                                                                           Tokenizer.from_dir(smollm2_fp16_dir))
+
+
+def test_smollm2_chat_greedy_equals_transformers(smollm2):
+    hf, hf_tok, gen = smollm2
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = gen.tokenizer.encode_chat(messages)
+    assert prompt == list(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False))  # fmt: skip
+    ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)[0, len(prompt):].tolist()
+    got = gen.generate([prompt], SamplingParams(max_new_tokens=32))[0]
+    assert got.token_ids == ref
+    assert "Paris" in got.text and got.text == hf_tok.decode(ref, skip_special_tokens=True)
+    assert "".join(gen.stream(prompt, SamplingParams(max_new_tokens=32))) == got.text
+
+
+def test_smollm2_batch_of_prompts_equals_one_by_one(smollm2):
+    _, _, gen = smollm2
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived", "2 + 2 ="]
+    params = SamplingParams(max_new_tokens=24)
+    batch = gen.generate(prompts, params)
+    assert [c.text for c in batch] == [gen.generate([p], params)[0].text for p in prompts]

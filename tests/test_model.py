@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from tiny_models import FAMILIES, save_tiny
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -138,3 +138,11 @@ def test_unsupported_architecture_named():
 def test_state_dict_keys_are_hf_keys(tiny):
     hf, ours, _ = tiny
     assert set(ours.state_dict()) == set(hf.state_dict())
+
+
+def test_smollm2_logits_equal_transformers(smollm2_fp16_dir):
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_fp16_dir, dtype=torch.float32).eval()
+    ours = load_model(smollm2_fp16_dir, dtype=torch.float32)
+    tokens = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(ours(tokens), hf(tokens).logits) < 1e-4
