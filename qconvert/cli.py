@@ -39,3 +39,6 @@ main.add_command(import_gguf_command)
 from qconvert.cli_eval import eval_cmd
 
 main.add_command(eval_cmd)
+from qconvert.cli_finetune import finetune_cmd
+
+main.add_command(finetune_cmd)

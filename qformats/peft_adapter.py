@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,11 +182,17 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig, name:
     return weights
 
 
+def save_adapter_files(folder: Path, adapter: PeftAdapter) -> None:
+    """adapter_model.safetensors + adapter_config.json into an existing folder (no atomicity: see write_adapter)."""
+    save_file(adapter_tensors(adapter.weights), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(adapter.config.to_json(), indent=2) + "\n")
+
+
 def write_adapter(path: str | Path, adapter: PeftAdapter, *, force: bool = False,
-                  extra_files: dict[str, str] | None = None) -> Path:  # fmt: skip
+                  finalize: Callable[[Path], None] | None = None) -> Path:  # fmt: skip
     """Write the folder atomically (a temp folder renamed at the end); refuse an existing one unless `force`.
 
-    extra_files: more text files to put in the folder (e.g. README.md), name -> content.
+    finalize: called with the temp folder once the adapter files are in it, to add more (a model card).
     """
     path = Path(path)
     if path.exists() and not force:
@@ -194,10 +201,9 @@ def write_adapter(path: str | Path, adapter: PeftAdapter, *, force: bool = False
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(adapter_tensors(adapter.weights), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter.config.to_json(), indent=2) + "\n")
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
+        save_adapter_files(tmp, adapter)
+        if finalize is not None:
+            finalize(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)

@@ -1,0 +1,457 @@
+"""`qconvert finetune`: QLoRA training of LoRA adapters on the frozen 4-bit base.
+
+One optimizer step takes `batch_size * grad_accum * world` examples (length-grouped), split into
+`grad_accum` micro-batches, each shared among the `world` processes. The loss is the token-mean
+cross-entropy over the responses of the whole step (every micro-batch and rank), so the update does
+not depend on how the step is split: batch 4 = batch 2 x 2 accumulation = 2 processes x batch 2,
+exactly up to float summation order. Under torchrun each
+rank holds the 4-bit base and its LoRA copy; after the micro-batches the LoRA gradients are
+summed over ranks (all-reduce, gloo on CPU, nccl on GPU), every rank takes the same optimizer step,
+and only rank 0 writes files.
+
+Stopping: ctrl-C (SIGINT, or SIGTERM as torchrun sends) finishes the current step, writes a
+checkpoint and returns `interrupted`; a second ctrl-C aborts at once. `resume=True` continues
+from the newest checkpoint and ends with the adapter an uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from qconvert import train_checkpoint as ckpt
+from qconvert.lm_loss import causal_lm_loss, count_trained
+from qconvert.paged_adamw import PagedAdamW
+from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
+from qconvert.train_card import write_card
+from qformats.errors import QError
+from qformats.peft_adapter import save_adapter_files, write_adapter
+from qserve.loader import load_model, parse_dtype, resolve_model_dir
+from qserve.lora import apply_lora, lora_modules, lora_parameters, to_peft_adapter
+from qserve.nf4_linear import NF4Linear
+from qserve.tokenizer import Tokenizer
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a run; the defaults are the QLoRA paper's."""
+
+    model: str
+    data: str
+    output: str
+    eval_file: str | None = None
+    eval_fraction: float = 0.0
+    format: str | None = None
+    max_seq_len: int = 1024
+    train_on_prompt: bool = False
+    chat_template: bool = True
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None  # None: every linear layer of the decoder
+    rslora: bool = False
+    lr: float = 2e-4
+    schedule: str = "constant"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.0
+    optimizer_bits: int = 32
+    optimizer_budget: int | None = None  # bytes of optimizer state on the device; None: whatever is free
+    steps: int | None = None  # None: `epochs` passes over the data
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    dtype: str | None = None  # None: bf16 on a GPU that has it, fp32 on CPU
+    device: str | None = None  # None: the local GPU if there is one, else CPU
+    eval_every: int = 0  # steps between eval losses (0: only before and after)
+    save_every: int = 0  # steps between checkpoints (0: only on ctrl-C)
+    keep_checkpoints: int = 2
+    checkpoint_dir: str | None = None  # default: <output>-checkpoints
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class FinetuneResult:
+    output: Path | None
+    steps: int
+    total_steps: int
+    train_loss: float | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    seconds: float
+    tokens_per_s: float
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # collectives run here (GPU: nccl)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over ranks (t itself when alone)."""
+        if self.world == 1:
+            return t
+        x = t.to(self.device)
+        tdist.all_reduce(x)
+        return x.to(t.device)
+
+
+def _init_dist(device: str | None) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Dist()
+    use_cuda = torch.cuda.is_available() and device in (None, "cuda")
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if use_cuda else "gloo")
+    return _Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class _StopRequest:
+    """ctrl-C / SIGTERM ask for a checkpoint at the end of the current step; a second one aborts."""
+
+    def __init__(self, echo):
+        self.requested, self.echo, self._old = False, echo, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.echo("stopping: finishing this step and writing a checkpoint (ctrl-C again to abort at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def lr_factor(schedule: str, warmup: int, total: int):
+    """transformers' schedules: linear warmup from 0, then constant / linear decay / cosine decay."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return f
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    for name in ("rank", "batch_size", "grad_accum", "max_seq_len"):
+        if getattr(cfg, name) < 1:
+            raise QError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise QError(f"--steps must be at least 1, not {cfg.steps}")
+    if cfg.steps is None and cfg.epochs <= 0:
+        raise QError(f"--epochs must be positive, not {cfg.epochs}")
+    if cfg.schedule not in SCHEDULES:
+        raise QError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
+        raise QError("--dropout and --warmup-ratio must be in [0, 1)")
+    if cfg.eval_file and cfg.eval_fraction:
+        raise QError("give either --eval-file or --eval-fraction, not both")
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finetune(cfg: FinetuneConfig, echo=lambda msg: None) -> FinetuneResult:
+    """Run (or resume) a fine-tuning run; see the module doc. `echo` receives notes (rank 0 only)."""
+    _validate(cfg)
+    dist = _init_dist(cfg.device)
+    try:
+        return _Run(cfg, dist, echo if dist.main else (lambda msg: None)).run()
+    finally:
+        if dist.world > 1 and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+class _Run:
+    def __init__(self, cfg: FinetuneConfig, dist: _Dist, echo):
+        self.cfg, self.dist, self.echo, self.notes = cfg, dist, echo, []
+        self.output = Path(cfg.output)
+        self.ckpt_root = Path(cfg.checkpoint_dir or f"{cfg.output}-checkpoints")
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.echo(f"note: {msg}")
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if self.output.exists() and not cfg.force:
+            raise QError(f"{self.output} already exists: choose another output folder or pass --force to replace it")
+        self.resume_from = ckpt.newest_checkpoint(self.ckpt_root) if cfg.resume else None
+        if cfg.resume and self.resume_from is None:
+            raise QError(f"--resume: no checkpoint under {self.ckpt_root} to resume from")
+        if not cfg.resume and ckpt.newest_checkpoint(self.ckpt_root) is not None:
+            if not cfg.force:
+                raise QError(f"{self.ckpt_root} holds checkpoints of an earlier run: pass --resume to continue it, "
+                             "or --force to start over")  # fmt: skip
+            if self.dist.main:
+                shutil.rmtree(self.ckpt_root)
+        cuda = torch.cuda.is_available() and cfg.device in (None, "cuda")
+        if cfg.device not in (None, "cpu", "cuda"):
+            raise QError(f"--device {cfg.device!r}: choose cpu or cuda")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise QError("--device cuda: no CUDA device is available")
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+            self.dist.device = self.device
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        self.dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if bf16 else torch.float32)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout; LoRA init has its own generator (same on all ranks)
+
+        self.model = load_model(cfg.model, dtype=self.dtype, device=self.device, progress=cfg.progress and self.dist.main)
+        if not any(isinstance(m, NF4Linear) for m in self.model.modules()):
+            self.note(f"{cfg.model} is not an NF4 checkpoint: training plain LoRA over its {self.dtype} weights "
+                      "(quantize it first with `qconvert quantize` for QLoRA's memory savings)")  # fmt: skip
+        self.tokenizer = Tokenizer.from_dir(resolve_model_dir(cfg.model))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_ids[0]
+        load = {"fmt": cfg.format, "max_seq_len": cfg.max_seq_len, "train_on_prompt": cfg.train_on_prompt,
+                "use_chat_template": cfg.chat_template}  # fmt: skip
+        self.train = load_sft_jsonl(cfg.data, self.tokenizer, **load)
+        self.eval: Dataset | None = None
+        if cfg.eval_file:
+            self.eval = load_sft_jsonl(cfg.eval_file, self.tokenizer, **load)
+        elif cfg.eval_fraction:
+            self.train, self.eval = split_eval(self.train, cfg.eval_fraction, cfg.seed)
+        for n in self.train.notes:
+            self.note(f"{cfg.data}: {n}")
+
+        apply_lora(self.model, cfg.target_modules, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                   use_rslora=cfg.rslora, seed=cfg.seed)  # fmt: skip
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.model.train()
+        self.params = lora_parameters(self.model)
+        self.optimizer = PagedAdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    optim_bits=cfg.optimizer_bits, budget_bytes=cfg.optimizer_budget)  # fmt: skip
+        self.micro_batch = cfg.batch_size * self.dist.world  # one micro-batch over all ranks
+        self.step_batch = self.micro_batch * cfg.grad_accum
+        self.lengths = [len(e.input_ids) for e in self.train.examples]
+        self.per_epoch = len(epoch_batches(self.lengths, self.step_batch, cfg.seed, 0))
+        self.total = cfg.steps or max(1, math.ceil(cfg.epochs * self.per_epoch))
+        self.warmup = math.ceil(cfg.warmup_ratio * self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.schedule, self.warmup, self.total))
+        self.fingerprint = {
+            "data_sha256": _sha256(cfg.data), "eval": (_sha256(cfg.eval_file) if cfg.eval_file else cfg.eval_fraction),
+            "model": str(cfg.model), "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+            "target_modules": cfg.target_modules, "rslora": cfg.rslora, "lr": cfg.lr, "schedule": cfg.schedule,
+            "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm, "weight_decay": cfg.weight_decay,
+            "optimizer_bits": cfg.optimizer_bits, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "world_size": self.dist.world, "seed": cfg.seed, "max_seq_len": cfg.max_seq_len,
+            "train_on_prompt": cfg.train_on_prompt, "format": cfg.format, "total_steps": self.total,
+            "dtype": str(self.dtype),
+        }  # fmt: skip
+        self.step, self.epoch, self.index, self.history = 0, 0, 0, []
+        self.eval_before = None
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def _restore(self, folder: Path) -> None:
+        state = ckpt.read_state(folder)
+        ckpt.check_same_run(state.get("run", {}), self.fingerprint, folder)
+        tensors = ckpt.load_adapter_tensors(folder)
+        with torch.no_grad():
+            for name, m in lora_modules(self.model).items():
+                for half, lin in (("A", m.lora_A), ("B", m.lora_B)):
+                    key = f"base_model.model.{name}.lora_{half}.weight"
+                    if key not in tensors:
+                        raise QError(f"{folder}: adapter lacks {key}")
+                    lin.weight.copy_(tensors[key])
+        self.optimizer.load(folder / "optimizer.safetensors")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
+        self.history, self.eval_before = state.get("history", []), state.get("eval_before")
+        ckpt.load_rng(folder, self.dist.rank)
+        self.echo(f"resuming from {folder} (step {self.step} of {self.total})")
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[int]:
+        while True:
+            if self._epoch_cache is None or self._epoch_cache[0] != self.epoch:
+                self._epoch_cache = (self.epoch, epoch_batches(self.lengths, self.step_batch, self.cfg.seed, self.epoch))
+            batches = self._epoch_cache[1]
+            if self.index < len(batches):
+                self.index += 1
+                return batches[self.index - 1]
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def _my_share(self, batch: list[int]) -> list[int]:
+        per = -(-len(batch) // self.dist.world)
+        return batch[self.dist.rank * per : (self.dist.rank + 1) * per]
+
+    def _train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        step_batch = self._next_batch()
+        micro = [step_batch[k : k + self.micro_batch] for k in range(0, len(step_batch), self.micro_batch)]
+        # The step's token count over every rank's share: the same number on all ranks, no communication.
+        n_tokens = sum(sum(1 for x in self.train.examples[i].labels[1:] if x != IGNORE) for b in micro for i in b)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        seen = 0
+        for batch in micro:
+            mine = self._my_share(batch)
+            if not mine:
+                continue
+            tokens, labels = collate([self.train.examples[i] for i in mine], self.pad_id, self.device)
+            loss = causal_lm_loss(self.model, tokens, labels, n_tokens)
+            loss.backward()
+            loss_sum += loss.detach().double().cpu()
+            seen += sum(len(self.train.examples[i].input_ids) for i in mine)
+        if self.dist.world > 1:
+            flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+                              for p in self.params])  # fmt: skip
+            stats = torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64)
+            flat, stats = self.dist.sum_(flat), self.dist.sum_(stats)
+            offset = 0
+            for p in self.params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+            loss_sum, seen = stats[0], int(stats[1].item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        entry = {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
+                 "tokens": seen, "seconds": time.perf_counter() - t0, "trained_tokens": n_tokens}  # fmt: skip
+        self.history.append(entry)
+        return entry
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.eval is None or not len(self.eval):
+            return None
+        self.model.eval()
+        order = sorted(range(len(self.eval)), key=lambda i: len(self.eval.examples[i].input_ids))
+        mine = self._my_share(order)
+        total = torch.zeros(2, dtype=torch.float64)
+        bs = self.cfg.batch_size
+        for k in range(0, len(mine), bs):
+            exs = [self.eval.examples[i] for i in mine[k : k + bs]]
+            tokens, labels = collate(exs, self.pad_id, self.device)
+            total[0] += float(causal_lm_loss(self.model, tokens, labels, 1))
+            total[1] += count_trained(labels)
+        total = self.dist.sum_(total)
+        self.model.train()
+        return float(total[0] / total[1])
+
+    def save_checkpoint(self) -> Path:
+        d, root = self.dist, self.ckpt_root
+        tmp, final = ckpt.tmp_dir(root, self.step), ckpt.step_dir(root, self.step)
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        d.barrier()
+        ckpt.save_rng(tmp, d.rank)
+        d.barrier()
+        if d.main:
+            save_adapter_files(tmp, self._adapter())
+            self.optimizer.save(tmp / "optimizer.safetensors")
+            state = {"step": self.step, "epoch": self.epoch, "index": self.index, "total_steps": self.total,
+                     "scheduler": self.scheduler.state_dict(), "history": self.history,
+                     "eval_before": self.eval_before, "run": self.fingerprint}  # fmt: skip
+            ckpt.finish(tmp, final, state, self.cfg.keep_checkpoints)
+        d.barrier()
+        return final
+
+    def _adapter(self):
+        return to_peft_adapter(self.model, self.cfg.target_modules, self.cfg.dropout, base_model=str(self.cfg.model))
+
+    def run(self) -> FinetuneResult:
+        self._setup()
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        elif self.eval is not None:
+            self.eval_before = self.evaluate()
+        cfg, start = self.cfg, time.perf_counter()
+        first_step = self.step
+        bar = tqdm(total=self.total, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.dist.main))  # fmt: skip
+        interrupted, checkpoint = False, None
+        with _StopRequest(self.echo) as stop:
+            while self.step < self.total:
+                entry = self._train_step()
+                bar.update()
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
+                                tok_s=f"{entry['tokens'] / entry['seconds']:.0f}", mem=_memory(self.device))  # fmt: skip
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
+                    entry["eval_loss"] = self.evaluate()
+                    bar.write(f"step {self.step}: eval loss {entry['eval_loss']:.4f}")
+                flag = self.dist.sum_(torch.tensor([float(stop.requested)]))
+                if flag.item() > 0 and self.step < self.total:
+                    checkpoint, interrupted = self.save_checkpoint(), True
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
+                    checkpoint = self.save_checkpoint()
+        bar.close()
+        seconds = time.perf_counter() - start
+        done = self.history[first_step:]
+        tokens_per_s = sum(h["tokens"] for h in done) / max(seconds, 1e-9)
+        result = FinetuneResult(None, self.step, self.total, self.history[-1]["loss"] if self.history else None,
+                                self.eval_before, None, seconds, tokens_per_s, interrupted, checkpoint,
+                                self.notes, self.history)  # fmt: skip
+        if interrupted:
+            return result
+        result.eval_loss_after = self.evaluate()
+        if self.dist.main:
+            write_adapter(self.output, self._adapter(), force=cfg.force,
+                          finalize=lambda folder: write_card(folder, cfg, result, self.train, self.eval, self.dist.world))  # fmt: skip
+        self.dist.barrier()
+        result.output = self.output
+        return result
+
+
+def _memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+    return f"{psutil.Process().memory_info().rss / 2**30:.2f}G"

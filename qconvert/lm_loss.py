@@ -1,0 +1,77 @@
+"""The causal LM training loss, with the output layer and cross-entropy fused and chunked.
+
+A full `[B, T, vocab]` logits tensor is the largest activation of a small model's training step
+(SmolLM2: 4 x 256 x 49152 fp32 = 200 MB, kept for backward along with its softmax). Here only
+positions that carry a label are projected at all (with response-only training most tokens are
+prompt), and they are projected `chunk` rows at a time: each chunk's logits give its loss and,
+right away, the gradient with respect to the hidden states; only that `[N, hidden]` gradient is
+kept for the backward pass. Same FLOPs as the unfused version, a fraction of the memory.
+The output weight is frozen in LoRA training (tied to the embeddings in SmolLM2), so it gets
+no gradient; a trainable or LoRA-wrapped lm_head takes the plain path instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qconvert.sft_data import IGNORE
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """`scale * sum_i CE(h_i @ W.T, t_i)` for a frozen W, gradient for h computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
+                chunk: int) -> torch.Tensor:  # fmt: skip
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i : i + chunk], targets[i : i + chunk]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_grad:
+                # d CE / d logits = softmax - onehot, computed in place on the chunk's logits.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[rows[: len(tc)], tc] -= 1.0
+                grad_h[i : i + chunk] = (probs * scale).to(h.dtype) @ weight
+        if need_grad:
+            ctx.save_for_backward(grad_h)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1: the targets of positions 0..T-2."""
+    return labels[:, 1:]
+
+
+def count_trained(labels: torch.Tensor) -> int:
+    """How many positions of a batch carry a loss (after the shift)."""
+    return int((shifted_targets(labels) != IGNORE).sum())
+
+
+def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, normalizer: int,
+                   chunk: int = 1024) -> torch.Tensor:  # fmt: skip
+    """Sum of the token cross-entropies of `labels` (IGNORE = no loss) divided by `normalizer`.
+
+    Dividing by the token count of the whole optimizer step (all micro-batches and ranks), not of
+    this micro-batch, makes the gradient independent of how the step is split.
+    """
+    hidden = model.model(tokens)[:, :-1]
+    targets = shifted_targets(labels)
+    keep = targets != IGNORE
+    h, t = hidden[keep], targets[keep]
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        return LinearCrossEntropy.apply(h, head.weight, t, 1.0 / normalizer, chunk)
+    logits = head(h).float()
+    return F.cross_entropy(logits, t, reduction="sum") / normalizer

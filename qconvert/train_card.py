@@ -1,0 +1,59 @@
+"""What a fine-tuned adapter folder says about itself: the qconvert.json manifest and the README.md card.
+
+The manifest's `training` section holds the hyperparameters, data and losses; `qconvert.model_card`
+renders the card from it (the same card `qconvert push` publishes), so there is one card format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qconvert.model_card import read_artifact, render_card
+from qconvert.sft_data import Dataset
+from qformats.checkpoint import sha256_file
+from qformats.manifest import MANIFEST_FILE, build_manifest
+
+
+def training_facts(cfg, result, train: Dataset, held_out: Dataset | None, world: int) -> dict:
+    """The `training` section: what was trained on, how, and how it went."""
+    last = result.history[-10:]
+    examples_seen = result.steps * cfg.grad_accum * cfg.batch_size * world
+    facts = {
+        "data": f"{Path(cfg.data).name} ({len(train)} examples, {train.format} format, {train.n_tokens:,} tokens)",
+        "eval data": (f"{Path(held_out.path).name} ({len(held_out)} examples)" if held_out is not None else None),
+        "loss on": "the whole sequence" if cfg.train_on_prompt else "responses only",
+        "steps": result.steps,
+        "epochs": round(examples_seen / max(1, len(train)), 2),
+        "batch": f"{cfg.batch_size} per process x {cfg.grad_accum} accumulation x {world} processes",
+        "max seq len": cfg.max_seq_len,
+        "learning rate": cfg.lr,
+        "schedule": f"{cfg.schedule}, {cfg.warmup_ratio:.0%} warmup",
+        "optimizer": f"paged AdamW, {cfg.optimizer_bits}-bit state, weight decay {cfg.weight_decay}",
+        "max grad norm": cfg.max_grad_norm,
+        "gradient checkpointing": cfg.gradient_checkpointing,
+        "seed": cfg.seed,
+        "final train loss": round(sum(h["loss"] for h in last) / len(last), 4) if last else None,
+        "eval loss before": _round(result.eval_loss_before),
+        "eval loss after": _round(result.eval_loss_after),
+        "training time": f"{result.seconds:.0f} s ({result.tokens_per_s:.0f} tokens/s)",
+    }
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def write_card(folder: Path, cfg, result, train: Dataset, held_out: Dataset | None, world: int = 1) -> None:
+    """Write qconvert.json (with sha256 of the adapter files) and README.md into the adapter folder."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    params = {k: getattr(cfg, k) for k in ("rank", "alpha", "dropout", "target_modules", "rslora", "lr", "schedule",
+                                           "warmup_ratio", "max_grad_norm", "weight_decay", "optimizer_bits",
+                                           "batch_size", "grad_accum", "max_seq_len", "train_on_prompt", "seed")}  # fmt: skip
+    sources = {Path(p).name: sha256_file(Path(p)) for p in (cfg.data, cfg.eval_file) if p}
+    manifest = build_manifest(params, {"base_model": str(cfg.model), "data": str(cfg.data)}, sources, {}, files)
+    manifest["training"] = training_facts(cfg, result, train, held_out, world)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    name = Path(cfg.output).name
+    (folder / "README.md").write_text(render_card(read_artifact(folder), repo_id=name))

@@ -1,0 +1,102 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is a folder `step-NNNNNNN/` under the run's checkpoint directory:
+- `adapter_config.json` + `adapter_model.safetensors`: the adapter so far (a PEFT folder itself);
+- `optimizer.safetensors`: PagedAdamW's state (tensors only, no pickle);
+- `rng-<rank>.safetensors`: each rank's torch RNG states (CPU and CUDA), for dropout;
+- `trainer_state.json`: step, data position (epoch, micro-batch), scheduler, loss history, and the
+  settings that must not change on resume (with them, the resumed run equals an uninterrupted one).
+It is written into a temp folder and renamed, so a folder named `step-*` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qformats.errors import QError
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:07d}"
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root`, or None."""
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
+             and (p / STATE_FILE).is_file()]  # fmt: skip
+    return max(found)[1] if found else None
+
+
+def tmp_dir(root: Path, step: int) -> Path:
+    return root / f".step-{step:07d}.tmp"
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    save_file(rng_state(), str(folder / f"rng-{rank}.safetensors"))
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    path = folder / f"rng-{rank}.safetensors"
+    if not path.is_file():
+        raise QError(f"{folder}: no RNG state for rank {rank} (was the run made with fewer processes?)")
+    state = load_file(str(path))
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def finish(tmp: Path, final: Path, state: dict, keep: int) -> Path:
+    """Write trainer_state.json last, rename tmp -> final, and prune all but the newest `keep` checkpoints."""
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep > 0:
+        done = sorted((int(m.group(1)), p) for p in final.parent.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
+        for _, old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(folder: Path) -> dict:
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise QError(f"{folder / STATE_FILE}: unreadable ({e})") from None
+
+
+def check_same_run(saved: dict, current: dict, folder: Path) -> None:
+    """Resuming with different data or settings would not continue the same run: refuse, naming each difference."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise QError(f"{folder} was made with other settings, so --resume cannot continue it ({'; '.join(diffs)}); "
+                     "use the same settings, or start a new run without --resume")  # fmt: skip
+
+
+def load_adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(folder / "adapter_model.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise QError(f"{folder}: unreadable adapter weights ({e})") from None

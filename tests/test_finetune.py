@@ -1,0 +1,262 @@
+"""qconvert finetune: the step equals PEFT's, adapters load in PEFT, resume / ctrl-C / DDP are exact, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_models import save_tiny, save_tiny_tokenizer
+
+from qconvert.cli import main as qconvert_main
+from qconvert.finetune import FinetuneConfig, finetune
+from qconvert.lm_loss import causal_lm_loss
+from qconvert.quantize import quantize_checkpoint
+from qconvert.sft_data import IGNORE, collate, load_sft_jsonl
+from qserve.loader import load_model
+from qserve.lora import ALL_LINEAR, apply_lora, load_lora, lora_parameters
+from qserve.tokenizer import Tokenizer
+
+BIN = Path(sys.executable).parent
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "capital", "of", "France", "is", "Paris",
+         "numbers", "main", "return"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny NF4 Llama with a ChatML byte-level tokenizer, its fp32 source, and a prompt/completion dataset."""
+    d = tmp_path_factory.mktemp("ft")
+    save_tiny("llama", d / "fp", vocab_size=320)
+    save_tiny_tokenizer(d / "fp")
+    quantize_checkpoint(d / "fp", d / "nf4", compute_dtype="float32", progress=False)
+    g = torch.Generator().manual_seed(0)
+    with open(d / "data.jsonl", "w") as f:
+        for i in range(24):
+            words = [WORDS[j] for j in torch.randint(len(WORDS), (2 + i % 5,), generator=g)]
+            f.write(json.dumps({"prompt": " ".join(words) + "?", "completion": f"ANSWER: {words[-1]}"}) + "\n")
+    return d
+
+
+def cfg(tiny, out, **kw) -> FinetuneConfig:
+    base = {"model": str(tiny / "nf4"), "data": str(tiny / "data.jsonl"), "output": str(out), "rank": 4,
+            "alpha": 8.0, "lr": 3e-3, "batch_size": 4, "steps": 6, "progress": False}  # fmt: skip
+    return FinetuneConfig(**(base | kw))
+
+
+def adapter(path):
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def assert_adapters_close(a, b, tol):
+    a, b = adapter(a), adapter(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= tol * max(1.0, b[k].abs().max().item()), k
+
+
+def peft_model(tiny, r=4, alpha=8):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny / "nf4")
+    return peft.get_peft_model(ref, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=ALL_LINEAR,
+                                                    task_type="CAUSAL_LM"))  # fmt: skip
+
+
+def copy_into_peft(ours, ref):
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                key = name.removeprefix("base_model.model.").replace(".default", "")
+                p.copy_(ours.get_submodule(key.rsplit(".", 1)[0]).weight)
+
+
+def batch(tiny, n=4):
+    tok = Tokenizer.from_dir(tiny / "nf4")
+    ds = load_sft_jsonl(tiny / "data.jsonl", tok)
+    return collate(ds.examples[:n], pad_id=0)
+
+
+def test_loss_and_grads_equal_peft(tiny):
+    """Our response-only loss (fused lm_head + CE) and LoRA gradients equal PEFT's over transformers + bnb."""
+    tokens, labels = batch(tiny)
+    ours = load_model(tiny / "nf4")
+    apply_lora(ours, r=4, alpha=8, seed=1)
+    with torch.no_grad():
+        for p in lora_parameters(ours)[1::2]:
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    ref = peft_model(tiny)
+    copy_into_peft(ours, ref)
+    ours.train()
+    n = int((labels[:, 1:] != IGNORE).sum())
+    loss = causal_lm_loss(ours, tokens, labels, n)
+    ref_loss = ref(input_ids=tokens, labels=labels).loss
+    assert abs(loss.item() - ref_loss.item()) < 1e-4
+    loss.backward()
+    ref_loss.backward()
+    ref_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                 for n, p in ref.named_parameters() if p.requires_grad}  # fmt: skip
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert (p.grad - ref_grads[name]).abs().max() < 1e-4 * max(1.0, ref_grads[name].abs().max().item()), name
+
+
+def test_fused_loss_equals_plain_cross_entropy(tiny):
+    tokens, labels = batch(tiny)
+    model = load_model(tiny / "nf4")
+    apply_lora(model, r=4, seed=0)
+    n = int((labels[:, 1:] != IGNORE).sum())
+    fused = causal_lm_loss(model, tokens, labels, n, chunk=7)  # chunks that do not divide the rows
+    fused.backward()
+    g_fused = [p.grad.clone() for p in lora_parameters(model)]
+    model.zero_grad()
+    logits = model(tokens)[:, :-1].float()
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    plain.backward()
+    assert abs(fused.item() - plain.item()) < 1e-5
+    for a, p in zip(g_fused, lora_parameters(model)):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_one_step_equals_peft_step_and_adapter_loads_in_peft(tiny, tmp_path):
+    """One full step (clip 0.3, AdamW) from the same init on the same batch gives PEFT's adapter; PEFT loads ours."""
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join((tiny / "data.jsonl").read_text().splitlines(True)[:4]))
+    run = cfg(tiny, tmp_path / "out", data=str(data), steps=1, warmup_ratio=0.0, dropout=0.0, seed=5)
+    result = finetune(run)
+    ours = load_model(tiny / "nf4")
+    apply_lora(ours, r=4, alpha=8, seed=5)  # the init finetune made (same seed, same generator)
+    ref = peft_model(tiny)
+    copy_into_peft(ours, ref)
+    tok = Tokenizer.from_dir(tiny / "nf4")
+    tokens, labels = collate(load_sft_jsonl(data, tok).examples, pad_id=0)
+    ref.train()
+    loss = ref(input_ids=tokens, labels=labels).loss
+    assert abs(result.history[0]["loss"] - loss.item()) < 1e-4
+    loss.backward()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0).step()
+    ref.save_pretrained(tmp_path / "peft")
+    assert_adapters_close(tmp_path / "out", tmp_path / "peft", 1e-4)
+    # Our saved adapter, loaded by PEFT over transformers + bitsandbytes, gives our logits.
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny / "nf4")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    mine = load_model(tiny / "nf4")
+    load_lora(mine, tmp_path / "out")
+    with torch.no_grad():
+        a, b = mine.eval()(tokens), theirs(input_ids=tokens).logits
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-3
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "final train loss" in card and "r" in json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+
+
+def test_grad_accum_and_checkpointing_do_not_change_the_result(tiny, tmp_path):
+    a = finetune(cfg(tiny, tmp_path / "a", dropout=0.0, steps=3))
+    b = finetune(cfg(tiny, tmp_path / "b", dropout=0.0, steps=3, batch_size=2, grad_accum=2,
+                     gradient_checkpointing=False))  # fmt: skip
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5)
+    assert_adapters_close(tmp_path / "a", tmp_path / "b", 1e-5)
+
+
+def run_cli(args, **kw):
+    return subprocess.Popen([str(BIN / "qconvert"), "finetune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)  # fmt: skip
+
+
+def cli_args(tiny, out, steps, *extra, held_out=True):
+    return [str(tiny / "nf4"), str(tiny / "data.jsonl"), str(out), "--rank", "4", "--alpha", "8", "--lr", "3e-3",
+            "--steps", str(steps), "--quiet", *(["--eval-fraction", "0.25"] if held_out else []), *extra]  # fmt: skip
+
+
+def wait_for(path_glob_dir, pattern, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if list(Path(path_glob_dir).glob(pattern)) if Path(path_glob_dir).is_dir() else []:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before {pattern}: {proc.communicate()}")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny, tmp_path):
+    steps = 40
+    whole = finetune(cfg(tiny, tmp_path / "whole", steps=steps, eval_fraction=0.25))
+    proc = run_cli(cli_args(tiny, tmp_path / "run", steps, "--save-every", "4"))
+    wait_for(tmp_path / "run-checkpoints", "step-0000008", proc)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    assert not (tmp_path / "run").exists()
+    resumed = finetune(cfg(tiny, tmp_path / "run", steps=steps, eval_fraction=0.25, save_every=4, resume=True))
+    assert resumed.steps == steps
+    assert_adapters_close(tmp_path / "run", tmp_path / "whole", 1e-5)
+    assert resumed.history[-1]["loss"] == pytest.approx(whole.history[-1]["loss"], rel=1e-5)
+    assert len(list((tmp_path / "run-checkpoints").glob("step-*"))) <= 2  # --keep-checkpoints 2
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes(tiny, tmp_path):
+    steps = 40
+    proc = run_cli(cli_args(tiny, tmp_path / "run", steps, "--save-every", "3"))
+    wait_for(tmp_path / "run-checkpoints", "step-0000003", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    ckpts = sorted((tmp_path / "run-checkpoints").glob("step-*"))
+    stopped_at = int(ckpts[-1].name.split("-")[1])
+    assert 3 <= stopped_at < steps and not (tmp_path / "run").exists()
+    r = CliRunner().invoke(qconvert_main, ["finetune", *cli_args(tiny, tmp_path / "run", steps, "--resume")])
+    assert r.exit_code == 0, r.output
+    finetune(cfg(tiny, tmp_path / "whole", steps=steps, eval_fraction=0.25))
+    assert_adapters_close(tmp_path / "run", tmp_path / "whole", 1e-5)
+
+
+def test_two_process_gloo_ddp_equals_single_process(tiny, tmp_path):
+    single = finetune(cfg(tiny, tmp_path / "single", steps=4, batch_size=4, dropout=0.0))
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            str(BIN / "qconvert"), "finetune", *cli_args(tiny, tmp_path / "ddp", 4, "--batch-size", "2",
+                                                         "--dropout", "0", held_out=False)]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # only rank 0 writes and reports
+    assert_adapters_close(tmp_path / "ddp", tmp_path / "single", 1e-5)
+    state = json.loads((tmp_path / "ddp" / "qconvert.json").read_text())["training"]
+    assert state["batch"] == "2 per process x 1 accumulation x 2 processes"
+    assert state["final train loss"] == pytest.approx(sum(h["loss"] for h in single.history) / 4, rel=1e-5)
+
+
+def cli(*args):
+    r = CliRunner().invoke(qconvert_main, ["finetune", *args])
+    assert r.exit_code != 1 or (len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: ")), r.output
+    return r
+
+
+def test_bad_input_is_one_line(tiny, tmp_path):
+    base = [str(tiny / "nf4")]
+    (tmp_path / "exists").mkdir()
+    r = cli(*base, str(tiny / "data.jsonl"), str(tmp_path / "exists"), "--steps", "1", "--quiet")
+    assert r.exit_code == 1 and "already exists" in r.output and "--force" in r.output
+    (tmp_path / "empty.jsonl").write_text("\n")
+    r = cli(*base, str(tmp_path / "empty.jsonl"), str(tmp_path / "o1"), "--quiet")
+    assert r.exit_code == 1 and "no examples" in r.output
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
+    r = cli(*base, str(tmp_path / "bad.jsonl"), str(tmp_path / "o2"), "--quiet")
+    assert r.exit_code == 1 and "bad.jsonl:2: not valid JSON" in r.output
+    r = cli(*base, str(tiny / "data.jsonl"), str(tmp_path / "o3"), "--max-seq-len", "8", "--quiet")
+    assert r.exit_code == 1 and "all 24 examples are longer than --max-seq-len 8" in r.output
+    r = cli(*base, str(tiny / "data.jsonl"), str(tmp_path / "o4"), "--resume", "--quiet")
+    assert r.exit_code == 1 and "no checkpoint" in r.output
+
+
+def test_float_base_trains_plain_lora_with_a_note(tiny, tmp_path):
+    notes = []
+    result = finetune(cfg(tiny, tmp_path / "out", model=str(tiny / "fp"), steps=2), echo=notes.append)
+    assert any("not an NF4 checkpoint" in n and "plain LoRA" in n for n in notes)
+    assert result.output.is_dir() and len(adapter(result.output)) == 2 * 7 * 2
