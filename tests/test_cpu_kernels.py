@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import pytest
@@ -156,3 +160,18 @@ def test_bad_input_is_a_clear_error():
     w = make_weight(8, 64, 64, True)
     with pytest.raises(QError, match=r"x has 32 features, the NF4 weight \[8, 64\] expects 64"):
         ops.nf4_linear(torch.randn(2, 32), w)
+
+
+def test_cpu_path_never_imports_triton():
+    """Launching Triton on a CPU-only machine fails ("0 active drivers"): the CPU path must not touch it."""
+    code = (
+        "import sys, torch\n"
+        "from qformats.nf4 import quantize_nf4\n"
+        "from qkernels import ops\n"
+        "w = quantize_nf4(torch.randn(8, 64))\n"
+        "ops.nf4_linear(torch.randn(2, 64), w); ops.dequantize(w)\n"
+        "ops.nf4_linear_lora(torch.randn(2, 64), w, None, torch.randn(2, 64), torch.randn(8, 2), 1.0)\n"
+        "assert 'triton' not in sys.modules and 'qkernels.triton_nf4' not in sys.modules, 'triton imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)

@@ -1,0 +1,228 @@
+"""Triton kernels on the stored NF4 + double-quant format (CUDA; tests run them with TRITON_INTERPRET=1).
+
+The kernels read exactly what is on disk, with no load-time relayout: packed nibbles (element 2k in
+the high nibble of byte k of the row-major flattened weight), the uint8 scale codes, the fp32
+nested scales and offset, and the stored 16-entry and 256-entry code maps.
+
+- `dequantize(w, dtype)`: one pass, bytes in, fp16/bf16/fp32 out, bit-identical to
+  `qformats.nf4.dequantize_nf4` (compiled with `enable_fp_fusion=False` so that
+  `map[q] * nested + offset` is rounded twice, like the reference, not fused into one FMA).
+- `fused_matmul`: y = x W^T (+ bias) (+ scale * (x A^T) B^T) with W dequantized in registers, tile
+  by tile, never written out. Each tile loads packed bytes [BLOCK_N, BLOCK_K/2] (contiguous,
+  vectorizable), looks both nibbles up in the code map, multiplies by the block scale (decoded from
+  its 8-bit code on the fly), and feeds two tensor-core dots: x's even columns against the
+  high-nibble values and x's odd columns against the low ones, so no interleave is needed.
+  fp32 accumulation; split-K (fp32 atomics) when there are too few output tiles to fill the GPU,
+  which is the decode case (M = 1..16, BLOCK_M = 16). The LoRA term is an epilogue on the same
+  accumulator: (x A^T) is [M, r] and computed first, `(x A^T) B^T` is one more small dot per tile.
+- `dequant_matmul`: for large M, the weight dequantized to a temporary in x's dtype and cuBLAS;
+  the LoRA term is `addmm_` into the same y.
+- `linear`: picks between them (`FUSED_MAX_M`); bench/gpu.py measures both on each shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qformats.nf4 import NF4Weight
+
+# Under the interpreter a bf16/fp16 tl.dot returns garbage and fp32 -> bf16 casts truncate: dot
+# operands are upcast to fp32 (after rounding W to x's dtype, so the product is the one the GPU
+# computes) and bf16 rounding is done on the bits.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FUSED_MAX_M = 16  # up to here the fused kernel; above, dequantize + cuBLAS (re-check with bench/gpu.py)
+_DEQUANT_BLOCK = 1024  # bytes per program in the dequantize kernel
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even. The interpreter truncates fp32 -> bf16, so there
+    the rounding is done on the bits; on the GPU it is the plain (RNE) conversion."""
+    if EMULATE_RNE and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _block_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, blk, mask, DQ: tl.constexpr,
+                  NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
+    """fp32 absmax of blocks `blk`: `map[q] * nested[blk // 256] + offset` with double quant."""
+    if DQ:
+        code = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(nested_map_ptr + code) * nested + offset
+    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, qmap_ptr, offset, out_ptr, numel,
+                    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DQ: tl.constexpr,
+                    BLOCK: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # byte indices
+    mask = offs < (numel + 1) // 2
+    byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+    # Both elements of a byte share a block: blocks start at even flat indices (blocksize even).
+    s = _block_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, (2 * offs) // BLOCKSIZE, mask, DQ,
+                      NESTED_BLOCKSIZE)  # fmt: skip
+    hi = tl.load(qmap_ptr + (byte >> 4)) * s
+    lo = tl.load(qmap_ptr + (byte & 15)) * s
+    vals = _round_to(tl.interleave(hi, lo), out_ptr.dtype.element_ty, INTERPRET)
+    el = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + el, vals, mask=el < numel)
+
+
+@triton.jit
+def _fused_matmul_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, qmap_ptr, offset,
+    bias_ptr, xa_ptr, lora_b_ptr, lora_scale, y_ptr,
+    M, N, K, R, stride_xm, stride_ym, stride_xam, stride_bn,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    row_start = offs_n.to(tl.int64) * K  # flat index of each weight row (K even: starts on a byte)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, k_tiles)):
+        kk = t * BLOCK_K + 2 * offs_j  # the even columns of this tile
+        k_mask = kk < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        flat = row_start[:, None] + kk[None, :]
+        byte = tl.load(packed_ptr + flat // 2, mask=w_mask, other=0).to(tl.int32)
+        s = _block_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, flat // BLOCKSIZE, w_mask, DQ,
+                          NESTED_BLOCKSIZE)  # fmt: skip
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        xe = tl.load(x_rows + kk[None, :], mask=x_mask, other=0.0)
+        xo = tl.load(x_rows + kk[None, :] + 1, mask=x_mask, other=0.0)
+        # W rounded to x's dtype, as F.linear on the dequantized weight sees it.
+        w_hi = _round_to(tl.load(qmap_ptr + (byte >> 4)) * s, xe.dtype, UPCAST)
+        w_lo = _round_to(tl.load(qmap_ptr + (byte & 15)) * s, xe.dtype, UPCAST)
+        if UPCAST:
+            xe, xo, w_hi, w_lo = xe.to(tl.float32), xo.to(tl.float32), w_hi.to(tl.float32), w_lo.to(tl.float32)
+        acc = tl.dot(xe, tl.trans(w_hi), acc, input_precision=PRECISION)
+        acc = tl.dot(xo, tl.trans(w_lo), acc, input_precision=PRECISION)
+    if pid_k == 0:  # the epilogue is added once, by the first K split
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:
+            offs_r = tl.arange(0, BLOCK_R)
+            r_mask = offs_r < R
+            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # fmt: skip
+            b = tl.load(lora_b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc += lora_scale * tl.dot(xa, tl.trans(b), input_precision="ieee")
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, _round_to(acc, y_ptr.dtype.element_ty, UPCAST), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+
+
+def _weight_args(w: NF4Weight) -> tuple:
+    dq = w.double_quant
+    return (w.packed.contiguous(), w.absmax, w.nested_absmax if dq else w.absmax, w.nested_quant_map if dq else w.quant_map,
+            w.quant_map, float(w.offset or 0.0))  # fmt: skip
+
+
+def supported(w: NF4Weight) -> bool:
+    """The kernels' layout assumptions: an even blocksize (a byte never straddles two blocks)."""
+    return w.blocksize % 2 == 0 and w.nested_blocksize > 0
+
+
+def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole weight in `dtype` in one kernel pass."""
+    dtype = dtype or w.dtype
+    if not supported(w):
+        from qformats.nf4 import dequantize_nf4
+
+        return dequantize_nf4(w, dtype)
+    out = torch.empty(w.shape, dtype=dtype, device=w.packed.device)
+    grid = (triton.cdiv(w.packed.numel(), _DEQUANT_BLOCK),)
+    _dequant_kernel[grid](*_weight_args(w), out, w.numel, BLOCKSIZE=w.blocksize,
+                          NESTED_BLOCKSIZE=w.nested_blocksize, DQ=w.double_quant, BLOCK=_DEQUANT_BLOCK,
+                          INTERPRET=INTERPRET, enable_fp_fusion=False)  # fmt: skip
+    return out
+
+
+def fused_config(M: int, N: int, K: int, device: torch.device) -> dict:
+    """Tile sizes and split-K: BLOCK_M 16 for decode, enough programs to cover the GPU ~2x."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n, block_k = 64, 128
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    k_tiles = triton.cdiv(K, block_k)
+    split = 1
+    while tiles * split < 2 * n_sm and split * 2 <= max(1, k_tiles // 4):
+        split *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}
+
+
+def fused_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, xa: torch.Tensor | None = None,
+                 lora_b: torch.Tensor | None = None, lora_scale: float = 0.0, config: dict | None = None,
+                 **launch) -> torch.Tensor:  # fmt: skip
+    """y[M, N] = x[M, K] W^T (+ bias) (+ lora_scale * xa[M, r] lora_b[N, r]^T), in x's dtype. K even."""
+    M, K = x.shape
+    N = w.shape[0]
+    assert K == w.shape[1] and K % 2 == 0 and supported(w), "fused_matmul needs an even K and blocksize"
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = dict(config or fused_config(M, N, K, x.device))
+    split = cfg["SPLIT_K"]
+    y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(M, N)
+    has_lora = xa is not None
+    if has_lora:
+        xa = xa.float().contiguous()
+        r = xa.shape[1]
+        cfg.setdefault("BLOCK_R", max(16, triton.next_power_of_2(r)))
+    else:
+        r = 0
+        cfg.setdefault("BLOCK_R", 16)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+    _fused_matmul_kernel[grid](
+        x, *_weight_args(w), bias if bias is not None else x, xa if has_lora else x,
+        lora_b if has_lora else x, float(lora_scale), y, M, N, K, r, x.stride(0), y.stride(0),
+        xa.stride(0) if has_lora else 0, lora_b.stride(0) if has_lora else 0,
+        BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, DQ=w.double_quant, HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora, UPCAST=INTERPRET, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **cfg, **launch,
+    )  # fmt: skip
+    return y.to(x.dtype) if split > 1 else y
+
+
+def dequant_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, xa: torch.Tensor | None = None,
+                   lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """Large M: dequantize W to x's dtype, then cuBLAS; the LoRA term accumulates into y in place."""
+    y = F.linear(x, dequantize(w, x.dtype), bias)
+    if xa is not None:
+        y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=lora_scale)
+    return y
+
+
+def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora_a: torch.Tensor | None = None,
+           lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """`x @ W.T + bias [+ lora_scale * (x @ A.T) @ B.T]` in x's dtype, any leading dims of x."""
+    N, K = w.shape
+    x2 = x.reshape(-1, K)
+    xa = F.linear(x2.float(), lora_a.float()) if lora_a is not None else None
+    if x2.shape[0] <= FUSED_MAX_M and K % 2 == 0 and supported(w):
+        y = fused_matmul(x2, w, bias, xa, lora_b, lora_scale)
+    else:
+        y = dequant_matmul(x2, w, bias, xa, lora_b, lora_scale)
+    return y.view(*x.shape[:-1], N)

@@ -1,0 +1,137 @@
+"""Every Triton kernel in qkernels, run by the Triton interpreter on CPU tensors, against the torch reference.
+
+Run in a process of their own (the variable must be set before triton is imported):
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels
+
+What this proves: the kernels' indexing, masking, nibble order, double-quant decode, split-K and
+LoRA epilogue compute the right numbers for odd shapes. What it cannot: GPU speed, and GPU-only
+numerics (bench/gpu.py re-checks every kernel on the card before timing it).
+"""
+
+import os
+
+assert os.environ.get("TRITON_INTERPRET") == "1", (
+    "tests/kernels needs TRITON_INTERPRET=1 set before triton is imported: "
+    "run `TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels` in its own process"
+)
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qformats.nf4 import dequantize_nf4, quantize_nf4
+from qkernels import triton_nf4
+
+DTYPES = [torch.float16, torch.bfloat16]
+SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}  # so that tiny shapes still span many tiles
+
+
+def make_weight(n, k, blocksize=64, double_quant=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_nf4(torch.randn(n, k, generator=g), blocksize=blocksize, double_quant=double_quant)
+
+
+def reference(x, w, bias=None, xa=None, lora_b=None, scale=0.0):
+    """F.linear on the reference dequantization in x's dtype, accumulated in fp64; also the size
+    of the intermediate terms, which bounds the rounding error of a result computed in steps."""
+    y = x.double() @ dequantize_nf4(w, x.dtype).double().t()
+    if bias is not None:
+        y += bias.double()
+    size = y.abs()
+    if xa is not None:
+        lora = scale * xa.double() @ lora_b.double().t()
+        y, size = y + lora, size + lora.abs()
+    return y, size
+
+
+def assert_close(y, ref, x, w, dtype, roundings=1):
+    """`roundings` roundings of y to dtype (one for the fused kernel), plus fp32 accumulation error."""
+    ref, size = ref
+    assert y.dtype == dtype and y.shape == ref.shape
+    accumulation = (x.double().abs() @ dequantize_nf4(w).double().abs().t()) * 2**-20
+    bound = size * torch.finfo(dtype).eps * roundings + accumulation
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-6).all(), f"max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("n,k,blocksize,dq", [(37, 70, 64, True), (16, 128, 128, False), (5, 33, 64, True),
+                                              (300, 256, 64, True), (9, 96, 128, True)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_is_bit_identical(n, k, blocksize, dq, dtype):
+    w = make_weight(n, k, blocksize, dq, seed=n + k)
+    assert torch.equal(triton_nf4.dequantize(w, dtype), dequantize_nf4(w, dtype))
+
+
+# (M, N, K, blocksize, double quant, bias, LoRA rank, split-K): odd M, N and K that are not
+# multiples of the tiles, blocks straddling rows (K % blocksize != 0), >256 blocks (several
+# nested scales), every epilogue, with and without split-K.
+CASES = [
+    (1, 37, 70, 64, True, False, 0, 1),
+    (3, 37, 70, 64, True, True, 0, 2),
+    (16, 20, 200, 128, True, False, 4, 1),
+    (5, 48, 130, 64, False, True, 3, 4),
+    (1, 130, 256, 128, False, False, 8, 2),
+    (7, 33, 512, 64, True, True, 16, 3),
+]
+
+
+@pytest.mark.parametrize("m,n,k,blocksize,dq,has_bias,rank,split", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_matmul(m, n, k, blocksize, dq, has_bias, rank, split, dtype):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    w = make_weight(n, k, blocksize, dq, seed=k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
+    xa = lora_b = None
+    if rank:
+        xa = F.linear(x.float(), torch.randn(rank, k, generator=g) / 10)
+        lora_b = (torch.randn(n, rank, generator=g) / 10).to(dtype)
+    y = triton_nf4.fused_matmul(x, w, bias, xa, lora_b, 0.5, config={**SMALL_TILES, "SPLIT_K": split})
+    assert_close(y, reference(x, w, bias, xa, lora_b, 0.5), x, w, dtype)
+
+
+def test_fused_matmul_fp32_x_and_strided_rows():
+    w = make_weight(24, 96)
+    x = torch.randn(4, 192)[:, :96]  # row stride 192
+    y = triton_nf4.fused_matmul(x, w, config={**SMALL_TILES, "SPLIT_K": 2})
+    ref, _ = reference(x, w)
+    bound = (x.double().abs() @ dequantize_nf4(w).double().abs().t()) * 2**-20
+    assert y.dtype == torch.float32 and ((y.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_dispatch_and_lora(dtype):
+    """linear(): the default config (split-K chosen for a 4-'SM' device) for small M, dequantize +
+    matmul for large M and for odd K; leading dims kept; LoRA from the A and B factors. The
+    dequantize + matmul path rounds y twice (matmul, then the LoRA addmm_), as PEFT does."""
+    g = torch.Generator().manual_seed(7)
+    for m, k in ((3, 64), (triton_nf4.FUSED_MAX_M + 4, 64), (2, 65)):
+        w = make_weight(40, k, seed=k)
+        x = torch.randn(1, m, k, generator=g).to(dtype)
+        a, b = torch.randn(4, k, generator=g) / 10, (torch.randn(40, 4, generator=g) / 10).to(dtype)
+        bias = torch.randn(40, generator=g).to(dtype)
+        y = triton_nf4.linear(x, w, bias, a, b, 2.0)
+        assert y.shape == (1, m, 40)
+        xa = F.linear(x[0].float(), a)
+        assert_close(y[0], reference(x[0], w, bias, xa, b, 2.0), x[0], w, dtype, roundings=2)
+
+
+def test_default_config_splits_k_for_decode():
+    cfg = triton_nf4.fused_config(1, 4096, 4096, torch.device("cpu"))
+    assert cfg["BLOCK_M"] == 16 and cfg["SPLIT_K"] >= 1
+    big = triton_nf4.fused_config(1, 64, 8192, torch.device("cpu"))
+    assert big["SPLIT_K"] > 1  # one output tile: the K loop is split to occupy more programs
+
+
+def test_gpu_bench_checks_run_in_the_interpreter():
+    """bench/gpu.py's correctness checks (the part that runs before any timing) on tiny shapes."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.check_kernels([(40, 96)], rows=(1, 5, 20), device=torch.device("cpu"))
+    assert report and all(line.endswith("ok") for line in report), report
