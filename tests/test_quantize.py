@@ -351,3 +351,59 @@ def test_module_matches_follows_transformers():
     for patterns in (["lm_head"], ["mlp.down_proj"], ["model.layers.1"], ["model.layers.*"], ["mlp.gate"]):
         for name in names:
             assert module_matches(name, patterns) == (not should_convert_module(name, patterns)), (name, patterns)
+
+
+# ---------------------------------------------------------------- the codec's table lookup, exactly bucketize
+
+
+@pytest.mark.parametrize("cells_name", ["_NF4_CELLS", "_DYNAMIC_CELLS"])
+def test_cell_codebook_is_bucketize_for_every_fp32(cells_name):
+    """Every value of every cell holding a midpoint, both ends of every other cell (bucketize is monotonic,
+    so equal ends mean the whole cell), and the special values: together, all 2^32 fp32 patterns."""
+    from qformats import nf4
+
+    book = getattr(nf4, cells_name)
+
+    def reference(x):
+        return torch.bucketize(torch.nan_to_num(x), book.midpoints).to(torch.uint8)
+
+    cells = torch.arange(1 << 16, dtype=torch.int32)
+    finite = ((cells >> 7) & 0xFF) != 0xFF
+    split = (book.threshold != float("inf")).nonzero().squeeze(1)
+    assert finite[split].all() and split.numel() == (15 if cells_name == "_NF4_CELLS" else 241)
+    low_bits = torch.arange(1 << 16, dtype=torch.int32)
+    for chunk in split.split(16):
+        x = ((chunk[:, None] << 16) | low_bits).reshape(-1).view(torch.float32)
+        assert torch.equal(book.codes(x), reference(x))
+    ends = torch.cat([cells[finite] << 16, (cells[finite] << 16) | 0xFFFF]).view(torch.float32)
+    assert torch.equal(book.codes(ends), reference(ends))
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), -float("nan"), 0.0, -0.0,
+                            3.4028234663852886e38, -3.4028234663852886e38, 1e-45, -1e-45])  # fmt: skip
+    quiet_nans = torch.tensor([0x7FC00000, 0x7FC00001, 0x7FFFFFFF, -0x400000, -1], dtype=torch.int32)
+    special = torch.cat([special, quiet_nans.view(torch.float32)])
+    assert torch.equal(book.codes(special), reference(special))
+
+
+def test_quantize_nf4_special_inputs_match_the_bucketize_definition():
+    """Zero blocks, blocks whose fp32 reciprocal overflows, inf and NaN weights, odd tails."""
+    from qformats.nf4 import _NF4_MIDPOINTS, quantize_nf4
+
+    torch.manual_seed(5)
+    w = torch.randn(9, 64) * 0.02
+    w[1] = 0.0
+    w[2] = torch.randn(64) * 1e-40  # subnormal absmax: 1/absmax is inf, w * inf is +-inf
+    w[2, :5] = 0.0  # 0 * inf is NaN
+    w[3, 7] = float("inf")
+    w[4, 9] = float("nan")
+    w[5] = -0.0
+    w[6, ::3] = -3e38
+    w = torch.cat([w.reshape(-1), torch.randn(37)])  # partial last block, odd numel
+    got = quantize_nf4(w, double_quant=False)
+    padded = torch.cat([w, w.new_zeros(64 - 37)]).view(-1, 64)
+    absmax = padded.abs().amax(1)
+    normed = torch.nan_to_num(padded * (1.0 / absmax).unsqueeze(1), nan=0.0).reshape(-1)
+    codes = torch.bucketize(normed, _NF4_MIDPOINTS).to(torch.uint8)[: w.numel() + 1]
+    codes[w.numel()] = 7
+    expected = (codes[0::2] << 4) | codes[1::2]
+    assert torch.equal(got.packed.reshape(-1), expected)
+    torch.testing.assert_close(got.absmax, absmax, rtol=0, atol=0, equal_nan=True)
