@@ -469,3 +469,28 @@ def test_quantize_push_to_hub(hub, original, tmp_path, monkeypatch):
     assert hub.repos["tester/q"].private
     assert hub.files("tester/q")["qconvert.json"] == (out / "qconvert.json").read_bytes()
     assert ModelCard(hub.files("tester/q")["README.md"].decode()).data.base_model_relation == "quantized"
+
+
+def test_finetune_push_to_hub_card_has_training_facts(hub, nf4, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", GOOD)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{w}?", "completion": f"ANSWER: {w}"}) + "\n"
+                            for w in ["fox", "dog", "cat", "owl", "bee", "elk", "yak", "emu"]))  # fmt: skip
+    out = tmp_path / "ft"
+    code, stdout, err = _invoke(["finetune", str(nf4), str(data), str(out), "--rank", "4", "--alpha", "8",
+                                 "--steps", "2", "--batch-size", "2", "--eval-fraction", "0.25",
+                                 "--no-chat-template", "--quiet", "--push-to-hub", "tester/ft"])  # fmt: skip
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1].startswith(f"{hub.endpoint}/tester/ft/commit/")
+    remote = hub.files("tester/ft")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "qconvert.json"):
+        assert remote[name] == (out / name).read_bytes()
+    card = ModelCard(remote["README.md"].decode())
+    assert card.data.base_model == ORIGINAL  # adapter -> local NF4 folder -> its manifest's source -> repo id
+    assert card.data.base_model_relation == "adapter" and card.data.library_name == "peft"
+    assert card.data.license == "apache-2.0"
+    training = json.loads((out / "qconvert.json").read_text())["training"]
+    assert f"| steps | {training['steps']} |" in card.text and training["steps"] == 2
+    assert f"| final train loss | {training['final train loss']:.4g} |" in card.text
+    assert f"| eval loss after | {training['eval loss after']:.4g} |" in card.text
+    assert 'quantization="bitsandbytes", enable_lora=True, max_lora_rank=8' in card.text
