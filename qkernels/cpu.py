@@ -1,9 +1,9 @@
 """The CPU path for NF4 compute: a fused C++ dequant-GEMM for decode, dequantize + BLAS for the rest.
 
 Regimes (measured by bench/cpu_kernels.py on the SmolLM2 shapes):
-- `M <= FUSED_MAX_M` rows of x (decode): `qkernels_cpu.gemm` (cpu_nf4.cpp) reads each packed byte
-  once, decodes both nibbles with two in-register table permutes, multiplies by the block scale
-  (double quantization undone on the fly) and accumulates in fp32. Nothing the size of the weight
+- `M <= FUSED_MAX_M` rows of x (decode), AVX2, K % 32 == 0: `qkernels_cpu.gemm` (cpu_nf4.cpp)
+  reads each packed byte once, decodes 32 nibbles with four vpshufb byte-plane lookups, multiplies
+  by the block scale (double quantization undone on the fly) and accumulates in fp32. Nothing the size of the weight
   is ever written, so decode reads 0.5 bytes per weight instead of fp32's 4.
 - more rows (prefill, training): the weight is dequantized chunk by chunk into a reusable fp32
   scratch buffer and multiplied with MKL; the matmul dominates there.
@@ -36,6 +36,9 @@ from qformats.nf4 import NF4Weight, dequantize_absmax
 FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
 _SOURCE = Path(__file__).with_name("cpu_nf4.cpp")
+# The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
+# element, slower than dequantize + BLAS, so other CPUs and shapes take that path instead.
+_SIMD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 _ext_lock = threading.Lock()
 _ext_state: dict[str, object] = {}  # "ok": bool, "error": str
@@ -178,7 +181,7 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    if M <= FUSED_MAX_M and _use_extension(w):
+    if M <= FUSED_MAX_M and K % 32 == 0 and _SIMD and _use_extension(w):
         y = torch.ops.qkernels_cpu.gemm(x2, *_kernel_args(w), N, K)
     else:
         y = _dequant_matmul(x2.float(), w)

@@ -175,3 +175,14 @@ def test_cpu_path_never_imports_triton():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_fused_kernel_portable_loop_for_any_k():
+    """The C++ gemm op's element-by-element loop (K % 32 != 0, odd K): ops.py routes such shapes to
+    dequantize + BLAS, but the op itself must still be right."""
+    assert cpu.extension_available()
+    for n, k, blocksize, dq in [(9, 33, 64, True), (20, 70, 128, False), (6, 200, 64, True)]:
+        w = make_weight(n, k, blocksize, dq)
+        x = torch.randn(3, k)
+        y = torch.ops.qkernels_cpu.gemm(x, *cpu._kernel_args(w), n, k)
+        assert_close_to(y, reference(x, w), x, w, torch.float32)
