@@ -279,7 +279,7 @@ def _details(art: Artifact) -> list[str]:
             ("rank r", r), ("alpha", alpha), ("scaling", scaling), ("dropout", ac.get("lora_dropout")),
             ("target modules", sorted(ac["target_modules"]) if isinstance(ac.get("target_modules"), list) else ac.get("target_modules")),
             ("rsLoRA", ac.get("use_rslora")), ("DoRA", ac.get("use_dora")), ("bias", ac.get("bias")),
-            ("base as given", art.base_path),
+            ("trained on", "a local NF4 copy of the base" if _base_quantization(art) else _public_base(art.base_path)),
         ]  # fmt: skip
         out = ["## LoRA", ""] + _table(rows)
         training = _training_facts(art)
@@ -332,20 +332,38 @@ def _snippets(art: Artifact, repo_id: str) -> list[str]:
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0], skip_special_tokens=True))",
     ]
     if art.kind == "adapter":
-        base = art.base_model or art.base_path or "BASE_MODEL"
+        base = art.base_model or _public_base(art.base_path) or "BASE_MODEL_REPO_ID"
         r = art.adapter_config.get("r") or 16
         max_rank = next((x for x in _VLLM_LORA_RANKS if x >= r), r)
         adapter_name = repo_id.split("/")[-1]
+        base_qc = _base_quantization(art)
+        if base_qc and base != art.base_path:
+            # Trained on an NF4 copy of `base`: quantize it the same way on load (bitsandbytes' 4-bit codes are ours).
+            compute = base_qc.get("bnb_4bit_compute_dtype") or "bfloat16"
+            load = [
+                "import torch",
+                "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig",
+                "",
+                (f'nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
+                 f'bnb_4bit_use_double_quant={bool(base_qc.get("bnb_4bit_use_double_quant"))}, '
+                 f"bnb_4bit_compute_dtype=torch.{compute})"),
+                f'base = AutoModelForCausalLM.from_pretrained("{base}", quantization_config=nf4, device_map="auto")',
+            ]
+        else:
+            load = [
+                "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "",
+                f'base = AutoModelForCausalLM.from_pretrained("{base}", device_map="auto")',
+            ]
         transformers = [
-            "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'base = AutoModelForCausalLM.from_pretrained("{base}", device_map="auto")',
+            *load,
             f'model = PeftModel.from_pretrained(base, "{repo_id}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
             *gen,
         ]
-        quant = ', quantization="bitsandbytes"' if _base_is_4bit(art) else ""
+        quant = ', quantization="bitsandbytes"' if base_qc else ""
         vllm = [
             "from huggingface_hub import snapshot_download",
             "from vllm import LLM, SamplingParams",
@@ -377,12 +395,17 @@ def _snippets(art: Artifact, repo_id: str) -> list[str]:
              "", "### qserve", "", "```bash", *qserve, "```"])  # fmt: skip
 
 
-def _base_is_4bit(art: Artifact) -> bool:
-    """Whether the adapter's base is an NF4 checkpoint (then vLLM must load it with bitsandbytes)."""
+def _base_quantization(art: Artifact) -> dict[str, Any]:
+    """The bitsandbytes quantization_config of the adapter's base, when that is a local NF4 folder; else {}."""
     if art.base_path and (Path(art.base_path).expanduser() / "config.json").is_file():
         qc = _read_json(Path(art.base_path).expanduser() / "config.json").get("quantization_config") or {}
-        return qc.get("quant_method") == "bitsandbytes"
-    return False
+        return qc if qc.get("quant_method") == "bitsandbytes" else {}
+    return {}
+
+
+def _public_base(name: str | None) -> str | None:
+    """A base name fit for a public card: a repo id; never a local path (it means nothing elsewhere)."""
+    return name if name and _repo_id_of(name) == name else None
 
 
 # ---------------------------------------------------------------- writing

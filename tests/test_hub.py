@@ -471,7 +471,7 @@ def test_quantize_push_to_hub(hub, original, tmp_path, monkeypatch):
     assert ModelCard(hub.files("tester/q")["README.md"].decode()).data.base_model_relation == "quantized"
 
 
-def test_finetune_push_to_hub_card_has_training_facts(hub, nf4, tmp_path, monkeypatch):
+def test_finetune_push_to_hub_card_has_training_facts(hub, nf4, original, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", GOOD)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{w}?", "completion": f"ANSWER: {w}"}) + "\n"
@@ -494,3 +494,14 @@ def test_finetune_push_to_hub_card_has_training_facts(hub, nf4, tmp_path, monkey
     assert f"| final train loss | {training['final train loss']:.4g} |" in card.text
     assert f"| eval loss after | {training['eval loss after']:.4g} |" in card.text
     assert 'quantization="bitsandbytes", enable_lora=True, max_lora_rank=8' in card.text
+
+    # The card's transformers snippet loads ORIGINAL in 4-bit with bitsandbytes (as the adapter was trained)
+    # and applies the adapter with PEFT, all from the Hub, in a fresh process.
+    _seed_repo(hub, ORIGINAL, {p.name: p.read_bytes() for p in original.iterdir()})
+    snippet = re.findall(r"```python\n(.*?)```", card.text, re.DOTALL)[0]
+    assert "BitsAndBytesConfig(load_in_4bit=True" in snippet and f'from_pretrained("{ORIGINAL}"' in snippet
+    env = {**os.environ, "HF_HOME": str(tmp_path / "user_cache")}
+    run = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("The capital of France is")
