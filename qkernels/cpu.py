@@ -104,7 +104,8 @@ def _scratch_buffer(numel: int) -> torch.Tensor:
     """A per-thread fp32 buffer reused across calls (a fresh 10 MB allocation page-faults every time)."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor, writable in and outside inference mode
+            buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
     return buf[:numel]
 
 

@@ -186,3 +186,14 @@ def test_fused_kernel_portable_loop_for_any_k():
         x = torch.randn(3, k)
         y = torch.ops.qkernels_cpu.gemm(x, *cpu._kernel_args(w), n, k)
         assert_close_to(y, reference(x, w), x, w, torch.float32)
+
+
+def test_inference_mode_then_no_grad(path):
+    """The scratch buffer outlives calls: made under inference_mode, it must still be writable after."""
+    cpu._scratch.__dict__.pop("buf", None)
+    w = make_weight(48, 64, 64, True)
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        first = ops.nf4_linear(x, w)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.nf4_linear(x, w), first, rtol=0, atol=0)
