@@ -1,0 +1,448 @@
+"""Continuous batching: one model, many concurrent requests, each with its own adapter, joining and leaving per token.
+
+The engine owns the model and its static KV cache (`max_batch` slots of `max_model_len` positions)
+and runs on one background thread. Each loop iteration is one step:
+
+1. apply pending commands (adapter load/unload), drop cancelled requests (their slots free now),
+   and admit waiting requests into free slots (FIFO, at most `prefill_tokens` padded prompt tokens
+   per step so a long prompt does not stall everyone's next token for long);
+2. prefill the newcomers together in one forward (right-padded, each into its own slot) and sample
+   their first token;
+3. one decode forward for every running row: row b feeds its last token at its own position in its
+   own slot, with its own adapter (`MultiLoRA.use`), and samples with its own parameters and seed.
+
+Rows leave as soon as they finish (stop token, stop string, max_tokens) or are cancelled; their slot
+is reused by the next step's newcomers. A request's output does not depend on what else is in the
+batch (greedy equals the request served alone; a seed gives the same sample stream).
+
+Failures stay inside the request that caused them: an exception while sampling, decoding text or
+delivering an event fails that request only; an exception in a batched forward re-runs the rows
+one by one (the cache writes are idempotent) and fails only the rows that fail alone.
+
+Requests talk back through `emit(Event)`, called on the engine thread (the server forwards events
+to its event loop). `Engine.generate` is the blocking form for tests, benchmarks and scripts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qformats.errors import QError
+from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA
+from qserve.generate import Completion, SamplingParams, _Row, sample
+from qserve.model import CausalLM
+from qserve.tokenizer import Tokenizer
+
+log = logging.getLogger("qserve.engine")
+
+
+class QueueFull(QError):
+    """The waiting queue holds `max_queue` requests already (HTTP 429)."""
+
+
+class UnknownAdapter(QError):
+    """No adapter of that name is loaded (HTTP 404)."""
+
+
+class ContextTooLong(QError):
+    """Prompt (plus max_tokens) does not fit `max_model_len` (HTTP 400)."""
+
+
+@dataclass
+class Event:
+    """What a request gets back after each step it took part in; the last one has `finish_reason` or `error`."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count (seconds)."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets = list(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, edge in enumerate(self.buckets):
+            if value <= edge:
+                self.counts[i] += 1
+
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass
+class EngineMetrics:
+    """Counters and gauges the server exports at /metrics."""
+
+    received: int = 0
+    rejected: int = 0  # queue full
+    finished_by_reason: dict[str, int] = field(default_factory=dict)  # stop, length, cancelled, error
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    batch_size: int = 0  # rows in the last decode step
+    ttft: Histogram = field(default_factory=lambda: Histogram(_LATENCY_BUCKETS))
+    inter_token: Histogram = field(default_factory=lambda: Histogram(_LATENCY_BUCKETS))
+    latency: Histogram = field(default_factory=lambda: Histogram(_LATENCY_BUCKETS))
+
+    def finished(self, event: Event, seconds: float, prompt_tokens: int) -> None:
+        reason = "error" if event.error else event.finish_reason
+        self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+        self.prompt_tokens += prompt_tokens
+        self.latency.observe(seconds)
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    emit: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # Set by the engine:
+    adapter_id: int = BASE
+    slot: int = -1
+    pos: int = 0  # cache position of the pending token (= tokens in the cache so far)
+    pending: int = -1  # the last sampled token, fed at the next decode
+    row: _Row | None = None
+    generator: torch.Generator | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    done: bool = False
+
+
+class Engine:
+    """Continuous batching over one `CausalLM` and any number of LoRA adapters (see module doc)."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, *, max_batch: int = 8, max_queue: int = 64,
+                 max_model_len: int | None = None, prefill_tokens: int = 2048):  # fmt: skip
+        if max_batch < 1 or max_queue < 0:
+            raise QError(f"max batch must be >= 1 and max queue >= 0 (got {max_batch}, {max_queue})")
+        context = model.args.max_position_embeddings
+        self.max_model_len = min(max_model_len or context, context)
+        if max_model_len and max_model_len > context:
+            raise QError(f"--max-model-len {max_model_len} exceeds the model's context of {context} tokens")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.device = model.model.embed_tokens.weight.device
+        model.setup_cache(max_batch, self.max_model_len)
+        self.lora = MultiLoRA(model)
+        self.adapter_ids: dict[str, int] = {}  # served name -> id; unloaded names leave at once
+        self._retired: set[int] = set()  # unloaded ids whose weights wait for their last request
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.metrics = EngineMetrics()
+        self._lock = threading.Condition()
+        self._commands: list[tuple[Callable[[], object], queue.SimpleQueue]] = []
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ public API (any thread)
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="qserve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None,
+               emit: Callable[[Event], None] = lambda e: None) -> Request:  # fmt: skip
+        """Queue a request; raises ContextTooLong, UnknownAdapter, QueueFull or QError (bad parameters)."""
+        if adapter is not None and adapter not in self.adapter_ids:
+            raise UnknownAdapter(f"no adapter named {adapter!r} is loaded")
+        params.check()
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise QError("the prompt is empty")
+        n, limit = len(ids), self.max_model_len
+        if n >= limit:
+            raise ContextTooLong(f"the prompt is {n} tokens, but the maximum context length is {limit} tokens "
+                                 f"(at most {limit - 1} leave room for an answer)")  # fmt: skip
+        if n + params.max_new_tokens > limit:
+            raise ContextTooLong(f"the maximum context length is {limit} tokens, but {n + params.max_new_tokens} were "
+                                 f"requested ({n} in the prompt, {params.max_new_tokens} to generate); "
+                                 f"lower max_tokens to {limit - n} or less")  # fmt: skip
+        req = Request(ids, params, adapter, emit)
+        with self._lock:
+            if adapter is not None:
+                if adapter not in self.adapter_ids:  # unloaded meanwhile
+                    raise UnknownAdapter(f"no adapter named {adapter!r} is loaded")
+                req.adapter_id = self.adapter_ids[adapter]
+            if len(self.waiting) >= self.max_queue:
+                self.metrics.rejected += 1
+                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are waiting already (max queue)")
+            self.waiting.append(req)
+            self.metrics.received += 1
+            self._lock.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (its client went away): it leaves the queue now, or its slot frees before the next step."""
+        with self._lock:
+            if req.done:
+                return
+            req.cancelled = True
+            if req in self.waiting:
+                self.waiting.remove(req)
+                self._finish(req, Event(finish_reason="cancelled"))
+            self._lock.notify_all()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None) -> Completion:
+        """Blocking: submit and wait; the engine must be started."""
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        start = time.perf_counter()
+        req = self.submit(prompt_ids, params, adapter, events.put)
+        chunks, ids = [], []
+        while True:
+            ev = events.get()
+            chunks.append(ev.text)
+            ids.extend(ev.token_ids)
+            if ev.error:
+                raise QError(f"request failed: {ev.error}")
+            if ev.final:
+                return Completion(text="".join(chunks), token_ids=ids, finish_reason=ev.finish_reason,
+                                  prompt_tokens=len(req.prompt_ids), seconds=time.perf_counter() - start)  # fmt: skip
+
+    def load_adapter(self, name: str, path: str) -> LoRAAdapter:
+        """Read a PEFT adapter folder (on this thread) and install it between two steps under `name`."""
+        if name in self.adapter_ids:
+            raise QError(f"an adapter named {name!r} is already loaded")
+        adapter = LoRAAdapter.from_folder(path, name)
+        self.lora.check(adapter)
+
+        def install():
+            if name in self.adapter_ids:
+                raise QError(f"an adapter named {name!r} is already loaded")
+            self.adapter_ids[name] = self.lora.add(adapter)
+
+        self._run_on_engine(install)
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """New requests can no longer name it; its weights go once the requests using it finish."""
+        with self._lock:
+            if name not in self.adapter_ids:
+                raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+            self._retired.add(self.adapter_ids.pop(name))
+            self._lock.notify_all()
+
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        with self._lock:
+            return {name: self.lora.adapters[aid] for name, aid in self.adapter_ids.items()}
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run_on_engine(self, fn: Callable[[], object]) -> object:
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            self._commands.append((fn, done))
+            self._lock.notify_all()
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stop or self.waiting or self.running or self._commands or self._retired):
+                    self._lock.wait()
+                if self._stop:
+                    break
+            try:
+                self._iteration()
+            except Exception as e:  # an engine bug must not kill the server: fail the batch, go on
+                log.exception("engine step failed")
+                with self._lock:
+                    for req in list(self.running.values()):
+                        self._finish(req, Event(error=f"internal error: {e}"))
+        with self._lock:
+            for req in [*self.waiting, *self.running.values()]:
+                self._finish(req, Event(error="the server is shutting down"))
+            self.waiting.clear()
+
+    def _iteration(self) -> None:
+        with self._lock:
+            commands, self._commands = self._commands, []
+            for req in list(self.running.values()):
+                if req.cancelled:
+                    self._finish(req, Event(finish_reason="cancelled"))
+            joiners = self._admit()
+        for fn, done in commands:
+            try:
+                done.put((True, fn()))
+            except Exception as e:  # noqa: BLE001 (handed back to the caller)
+                done.put((False, e))
+        self._free_retired()
+        self._step(joiners)
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into free slots (called with the lock held)."""
+        free = [s for s in range(self.max_batch) if s not in self.running]
+        joiners: list[Request] = []
+        while self.waiting and free:
+            nxt = self.waiting[0]
+            padded = (len(joiners) + 1) * max(len(r.prompt_ids) for r in [nxt, *joiners])
+            if joiners and padded > self.prefill_tokens:
+                break
+            req = self.waiting.popleft()
+            req.slot = free.pop(0)
+            req.row = _Row(self.tokenizer, req.params, self._stop_ids(req.params))
+            req.generator = torch.Generator(self.device)
+            if req.params.seed is not None:
+                req.generator.manual_seed(req.params.seed)
+            else:
+                req.generator.seed()
+            self.running[req.slot] = req
+            joiners.append(req)
+        return joiners
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        if params.stop_token_ids is not None:
+            return set(params.stop_token_ids)
+        return set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
+
+    def _free_retired(self) -> None:
+        with self._lock:
+            in_use = {r.adapter_id for r in [*self.waiting, *self.running.values()]}
+            for aid in [a for a in self._retired if a not in in_use]:
+                self._retired.discard(aid)
+                self.lora.remove(aid)
+
+    @torch.inference_mode()
+    def _step(self, joiners: list[Request]) -> None:
+        if joiners:
+            logits = self._forward_isolated(joiners, self._prefill_forward)
+            for req, row_logits in logits.items():
+                req.pos = len(req.prompt_ids)
+                self._advance(req, row_logits)
+        with self._lock:
+            decoding = [r for r in self.running.values() if not r.done and not r.cancelled]
+        if decoding:
+            self.metrics.batch_size = len(decoding)
+            logits = self._forward_isolated(decoding, self._decode_forward)
+            for req, row_logits in logits.items():
+                req.pos += 1
+                self._advance(req, row_logits)
+        self.metrics.steps += 1
+
+    def _prefill_forward(self, reqs: list[Request]) -> torch.Tensor:
+        lens = [len(r.prompt_ids) for r in reqs]
+        t = max(lens)
+        tokens = torch.zeros(len(reqs), t, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            tokens[i, : lens[i]] = torch.tensor(r.prompt_ids)
+        dev = self.device
+        # Right padding lands in cache positions that each row overwrites before it ever attends there.
+        with self.lora.use([r.adapter_id for r in reqs]):
+            return self.model(tokens.to(dev), torch.arange(t, device=dev).expand(len(reqs), t),
+                              torch.tensor([r.slot for r in reqs], device=dev),
+                              logits_at=torch.tensor(lens, device=dev) - 1, kv_len=t)[:, -1]  # fmt: skip
+
+    def _decode_forward(self, reqs: list[Request]) -> torch.Tensor:
+        dev = self.device
+        tokens = torch.tensor([r.pending for r in reqs], device=dev)
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        positions = torch.tensor([r.pos for r in reqs], device=dev)
+        with self.lora.use([r.adapter_id for r in reqs]):
+            return self.model.decode(tokens, slots, positions, kv_len=max(r.pos for r in reqs) + 1)
+
+    def _forward_isolated(self, reqs: list[Request], forward) -> dict[Request, torch.Tensor]:
+        """Logits per request; if the batched forward raises, each row alone, failing only rows that fail alone."""
+        try:
+            logits = forward(reqs)
+            return {r: logits[i] for i, r in enumerate(reqs)}
+        except Exception as e:  # noqa: BLE001 (isolated below)
+            if len(reqs) == 1:
+                self._fail(reqs[0], e)
+                return {}
+            log.warning("batched forward failed (%s); retrying its %d rows one by one", e, len(reqs))
+        out = {}
+        for r in reqs:
+            try:
+                out[r] = forward([r])[0]
+            except Exception as e:  # noqa: BLE001 (fails this request only)
+                self._fail(r, e)
+        return out
+
+    def _advance(self, req: Request, logits: torch.Tensor) -> None:
+        """Sample this row's next token, emit its text, finish it if done; errors fail this row only."""
+        try:
+            token = int(sample(logits[None], req.params, req.generator)[0])
+            now = time.perf_counter()
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.metrics.ttft.observe(now - req.arrival)
+            else:
+                self.metrics.inter_token.observe(now - req.last_token_at)
+            req.last_token_at = now
+            req.pending = token
+            delta = req.row.push(token)
+            self.metrics.generated_tokens += 1
+            if req.row.done or req.pos >= self.max_model_len:  # (submit keeps pos below the limit)
+                with self._lock:
+                    self._finish(req, Event(text=delta, token_ids=[token], finish_reason=req.row.reason))
+            elif not req.cancelled:
+                req.emit(Event(text=delta, token_ids=[token]))
+        except Exception as e:  # noqa: BLE001 (fails this request only)
+            self._fail(req, e)
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        log.warning("request %d failed: %r", req.id, e)
+        with self._lock:
+            self._finish(req, Event(error=f"{type(e).__name__}: {e}"))
+
+    def _finish(self, req: Request, event: Event) -> None:
+        """The last event of a request; frees its slot (called with the lock held)."""
+        if req.done:
+            return
+        req.done = True
+        if self.running.get(req.slot) is req:
+            del self.running[req.slot]
+        event.prompt_tokens = len(req.prompt_ids)
+        event.completion_tokens = len(req.row.ids) if req.row else 0
+        self.metrics.finished(event, time.perf_counter() - req.arrival, len(req.prompt_ids))
+        if req.cancelled and event.finish_reason != "cancelled":
+            return
+        try:
+            req.emit(event)
+        except Exception:  # noqa: BLE001 (a client that cannot take its last event is gone anyway)
+            log.warning("request %d: could not deliver its last event", req.id)
