@@ -1,0 +1,127 @@
+"""`qserve serve` (also bare `qserve --model ...`): the OpenAI-compatible server, natively or through vLLM."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import click
+
+from qformats.errors import QError
+from qserve.cli_group import ErrorHandlingGroup
+
+
+class ServeByDefaultGroup(ErrorHandlingGroup):
+    """`qserve --model X ...` means `qserve serve --model X ...` (options first, no subcommand name)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, str]:
+    """`NAME=PATH_OR_HUB_ID`, or `PATH_OR_HUB_ID` alone, named after its last path part (`owner/guanaco` -> guanaco)."""
+    name, sep, source = spec.partition("=")
+    if sep and name and "/" not in name:
+        if not source:
+            raise QError(f"--adapter {spec!r}: nothing after '=' (use NAME=PATH)")
+        return name, source
+    source = spec
+    name = PurePosixPath(source.rstrip("/")).name
+    if not name or name in (".", ".."):
+        raise QError(f"--adapter {spec!r}: cannot name it after its path; use NAME=PATH")
+    return name, source
+
+
+def adapter_map(specs: tuple[str, ...]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, source = parse_adapter_spec(spec)
+        if name in adapters:
+            raise QError(f"two adapters are named {name!r}: name them with NAME=PATH")
+        adapters[name] = source
+    return adapters
+
+
+@click.command("serve")
+@click.option("--model", "model", required=True, help="Base model: NF4 (or fp16/bf16) folder or Hub id owner/name.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="A PEFT LoRA adapter (folder or Hub id) to serve as model NAME; repeatable. "
+                   "A bare PATH is named after its last path part.")  # fmt: skip
+@click.option("--served-model-name", default=None, help="The base model's name in the API (default: --model as given).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoded together (KV-cache slots).")  # fmt: skip
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests waiting for a slot before new ones get HTTP 429.")  # fmt: skip
+@click.option("--max-model-len", default=None, type=click.IntRange(min=2),
+              help="Context per request, prompt plus answer (default: the model's, at most 2048).")  # fmt: skip
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Compute dtype; auto is float32 on CPU, the checkpoint's dtype on CUDA.")  # fmt: skip
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (native engine).")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
+@click.option("--engine", "engine_kind", default="native", show_default=True, type=click.Choice(["native", "vllm"]),
+              help="native: this process; vllm: check the model and adapters against vLLM's limits and run "
+                   "`vllm serve` with the matching flags (for GPUs and more traffic).")  # fmt: skip
+@click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="vLLM only. Refused above 1 for bitsandbytes checkpoints: use --pipeline-parallel-size.")  # fmt: skip
+@click.option("--pipeline-parallel-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="vLLM only: GPUs to split the layers over.")  # fmt: skip
+@click.option("--dry-run", is_flag=True,
+              help="Check everything and print what would run (the vllm serve command, or the native server's "
+                   "models), then exit.")  # fmt: skip
+def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, max_model_len, dtype, device,
+          revision, engine_kind, tensor_parallel_size, pipeline_parallel_size, dry_run):  # fmt: skip
+    """Serve a base model and LoRA adapters over an OpenAI-compatible HTTP API.
+
+    Each request's `model` field picks the base (its served name) or an adapter (its NAME).
+
+    \b
+    Examples:
+      qserve --model ./smollm2-nf4 --adapter answer=./runs/answer-adapter
+      qserve serve --model ./nf4 --adapter guanaco --adapter chat=owner/chat-lora --port 8080
+      qserve --model ./nf4 --adapter ./a --engine vllm --pipeline-parallel-size 2 --dry-run
+    \b
+    Then, e.g.:
+      curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "answer", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    named = adapter_map(adapters)
+    if engine_kind == "vllm":
+        from qserve.vllm_handoff import run_vllm, vllm_command
+
+        cmd = vllm_command(model, named, host=host, port=port, max_batch=max_batch, max_model_len=max_model_len,
+                           served_model_name=served_model_name, tensor_parallel_size=tensor_parallel_size,
+                           pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, revision=revision)  # fmt: skip
+        if dry_run:
+            click.echo(cmd.shell())
+            return
+        run_vllm(cmd)
+        return
+    if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
+        raise QError("--tensor-parallel-size / --pipeline-parallel-size apply to --engine vllm; the native engine "
+                     "runs on one device")  # fmt: skip
+    from qserve.loader import parse_dtype
+    from qserve.server import build_server, run_server
+
+    app, engine = build_server(model, named, served_model_name=served_model_name, max_batch=max_batch,
+                               max_queue=max_queue, max_model_len=max_model_len or _default_len(model, revision),
+                               dtype=parse_dtype(dtype), device=device, revision=revision, progress=True)  # fmt: skip
+    state = app.state.qserve
+    names = ", ".join([state.model_name, *engine.adapter_ids])
+    click.echo(f"models: {names}; max batch {max_batch}, queue {max_queue}, context {engine.max_model_len}", err=True)
+    if dry_run:
+        engine.stop()
+        click.echo(f"would serve on http://{host}:{port}/v1 (dry run)")
+        return
+    run_server(app, engine, host, port)
+
+
+def _default_len(model: str, revision: str | None) -> int:
+    """The model's context, capped at 2048 so the static KV cache of every slot stays modest on CPU."""
+    from qformats.checkpoint import load_config
+    from qserve.loader import resolve_model_dir
+    from qserve.model import ModelArgs
+
+    return min(ModelArgs.from_config(load_config(resolve_model_dir(model, revision))).max_position_embeddings, 2048)
