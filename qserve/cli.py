@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import click
 
-from qserve.cli_group import ErrorHandlingGroup
+from qserve.cli_serve import ServeByDefaultGroup  # an ErrorHandlingGroup where `qserve --model X` means serve
 
 
-@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ServeByDefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qlora-toolkit")
 def main() -> None:
-    """Run NF4 models: generate text, serve an OpenAI-compatible API, export merged models."""
+    """Run NF4 models: generate text, serve an OpenAI-compatible API, export merged models.
+
+    `qserve --model PATH [--adapter NAME=PATH ...]` is short for `qserve serve --model PATH ...`.
+    """
 
 
 # Subcommands register here, one line each.
 from qserve.cli_generate import generate_cmd
 
 main.add_command(generate_cmd)
+from qserve.cli_serve import serve
+
+main.add_command(serve)
