@@ -25,7 +25,16 @@ import torch
 from torch import nn
 
 from qformats.errors import QError
-from qformats.peft_adapter import AdapterConfig, PeftAdapter, adapter_tensors, read_adapter, target_matches
+from qformats.hub_pull import resolve_source
+from qformats.peft_adapter import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterConfig,
+    PeftAdapter,
+    adapter_tensors,
+    read_adapter,
+    target_matches,
+)
 from qkernels.ops import dequantize
 from qserve.nf4_linear import NF4Linear
 
@@ -176,8 +185,8 @@ def load_lora(model: nn.Module, adapter: PeftAdapter | str | Path, trainable: bo
 
     Every module of the adapter must exist in the model with matching shapes (QError naming it otherwise).
     """
-    if not isinstance(adapter, PeftAdapter):
-        adapter = read_adapter(adapter)
+    if not isinstance(adapter, PeftAdapter):  # a folder, or a Hub id pulled into the cache
+        adapter = read_adapter(resolve_source(adapter, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     cfg = adapter.config
     existing = lora_modules(model)
     for name, (a, b) in adapter.weights.items():
@@ -190,6 +199,7 @@ def load_lora(model: nn.Module, adapter: PeftAdapter | str | Path, trainable: bo
                 raise QError(f"adapter module {name!r} is a {type(module).__name__}, not a linear layer")
             parent, child = _split(name)
             module = LoRALinear(module, cfg.rank_of(name), 1.0, cfg.lora_dropout, cfg.use_rslora)
+            module.train(model.training)  # a new wrapper in an eval model must not apply dropout
             setattr(model.get_submodule(parent) if parent else model, child, module)
             existing[name] = module
         if tuple(a.shape) != tuple(module.lora_A.weight.shape) or tuple(b.shape) != tuple(module.lora_B.weight.shape):

@@ -505,3 +505,18 @@ def test_finetune_push_to_hub_card_has_training_facts(hub, nf4, original, tmp_pa
                          check=False)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("The capital of France is")
+
+
+def test_runtime_takes_model_and_adapter_by_hub_id(hub, original, adapter, tmp_path):
+    from qserve.loader import load_model
+    from qserve.lora import load_lora
+
+    _seed_repo(hub, ORIGINAL, {p.name: p.read_bytes() for p in original.iterdir()})
+    push_folder(adapter, "tester/lora-by-id", token=GOOD, report=None)
+    tokens = torch.tensor([[5, 17, 99, 3]])
+    local = load_model(original)
+    load_lora(local, adapter)
+    remote = load_model(ORIGINAL)  # public repo: no token needed
+    assert load_lora(remote, "tester/lora-by-id") == load_lora(load_model(original), adapter)
+    with torch.no_grad():
+        assert torch.equal(remote(tokens), local(tokens))
