@@ -28,6 +28,7 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
       NF4 checkpoint   (config.json with a bitsandbytes 4-bit quantization_config)
       LoRA adapter     (adapter_config.json + adapter_model.safetensors, PEFT format)
       merged model     (config.json without quantization_config, from `qserve export`)
+
     A folder that fails verification (qconvert.json checksums, PEFT fields, safetensors headers)
     is refused. README.md is written or refreshed with the Hub's metadata (base_model, license,
     relation, tags) and snippets for transformers, vLLM and qserve; a hand-written README.md keeps
