@@ -26,3 +26,6 @@ main.add_command(generate_cmd)
 from qserve.cli_serve import serve
 
 main.add_command(serve)
+from qserve.cli_export import export_cmd
+
+main.add_command(export_cmd)
