@@ -170,15 +170,16 @@ def _dequant_matmul(xf: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     return yt.t().contiguous()
 
 
-@torch.no_grad()
 def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora_a: torch.Tensor | None = None,
            lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:  # fmt: skip
     """`x @ W.T + bias [+ lora_scale * (x @ A.T) @ B.T]` in fp32, returned in x's dtype.
 
-    No autograd (it runs under no_grad and reuses a scratch buffer): ops.py registers the backward.
+    No autograd here (the C++ ops have none, and the scratch buffer is reused): `qkernels.ops`
+    calls this only when nothing needs a gradient, or from inside its custom op, below autograd.
+    A decode step makes ~200 of these calls, so the Python here is kept to the minimum.
     """
     N, K = w.shape
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
@@ -189,5 +190,7 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
     if lora_a is not None:
         y.add_(F.linear(F.linear(x2.float(), lora_a.float()), lora_b.float()), alpha=lora_scale)
     if bias is not None:
-        y.add_(bias.float())
-    return y.to(x.dtype).view(*x.shape[:-1], N)
+        y.add_(bias)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
