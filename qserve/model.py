@@ -221,17 +221,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In fp32, then back to the input dtype before the weight, as transformers does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # In fp32, then back to the input dtype before the weight, as transformers does (one fused op in fp32).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]. The rotate-half layout of HF checkpoints."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/signed_sin [B, T, D]. The rotate-half layout of HF checkpoints:
+    `x * cos + cat(-x2, x1) * sin`, written as `cat(x2, x1) * cat(-sin1, sin2)` (the same values, one op less)."""
+    half = x.shape[-1] // 2
+    return x * cos.unsqueeze(1) + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin.unsqueeze(1)
 
 
 class KVCache(nn.Module):
@@ -274,9 +274,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: _Masks,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
                 slots: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
                 kv_len: int | None = None) -> torch.Tensor:  # fmt: skip
+        """attn_mask: additive [B, 1, T, S], or None for plain causal attention (no cache)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -287,7 +288,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if input_pos is not None:
             k, v = self.kv_cache.update(slots, input_pos, k, v, kv_len)
-        attn_mask = mask.for_window(self.sliding_window)
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -314,8 +314,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, rope, mask, slots=None, input_pos=None, kv_len=None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask, slots, input_pos, kv_len)
+    def forward(self, x, rope, attn_mask, slots=None, input_pos=None, kv_len=None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, attn_mask, slots, input_pos, kv_len)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -390,13 +390,14 @@ class Decoder(nn.Module):
                 masks.query_pos = masks.key_pos = positions
         # cos/sin in fp32 from positions * inv_freq, then cast: the same arithmetic as transformers.
         freqs = positions[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        rope = ((emb.cos() * self.rope_scale).to(x.dtype), (emb.sin() * self.rope_scale).to(x.dtype))
+        cos, sin = (freqs.cos() * self.rope_scale).to(x.dtype), (freqs.sin() * self.rope_scale).to(x.dtype)
+        rope = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
         for layer in self.layers:
+            attn_mask = masks.for_window(layer.self_attn.sliding_window)
             if self.gradient_checkpointing and self.training and input_pos is None:
-                x = checkpoint(layer, x, rope, masks, use_reentrant=False)
+                x = checkpoint(layer, x, rope, attn_mask, use_reentrant=False)
             else:
-                x = layer(x, rope, masks, slots, input_pos, kv_len)
+                x = layer(x, rope, attn_mask, slots, input_pos, kv_len)
         return self.norm(x)
 
 
