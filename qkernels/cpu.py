@@ -34,6 +34,11 @@ import torch.nn.functional as F
 from qformats.nf4 import NF4Weight, dequantize_absmax
 
 FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
+# Weights per thread task in the C++ kernels: smaller matrices (every SmolLM2-135M linear) run on
+# one thread. Measured on a shared 2-core box: splitting a 50-200 us GEMV over two threads gained
+# 1.3x when idle and lost up to 5x when the machine was oversubscribed (a fork waits for both
+# threads to be scheduled), while MKL keeps such GEMVs on one thread too. Set 0 to always split.
+PARALLEL_MIN_WEIGHTS = 1 << 20
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
 _SOURCE = Path(__file__).with_name("cpu_nf4.cpp")
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
@@ -140,7 +145,7 @@ def dequantize_rows(w: NF4Weight, row0: int, rows: int, out: torch.Tensor) -> to
     """Rows [row0, row0+rows) of W as fp32, written into `out` (>= rows*K elements); returns [rows, K]."""
     K = w.shape[1]
     if _use_extension(w):
-        torch.ops.qkernels_cpu.dequantize(*_kernel_args(w), K, row0, rows, out)
+        torch.ops.qkernels_cpu.dequantize(*_kernel_args(w), K, row0, rows, out, PARALLEL_MIN_WEIGHTS)
     else:
         _dequantize_rows_torch(w, row0, rows, out)
     return out.reshape(-1)[: rows * K].view(rows, K)
@@ -184,7 +189,7 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
     if M <= FUSED_MAX_M and K % 32 == 0 and _SIMD and _use_extension(w):
-        y = torch.ops.qkernels_cpu.gemm(x2, *_kernel_args(w), N, K)
+        y = torch.ops.qkernels_cpu.gemm(x2, *_kernel_args(w), N, K, PARALLEL_MIN_WEIGHTS)
     else:
         y = _dequant_matmul(x2.float(), w)
     if lora_a is not None:

@@ -193,9 +193,7 @@ void gemm_rows(const float* xp, int64_t K, const uint8_t* packed, const CodePlan
 
 template <int MB>
 void gemm_group(const float* xp, int64_t K, const uint8_t* packed, const CodePlanes& cp, const BlockScales& scales,
-                int bshift, int64_t N, float* y) {
-  // ~64 KiB of packed weight per task: enough work to amortise the fork, small enough to balance.
-  const int64_t grain = std::max<int64_t>(1, 131072 / K);
+                int bshift, int64_t N, float* y, int64_t grain) {
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     gemm_rows<MB>(xp, K, packed, cp, scales, bshift, n0, n1, N, y);
   });
@@ -205,7 +203,7 @@ void gemm_group(const float* xp, int64_t K, const uint8_t* packed, const CodePla
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                 const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_map,
                 const at::Tensor& quant_map, double offset, int64_t blocksize, int64_t nested_blocksize,
-                int64_t N, int64_t K) {
+                int64_t N, int64_t K, int64_t grain_weights) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   const int64_t M = x.size(0);
@@ -217,6 +215,10 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   const float* qmap = quant_map.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* xp = xf.data_ptr<float>();
+  // Rows of W per thread task: at least grain_weights weights. Forking threads for a small
+  // matrix costs more than it saves, and on an oversubscribed machine a fork waits for every
+  // thread to be scheduled.
+  const int64_t grain = std::max<int64_t>(1, grain_weights / K);
 #ifdef QK_AVX2
   if (K % 32 == 0) {
     // x with every 8 columns in decode32's order [0 2 4 6 1 3 5 7].
@@ -233,23 +235,23 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
       const float* xm = xperm.data() + m * K;
       float* ym = yp + m * N;
       if (left >= 8) {
-        gemm_group<8>(xm, K, p, cp, scales, bshift, N, ym);
+        gemm_group<8>(xm, K, p, cp, scales, bshift, N, ym, grain);
         m += 8;
       } else if (left >= 4) {
-        gemm_group<4>(xm, K, p, cp, scales, bshift, N, ym);
+        gemm_group<4>(xm, K, p, cp, scales, bshift, N, ym, grain);
         m += 4;
       } else if (left >= 2) {
-        gemm_group<2>(xm, K, p, cp, scales, bshift, N, ym);
+        gemm_group<2>(xm, K, p, cp, scales, bshift, N, ym, grain);
         m += 2;
       } else {
-        gemm_group<1>(xm, K, p, cp, scales, bshift, N, ym);
+        gemm_group<1>(xm, K, p, cp, scales, bshift, N, ym, grain);
         m += 1;
       }
     }
     return y;
   }
 #endif
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     gemm_rows_generic(xp, M, K, p, qmap, scales, bshift, n0, n1, N, yp);
   });
   return y;
@@ -284,7 +286,8 @@ void dequantize_rows(const uint8_t* packed, const float* qmap, const BlockScales
 
 void dequantize(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
                 const std::optional<at::Tensor>& nested_map, const at::Tensor& quant_map, double offset,
-                int64_t blocksize, int64_t nested_blocksize, int64_t K, int64_t row0, int64_t rows, at::Tensor out) {
+                int64_t blocksize, int64_t nested_blocksize, int64_t K, int64_t row0, int64_t rows, at::Tensor out,
+                int64_t grain_weights) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= rows * K,
               "out must be a contiguous float32 buffer of at least rows * K elements");
@@ -293,7 +296,7 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax, const std::o
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* qmap = quant_map.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     dequantize_rows(p, qmap, scales, bshift, K, row0, r0, r1, op);
   });
@@ -304,10 +307,11 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax, const std::o
 TORCH_LIBRARY(qkernels_cpu, m) {
   m.def(
       "gemm(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, Tensor quant_map, "
-      "float offset, int blocksize, int nested_blocksize, int N, int K) -> Tensor");
+      "float offset, int blocksize, int nested_blocksize, int N, int K, int grain_weights) -> Tensor");
   m.def(
       "dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, Tensor quant_map, "
-      "float offset, int blocksize, int nested_blocksize, int K, int row0, int rows, Tensor(a!) out) -> ()");
+      "float offset, int blocksize, int nested_blocksize, int K, int row0, int rows, Tensor(a!) out, "
+      "int grain_weights) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(qkernels_cpu, CPU, m) {

@@ -23,13 +23,19 @@ XDTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROWS = [1, 2, 3, 5, 9, 16, 17]  # groups of 8, 4, 2, 1 in the fused kernel; 17 takes dequantize + MKL
 
 
-@pytest.fixture(params=["extension", "torch"])
+@pytest.fixture(params=["extension", "extension-threaded", "torch"])
 def path(request, monkeypatch):
-    """Run a test through the C++ kernels and again through the pure-torch fallback."""
-    if request.param == "extension":
+    """Run a test through the C++ kernels (one task, and row ranges split over two threads) and
+    again through the pure-torch fallback."""
+    if request.param.startswith("extension"):
         assert cpu.extension_available(), cpu._ext_state.get("error")
     else:
         monkeypatch.setattr(cpu, "_use_extension", lambda w: False)
+    if request.param == "extension-threaded":
+        monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 64)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     return request.param
 
 
@@ -184,7 +190,7 @@ def test_fused_kernel_portable_loop_for_any_k():
     for n, k, blocksize, dq in [(9, 33, 64, True), (20, 70, 128, False), (6, 200, 64, True)]:
         w = make_weight(n, k, blocksize, dq)
         x = torch.randn(3, k)
-        y = torch.ops.qkernels_cpu.gemm(x, *cpu._kernel_args(w), n, k)
+        y = torch.ops.qkernels_cpu.gemm(x, *cpu._kernel_args(w), n, k, 64)
         assert_close_to(y, reference(x, w), x, w, torch.float32)
 
 
