@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,35 +75,59 @@ class _CellCodebook:
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 index per element of the contiguous fp32 tensor `x` (flattened)."""
         base, threshold = self.tables(x.device)
-        bits = x.reshape(-1).view(torch.int32)
-        cell = bits.bitwise_right_shift(16).bitwise_and_(0xFFFF)
+        x = x.reshape(-1)
+        if x.device.type == "cpu":  # the high halves of little-endian fp32, widened: one op
+            cell = x.view(torch.uint16)[1::2].to(torch.int32)
+        else:
+            cell = x.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0xFFFF)
         codes = base.index_select(0, cell)
-        codes += (x.reshape(-1) > threshold.index_select(0, cell)).view(torch.uint8)  # bool is one byte, 0/1
+        codes += (x > threshold.index_select(0, cell)).view(torch.uint8)  # bool is one byte, 0 or 1
         return codes
 
 
 _NF4_CELLS = _CellCodebook(_NF4_MIDPOINTS)
 
-# The quantizer works in chunks of whole blocks (~1M elements on CPU: large enough that per-op
-# overhead vanishes, small enough that the temporaries stay in cache), which
-# `torch.get_num_threads()` Python threads take in turn. ATen also splits each op over its
-# threads and waits for all of them after every op; on a busy machine one descheduled thread
-# stalls that wait, and the other Python thread's chunk keeps the cores working meanwhile
-# (measured: 2-3x less wall time than one thread of chunks). On a GPU the tensor is one chunk.
-_CPU_CHUNK_ELEMENTS = 1 << 20
+# How the quantizer spreads work over CPU threads. It is ~12 short ops per chunk of ~1M elements
+# (temporaries that fit in cache). ATen splits each op over its threads and waits for all of them
+# after every op; on a busy machine each wait costs a descheduled thread's time slice (measured on
+# SmolLM2's linears, 2 shared cores: 20 s wall instead of 2 s). So chunks go to a pool of
+# `torch.get_num_threads()` Python threads whose ATen ops run single-threaded: each worker sets its
+# own thread count to 1 (OpenMP keeps it per thread), then the process-wide setting is restored.
+# One thread: chunks run inline. A GPU takes the tensor as one chunk.
+_CHUNK_ELEMENTS = 1 << 20
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): a forked child makes its own
 
 
-def _map_chunks(fn, starts: range, device: torch.device) -> None:
+def _single_threaded_worker(started: threading.Barrier) -> None:
+    torch.get_num_threads()  # ATen sets a thread up on its first call; do it now so that 1 sticks
+    torch.set_num_threads(1)
+    started.wait()
+
+
+def _worker_pool(threads: int) -> ThreadPoolExecutor:
     global _pool
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(starts) == 1:
-        for start in starts:
-            fn(start)
-        return
     if _pool is None or _pool[:2] != (os.getpid(), threads):
-        _pool = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="nf4-quantize"))
-    for _ in _pool[2].map(fn, starts):
+        started = threading.Barrier(threads + 1)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="qformats-nf4", initializer=_single_threaded_worker,
+                                  initargs=(started,))  # fmt: skip
+        for _ in range(threads):
+            pool.submit(int)  # every submit while the others wait in the barrier starts one more worker
+        started.wait()
+        torch.set_num_threads(threads)  # the setter is also process-wide (threads started later): restore it
+        _pool = (os.getpid(), threads, pool)
+    return _pool[2]
+
+
+def _for_chunks(fn, n: int, unit: int, device: torch.device) -> None:
+    """Call `fn(start, end)` over `[0, n)` in chunks of whole units of `unit` elements."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    step = max(1, min(_CHUNK_ELEMENTS // unit, -(-n // threads))) if device.type == "cpu" else max(n, 1)
+    starts = range(0, n, step)
+    if threads == 1 or len(starts) <= 1:
+        for start in starts:
+            fn(start, min(start + step, n))
+        return
+    for _ in _worker_pool(threads).map(lambda start: fn(start, min(start + step, n)), starts):
         pass
 
 
@@ -271,10 +296,16 @@ def quantize_absmax_dq(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOC
     n = centered.numel()
     blocks = _pad_to_blocks(centered, nested_blocksize).view(-1, nested_blocksize)
     nested_absmax = _blockwise_absmax(centered, nested_blocksize)
-    scaled = blocks * (1.0 / nested_absmax).unsqueeze(1)  # an all-equal block: 0 * inf = NaN, coded as 0
-    # Nearest value = number of midpoints strictly below the value (a tie takes the lower index).
-    codes = _DYNAMIC_CELLS.codes(scaled.reshape(-1)[:n])
-    return codes, nested_absmax, float(offset)
+    recip = 1.0 / nested_absmax
+    codes = torch.empty(blocks.shape, dtype=torch.uint8, device=absmax.device)
+
+    def chunk(start: int, end: int) -> None:
+        scaled = blocks[start:end] * recip[start:end].unsqueeze(1)  # all-equal block: 0 * inf = NaN, coded as 0
+        # Nearest value = number of midpoints strictly below the value (a tie takes the lower index).
+        codes[start:end] = _DYNAMIC_CELLS.codes(scaled).view(-1, nested_blocksize)
+
+    _for_chunks(chunk, blocks.shape[0], nested_blocksize, absmax.device)
+    return codes.view(-1)[:n], nested_absmax, float(offset)
 
 
 def dequantize_absmax(w: NF4Weight) -> torch.Tensor:
@@ -301,15 +332,13 @@ def quantize_nf4(
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
     packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=flat.device)
     # Whole blocks in chunks; blocksize is even, so each chunk fills whole bytes.
-    rows = max(1, _CPU_CHUNK_ELEMENTS // blocksize) if flat.device.type == "cpu" else max(n_full, 1)
     blocks = flat[: n_full * blocksize].view(n_full, blocksize)
     half = blocksize // 2
 
-    def chunk(r: int) -> None:
-        end = min(r + rows, n_full)
-        _quantize_blocks(blocks[r:end], absmax[r:end], packed[r * half : end * half])
+    def chunk(start: int, end: int) -> None:
+        _quantize_blocks(blocks[start:end], absmax[start:end], packed[start * half : end * half])
 
-    _map_chunks(chunk, range(0, n_full, rows), flat.device)
+    _for_chunks(chunk, n_full, blocksize, flat.device)
     if n % blocksize:
         # The partial last block, padded with zeros: they leave its absmax alone and take code 7,
         # which is also what the unused low nibble of an odd-length weight holds (as in bitsandbytes).
@@ -343,9 +372,7 @@ def _quantize_blocks(blocks: torch.Tensor, absmax_out: torch.Tensor, packed_out:
     # type promotion first, exactly like `.float()`.
     normed = blocks * torch.reciprocal(absmax_out).unsqueeze(1)
     codes = _NF4_CELLS.codes(normed)
-    # Element 2k in the high nibble of byte k: read pairs as little-endian int16 (2k low, 2k+1 high).
-    pairs = codes.view(torch.int16)
-    packed_out.copy_((pairs << 4) | (pairs >> 8))  # the int16 -> uint8 copy keeps the low byte
+    torch.add(codes[1::2], codes[0::2], alpha=16, out=packed_out)  # element 2k in the high nibble of byte k
 
 
 def unpack_nf4_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
