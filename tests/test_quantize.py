@@ -157,13 +157,27 @@ def test_smollm2_every_linear_matches_bitsandbytes(tmp_path, smollm2_fp16_dir):
 
 
 def test_smollm2_logits_match_transformers_bnb(tmp_path, smollm2_fp16_dir):
+    """Over 30 layers, the ~0.2% of 8-bit scale codes where bitsandbytes' CPU lookup table misses the
+    nearest value add up: logits differ by ~1.2e-3 relative (norm; ~3.6e-3 in the max). With bnb's scale
+    codes swapped in they are bit-identical, and ours are no further from the unquantized model."""
     quantize_checkpoint(smollm2_fp16_dir, tmp_path / "nf4", compute_dtype="float32", progress=False)
     ref = AutoModelForCausalLM.from_pretrained(smollm2_fp16_dir, quantization_config=bnb_config())
     ref.save_pretrained(tmp_path / "bnb")
     del ref
-    ref, ours = load_fp32(tmp_path / "bnb"), load_fp32(tmp_path / "nf4")
-    a, b = logits(ours, 49152), logits(ref, 49152)
-    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-3
+    a, b = logits(load_fp32(tmp_path / "nf4"), 49152), logits(load_fp32(tmp_path / "bnb"), 49152)
+    full = logits(AutoModelForCausalLM.from_pretrained(smollm2_fp16_dir, dtype=torch.float32), 49152)
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm()).item()
+
+    assert rel(a, b) <= 2e-3
+    assert rel(a, full) <= rel(b, full) * 1.001
+    swapped = load_fp32(tmp_path / "nf4")
+    theirs = load_tensors(tmp_path / "bnb")
+    for name, module in swapped.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            module.weight.quant_state.absmax = theirs[f"{name}.weight.absmax"]
+    assert torch.equal(logits(swapped, 49152), b)
     info = inspect_checkpoint(tmp_path / "nf4", verify=True)
     assert info.format == "nf4" and info.layers == 30 and info.manifest == "verified"
     assert len(info.quantized_tensors) == 210
