@@ -7,10 +7,10 @@ once, kept in memory). Before each forward the engine says which adapter each ro
 
     y[b] = base(x[b]) + scale[a_b] * (x[b] @ A[a_b].T) @ B[a_b].T
 
-with the rows of the batch gathered per adapter: one pair of small matmuls per adapter present in
-the batch (rows without an adapter cost nothing). This is the CPU torch path; on GPU a Triton
-gather kernel (punica-style BGMV, one launch for all adapters) would replace the per-adapter loop
-via qkernels - not written yet, the torch path runs there too.
+as two small matmuls per linear whatever the mix of adapters in the batch (the A and B of the
+adapters present are stacked, and a per-row mask keeps each row's own rank columns; see
+`MultiLoRALinear`). This is the CPU torch path; on GPU a Triton gather kernel (punica-style
+BGMV/SGMV via qkernels) would avoid the masked columns - not written yet, the torch path runs there.
 
 Adapters are PEFT LoRA folders (adapter_config.json + adapter_model.safetensors); scaling is
 `lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA), as PEFT computes it.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qformats.errors import QError
@@ -54,44 +55,74 @@ class LoRAAdapter:
 
 
 class RowAdapters:
-    """Which adapter each row of the current forward uses, grouped once per forward for all layers."""
+    """Which adapter each row of the current forward uses; shared by every wrapped linear of the model."""
 
     def __init__(self):
-        self.groups: list[tuple[int, torch.Tensor | None]] = []  # (adapter id, rows; None = every row)
+        self.ids: list[int] = []
+        self.present: tuple[int, ...] = ()  # distinct adapters in the batch (BASE excluded), first-seen order
+        self.uniform: int | None = BASE  # the one adapter of every row, if they all share one (or all BASE)
+        self.device: torch.device | None = None
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def set(self, ids: list[int], device: torch.device) -> None:
-        by_id: dict[int, list[int]] = {}
-        for row, aid in enumerate(ids):
-            if aid != BASE:
-                by_id.setdefault(aid, []).append(row)
-        if len(by_id) == 1 and len(next(iter(by_id.values()))) == len(ids):
-            self.groups = [(next(iter(by_id)), None)]
-        else:
-            self.groups = [(aid, torch.tensor(rows, device=device)) for aid, rows in by_id.items()]
+        self.ids, self.device, self._masks = list(ids), device, {}
+        self.present = tuple(dict.fromkeys(a for a in ids if a != BASE))
+        self.uniform = ids[0] if ids and all(a == ids[0] for a in ids) else None
+
+    def clear(self) -> None:
+        self.set([], self.device)
+        self.uniform = BASE
+
+    def mask(self, adapters: tuple[int, ...], ranks: tuple[int, ...]) -> torch.Tensor:
+        """[B, 1, sum(ranks)]: 1 where a row's own adapter owns the column, 0 elsewhere (cached per forward)."""
+        key = (adapters, ranks)
+        if key not in self._masks:
+            m = torch.zeros(len(self.ids), 1, sum(ranks))
+            offsets = dict(zip(adapters, (sum(ranks[:i]) for i in range(len(ranks)))))
+            for row, aid in enumerate(self.ids):
+                if aid in offsets:
+                    m[row, 0, offsets[aid] : offsets[aid] + ranks[adapters.index(aid)]] = 1
+            self._masks[key] = m.to(self.device)
+        return self._masks[key]
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen base linear (nn.Linear or NF4Linear) plus any number of LoRA adapters, chosen per row."""
+    """A frozen base linear (nn.Linear or NF4Linear) plus any number of LoRA adapters, chosen per row.
+
+    With one adapter for the whole batch: `y + (x A^T) (s B)^T`. With several, the A of the adapters
+    present are stacked (cached per set of adapters), so two matmuls serve every row whatever the mix:
+    `y + ((x A_cat^T) * mask) B_cat^T`, the mask keeping each row's own rank columns.
+    """
 
     def __init__(self, base: nn.Module, rows: RowAdapters):
         super().__init__()
         self.base = base
         self.rows = rows
-        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A [r, in], scale * B [out, r])
+        self.stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for aid, rows in self.rows.groups:
-            lora = self.adapters.get(aid)
-            if lora is None:  # this adapter does not target this module
-                continue
-            a, b, scale = lora
-            if rows is None:
-                y = y + scale * ((x @ a.T) @ b.T)
-            else:
-                y = y.index_add(0, rows, (x.index_select(0, rows) @ a.T) @ b.T, alpha=scale)
-        return y
+        rows = self.rows
+        # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
+        if rows.uniform is not None:
+            lora = self.adapters.get(rows.uniform)
+            return y if lora is None else y + F.linear(F.linear(x, lora[0]), lora[1])
+        present = tuple(a for a in rows.present if a in self.adapters)
+        if not present:
+            return y
+        a_cat, b_cat, ranks = self._stack(present)
+        return y + F.linear(F.linear(x, a_cat) * rows.mask(present, ranks), b_cat)
+
+    def _stack(self, present: tuple[int, ...]):
+        if present not in self.stacked:
+            if len(self.stacked) >= 32:  # many different mixes: keep memory bounded
+                self.stacked.clear()
+            pairs = [self.adapters[a] for a in present]
+            self.stacked[present] = (torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs], dim=1),
+                                     tuple(a.shape[0] for a, _ in pairs))  # fmt: skip
+        return self.stacked[present]
 
 
 class MultiLoRA:
@@ -129,15 +160,18 @@ class MultiLoRA:
         aid, self._next_id = self._next_id, self._next_id + 1
         for module, (a, b) in adapter.weights.items():
             layer = self._wrap(module)
-            a, b = a.to(self.device, self.dtype), b.to(self.device, self.dtype)
-            layer.adapters[aid] = (a, b, adapter.scale[module])
+            a, b = a.to(self.device, self.dtype), b.to(self.device, self.dtype) * adapter.scale[module]
+            layer.adapters[aid] = (a.contiguous(), b.contiguous())
+            layer.stacked.clear()
         self.adapters[aid] = adapter
         return aid
 
     def remove(self, aid: int) -> None:
         adapter = self.adapters.pop(aid)
         for module in adapter.weights:
-            self.model.get_submodule(module).adapters.pop(aid, None)
+            layer = self.model.get_submodule(module)
+            layer.adapters.pop(aid, None)
+            layer.stacked.clear()
 
     def _wrap(self, module: str) -> MultiLoRALinear:
         target = self.model.get_submodule(module)
@@ -155,5 +189,5 @@ class MultiLoRA:
         try:
             yield
         finally:
-            self.rows.groups = []
+            self.rows.clear()
 

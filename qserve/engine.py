@@ -355,7 +355,7 @@ class Engine:
                 req.pos = len(req.prompt_ids)
                 self._advance(req, row_logits)
         with self._lock:
-            decoding = [r for r in self.running.values() if not r.done and not r.cancelled]
+            decoding = sorted((r for r in self.running.values() if not r.done and not r.cancelled), key=lambda r: r.slot)
         if decoding:
             self.metrics.batch_size = len(decoding)
             logits = self._forward_isolated(decoding, self._decode_forward)
@@ -380,7 +380,10 @@ class Engine:
     def _decode_forward(self, reqs: list[Request]) -> torch.Tensor:
         dev = self.device
         tokens = torch.tensor([r.pending for r in reqs], device=dev)
-        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        # Rows in slots 0..B-1 in order (the usual case: free slots are taken lowest first) read the cache
+        # as a view; other sets of slots gather their rows.
+        contiguous = all(r.slot == i for i, r in enumerate(reqs))
+        slots = None if contiguous else torch.tensor([r.slot for r in reqs], device=dev)
         positions = torch.tensor([r.pos for r in reqs], device=dev)
         with self.lora.use([r.adapter_id for r in reqs]):
             return self.model.decode(tokens, slots, positions, kv_len=max(r.pos for r in reqs) + 1)

@@ -3,8 +3,8 @@
 Routes, with OpenAI's (and vLLM's) request and response shapes:
 - `GET /v1/models`: the base model and every loaded adapter (an adapter's `parent` is the base);
 - `POST /v1/completions`, `POST /v1/chat/completions` (messages through the model's chat template):
-  `max_tokens` (chat: also `max_completion_tokens`), `temperature` [0, 2], `top_p` (0, 1], `top_k`,
-  `stop`, `seed`, `n` = 1, `stream` (server-sent events of `*.chunk` objects, then `data: [DONE]`;
+  `max_tokens` (chat: also `max_completion_tokens`), `temperature` [0, 2], `top_p` (0, 1], `stop`,
+  `seed`, `n` = 1, vLLM's `top_k` and `ignore_eos`, `stream` (server-sent events of `*.chunk` objects, then `data: [DONE]`;
   `stream_options.include_usage` adds a last chunk with the token counts), `usage` in every answer;
   the request's `model` picks the base (its served name) or an adapter (its name);
 - `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}` and `POST /v1/unload_lora_adapter`
@@ -237,9 +237,12 @@ def sampling_params(body: dict, prompt_len: int, max_model_len: int, chat: bool)
     for key in ("frequency_penalty", "presence_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise bad_field(key, f"{key} is not supported by this server (leave it 0)")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: always generate max_tokens (benchmarks)
+    if not isinstance(ignore_eos, bool):
+        raise bad_field("ignore_eos", "ignore_eos must be true or false")
     return SamplingParams(max_new_tokens=max_tokens, temperature=number("temperature", 1.0, 0, 2),
                           top_p=number("top_p", 1.0, 0, 1, lo_open=True), top_k=max(top_k, 0), seed=seed,
-                          stop=stop)  # fmt: skip
+                          stop=stop, stop_token_ids=() if ignore_eos else None)  # fmt: skip
 
 
 async def generate(request: Request, state: ServerState, body: dict, ids: list[int], adapter: str | None,
