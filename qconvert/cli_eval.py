@@ -39,5 +39,5 @@ def eval_cmd(model_path, text_file, context, stride, dtype, device, revision, as
         click.echo(json.dumps(result.to_dict()))
     else:
         click.echo(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
-                   f"({result.windows} windows of {result.context}, stride {result.stride}); "
+                   f"({result.windows} window{'s' if result.windows != 1 else ''} of {result.context}, stride {result.stride}); "
                    f"{result.tokens_per_s:.0f} tokens/s")  # fmt: skip

@@ -363,11 +363,17 @@ class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # nn.Embedding's own init (normal_) on the meta device imports torch's Python decompositions
+        # (~140 MB of resident memory for nothing: the loader overwrites the weight); initialise real tensors only.
+        weight = torch.empty(args.vocab_size, args.hidden_size)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=weight)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.gradient_checkpointing = False
-        inv_freq, self.rope_scale = rope_inv_freq(args)
+        # On the CPU even when built on the meta device: torch's meta arange imports sympy (~140 MB resident).
+        inv_freq, self.rope_scale = rope_inv_freq(args, "cpu")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_rope(self, device: torch.device | str) -> None:

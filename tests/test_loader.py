@@ -178,3 +178,22 @@ def test_hub_id_revision_and_offline(tmp_path, monkeypatch):
     assert torch.equal(load_model("tester/tiny-nf4")(tokens), local)  # from the cache, no Hub
     with pytest.raises(QError, match="tester/other"):
         load_model("tester/other")
+
+
+def test_nf4_model_backward_equals_transformers_bitsandbytes(tmp_path):
+    """LoRA training needs gradients through the frozen 4-bit base: to the norms and to the input embeddings."""
+    folder = nf4_folder(tmp_path, "llama", torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ours = load_model(folder)
+    tokens = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for model in (ours, ref):
+        model.train()
+        model.model.norm.weight.requires_grad_(True)
+        model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+        out = model(tokens)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        logits.square().mean().backward()
+        grads.append([model.model.norm.weight.grad, model.model.layers[0].input_layernorm.weight.grad])
+    for g_ours, g_ref in zip(*grads):
+        assert rel_err(g_ours, g_ref) < 1e-3

