@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny, save_tiny_tokenizer
 
 from qconvert.cli import main as qconvert_main
+from qconvert.data.check_answer_format import FORMAT, answers, format_rate, held_out_questions
 from qconvert.finetune import FinetuneConfig, finetune
 from qconvert.lm_loss import causal_lm_loss
 from qconvert.quantize import quantize_checkpoint
@@ -26,6 +27,7 @@ from qserve.lora import ALL_LINEAR, apply_lora, load_lora, lora_parameters
 from qserve.tokenizer import Tokenizer
 
 BIN = Path(sys.executable).parent
+DATA = Path(__file__).resolve().parents[1] / "qconvert" / "data"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "capital", "of", "France", "is", "Paris",
          "numbers", "main", "return"]  # fmt: skip
 
@@ -260,3 +262,21 @@ def test_float_base_trains_plain_lora_with_a_note(tiny, tmp_path):
     result = finetune(cfg(tiny, tmp_path / "out", model=str(tiny / "fp"), steps=2), echo=notes.append)
     assert any("not an NF4 checkpoint" in n and "plain LoRA" in n for n in notes)
     assert result.output.is_dir() and len(adapter(result.output)) == 2 * 7 * 2
+
+
+def test_shipped_dataset_teaches_the_answer_format(smollm2_fp16_dir, tmp_path):
+    """The demo's claim, measured on SmolLM2 NF4 with the held-out split: a short CPU run (8 steps of 8
+    examples) cuts the held-out eval loss by >= 30% and makes >= 80% of answers `ANSWER: <word>` (< 10% before)."""
+    nf4 = tmp_path / "nf4"
+    quantize_checkpoint(smollm2_fp16_dir, nf4, progress=False)
+    questions = held_out_questions()
+    assert len(questions) >= 40
+    before = answers(nf4, questions, max_new_tokens=8)
+    assert format_rate(before) < 0.10, before[:5]
+    result = finetune(FinetuneConfig(model=str(nf4), data=str(DATA / "answer_format_train.jsonl"),
+                                     eval_file=str(DATA / "answer_format_eval.jsonl"), output=str(tmp_path / "adapter"),
+                                     rank=16, alpha=16, lr=2e-3, warmup_ratio=0.0, steps=8, batch_size=8,
+                                     max_seq_len=128, gradient_checkpointing=False, progress=False))  # fmt: skip
+    assert result.eval_loss_after <= 0.7 * result.eval_loss_before, (result.eval_loss_before, result.eval_loss_after)
+    after = answers(nf4, questions, tmp_path / "adapter", max_new_tokens=8)
+    assert format_rate(after) >= 0.80, [a for a in after if not FORMAT.fullmatch(a[0])][:5]
