@@ -292,6 +292,7 @@ class _Run:
             "dtype": str(self.dtype),
         }  # fmt: skip
         self.step, self.epoch, self.index, self.history = 0, 0, 0, []
+        self.pressure = False  # set by an out-of-memory error: evict optimizer pages after every step
         self.eval_before = None
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
@@ -342,8 +343,7 @@ class _Run:
             if not mine:
                 continue
             tokens, labels = collate([self.train.examples[i] for i in mine], self.pad_id, self.device)
-            loss = causal_lm_loss(self.model, tokens, labels, n_tokens)
-            loss.backward()
+            loss = self._forward_backward(tokens, labels, n_tokens)
             loss_sum += loss.detach().double().cpu()
             seen += sum(len(self.train.examples[i].input_ids) for i in mine)
         if self.dist.world > 1:
@@ -359,6 +359,8 @@ class _Run:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        if self.pressure:  # after an out-of-memory: optimizer pages go home between steps, activations get the room
+            self.optimizer.evict()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -366,6 +368,27 @@ class _Run:
                  "tokens": seen, "seconds": time.perf_counter() - t0, "trained_tokens": n_tokens}  # fmt: skip
         self.history.append(entry)
         return entry
+
+    def _forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """One micro-batch. Out of memory: evict the optimizer's resident pages first and retry once,
+        when no gradient has been accumulated yet in this step (a retry would count it twice)."""
+        try:
+            loss = causal_lm_loss(self.model, tokens, labels, n_tokens)
+            loss.backward()
+            return loss
+        except torch.OutOfMemoryError:
+            if self.pressure or any(p.grad is not None for p in self.params):
+                raise QError(f"out of memory on {self.device} even with the optimizer state evicted: lower "
+                             "--batch-size or --max-seq-len, or turn gradient checkpointing on") from None  # fmt: skip
+        freed = self.optimizer.evict()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.pressure = True
+        self.note(f"out of memory: evicted {freed / 2**20:.0f} MiB of optimizer pages to host memory and retried; "
+                  "they now stay there between steps")  # fmt: skip
+        loss = causal_lm_loss(self.model, tokens, labels, n_tokens)
+        loss.backward()
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -115,7 +115,8 @@ class PagedAdamW(torch.optim.Optimizer):
     """AdamW with paged 32-bit or 8-bit state under a device-memory budget.
 
     `budget_bytes=None` means whatever is free: on CUDA the free device memory at construction,
-    on CPU unlimited (pages used in place, no copies). `page_bytes` is the size of one page.
+    on CPU unlimited (pages used in place, no copies). `page_bytes` is the size of one page (at
+    most half the budget: pages shrink to fit a small one).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -138,6 +139,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise QError(f"parameter {i} of shape {list(p.shape)} is not contiguous")
         self._steps = [0] * len(self._params)
         self._bits = [8 if optim_bits == 8 and p.numel() >= min_8bit_size else 32 for p in self._params]
+        if budget_bytes is not None and page_bytes > budget_bytes // 2:
+            page_bytes = max(budget_bytes // 2, 8 * BLOCKSIZE)  # two pages fit: one in use, one prefetched
         self._elems = {32: _round_down(page_bytes // 8), 8: _round_down(page_bytes * BLOCKSIZE // (2 * BLOCKSIZE + 8))}
         self.page_bytes = {bits: _page_bytes(bits, e) for bits, e in self._elems.items()}
         self._pages: list[_Page] = []

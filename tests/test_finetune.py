@@ -280,3 +280,24 @@ def test_shipped_dataset_teaches_the_answer_format(smollm2_fp16_dir, tmp_path):
     assert result.eval_loss_after <= 0.7 * result.eval_loss_before, (result.eval_loss_before, result.eval_loss_after)
     after = answers(nf4, questions, tmp_path / "adapter", max_new_tokens=8)
     assert format_rate(after) >= 0.80, [a for a in after if not FORMAT.fullmatch(a[0])][:5]
+
+
+def test_out_of_memory_evicts_optimizer_pages_and_retries(tiny, tmp_path, monkeypatch):
+    """A memory spike (OutOfMemoryError in a forward pass) evicts the paged optimizer state first and retries."""
+    import qconvert.finetune as ft
+
+    normal = finetune(cfg(tiny, tmp_path / "normal", optimizer_budget=1 << 16, dropout=0.0))
+    calls, real = [], ft.causal_lm_loss
+
+    def spiky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("simulated spike")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ft, "causal_lm_loss", spiky)
+    notes = []
+    spiked = finetune(cfg(tiny, tmp_path / "spiked", optimizer_budget=1 << 16, dropout=0.0), echo=notes.append)
+    assert any("evicted" in n and "MiB of optimizer pages" in n for n in notes), notes
+    assert spiked.steps == normal.steps
+    assert_adapters_close(tmp_path / "spiked", tmp_path / "normal", 0.0)

@@ -151,6 +151,8 @@ def test_bad_input(tmp_path):
     params = make_params()
     with pytest.raises(QError, match="smaller than one page"):
         PagedAdamW(params, page_bytes=4096, budget_bytes=1000)
+    small = PagedAdamW(params, budget_bytes=10_000)  # the 1 MiB default page shrinks to fit the budget
+    assert max(small.page_bytes.values()) <= 5_000
     with pytest.raises(QError, match="8 or 32"):
         PagedAdamW(params, optim_bits=4)
     opt8 = PagedAdamW(params, optim_bits=8)
