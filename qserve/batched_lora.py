@@ -74,14 +74,14 @@ class RowAdapters:
         self.uniform = BASE
 
     def mask(self, adapters: tuple[int, ...], ranks: tuple[int, ...]) -> torch.Tensor:
-        """[B, 1, sum(ranks)]: 1 where a row's own adapter owns the column, 0 elsewhere (cached per forward)."""
+        """[B, sum(ranks)]: 1 where a row's own adapter owns the column, 0 elsewhere (cached per forward)."""
         key = (adapters, ranks)
         if key not in self._masks:
-            m = torch.zeros(len(self.ids), 1, sum(ranks))
+            m = torch.zeros(len(self.ids), sum(ranks))
             offsets = dict(zip(adapters, (sum(ranks[:i]) for i in range(len(ranks)))))
             for row, aid in enumerate(self.ids):
                 if aid in offsets:
-                    m[row, 0, offsets[aid] : offsets[aid] + ranks[adapters.index(aid)]] = 1
+                    m[row, offsets[aid] : offsets[aid] + ranks[adapters.index(aid)]] = 1
             self._masks[key] = m.to(self.device)
         return self._masks[key]
 
@@ -108,12 +108,22 @@ class MultiLoRALinear(nn.Module):
         # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
         if rows.uniform is not None:
             lora = self.adapters.get(rows.uniform)
-            return y if lora is None else y + F.linear(F.linear(x, lora[0]), lora[1])
+            return y if lora is None else self._add(y, F.linear(x, lora[0]), lora[1])
         present = tuple(a for a in rows.present if a in self.adapters)
         if not present:
             return y
         a_cat, b_cat, ranks = self._stack(present)
-        return y + F.linear(F.linear(x, a_cat) * rows.mask(present, ranks), b_cat)
+        mask = rows.mask(present, ranks)
+        mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # rows first, ranks last
+        return self._add(y, F.linear(x, a_cat) * mask, b_cat)
+
+    @staticmethod
+    def _add(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """y + h @ b.T; in place into the base output when no gradient is wanted (one op, no temporary)."""
+        if torch.is_grad_enabled() or not y.is_contiguous():
+            return y + F.linear(h, b)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T)
+        return y
 
     def _stack(self, present: tuple[int, ...]):
         if present not in self.stacked:

@@ -106,7 +106,7 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
     from qserve.server import build_server, run_server
 
     app, engine = build_server(model, named, served_model_name=served_model_name, max_batch=max_batch,
-                               max_queue=max_queue, max_model_len=max_model_len or _default_len(model, revision),
+                               max_queue=max_queue, max_model_len=max_model_len,
                                dtype=parse_dtype(dtype), device=device, revision=revision, progress=True)  # fmt: skip
     state = app.state.qserve
     names = ", ".join([state.model_name, *engine.adapter_ids])
@@ -117,11 +117,3 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
         return
     run_server(app, engine, host, port)
 
-
-def _default_len(model: str, revision: str | None) -> int:
-    """The model's context, capped at 2048 so the static KV cache of every slot stays modest on CPU."""
-    from qformats.checkpoint import load_config
-    from qserve.loader import resolve_model_dir
-    from qserve.model import ModelArgs
-
-    return min(ModelArgs.from_config(load_config(resolve_model_dir(model, revision))).max_position_embeddings, 2048)

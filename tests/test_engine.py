@@ -203,14 +203,14 @@ def test_a_failing_request_does_not_take_down_the_others(served, engine, monkeyp
     _, folder, _, root = served
     # 1) its client raises when given an event; 2) the model raises on a forward that contains token 250.
     broken = engine.submit([3, 4], SamplingParams(max_new_tokens=30), emit=lambda e: 1 / 0)
-    real_forward = engine.model.forward
+    real_forward = engine.model.model.forward
 
     def forward(tokens, *args, **kwargs):
         if (tokens == 250).any():
             raise RuntimeError("poisoned row")
         return real_forward(tokens, *args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", forward)
+    monkeypatch.setattr(engine.model.model, "forward", forward)
     results = {}
 
     def run(key, prompt):
