@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import click
 
 from qserve.export import export_merged
@@ -21,7 +24,10 @@ from qserve.export import export_merged
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 2GB.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, revision, force):
+@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", default=None,
+              help="When done, publish OUT with its model card (`qconvert push OUT REPO_ID`).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, revision, force, push_repo, private):
     """Dequantize the base, merge the adapter in fp32 and save an HF checkpoint.
 
     The result loads in transformers (AutoModelForCausalLM.from_pretrained) and vLLM as a plain
@@ -35,3 +41,11 @@ def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, re
     summary = export_merged(model, out, adapter, dtype=dtype, requantize=requantize, eval_text=eval_text,
                             shard_size=shard_size, force=force, revision=revision)  # fmt: skip
     click.echo(summary.describe())
+    if push_repo:
+        # Publishing lives in qconvert, a layer above qserve: run it as its own command, not an import.
+        cmd = [sys.executable, "-m", "qconvert", "push", str(out), push_repo] + (["--private"] if private else [])
+        code = subprocess.run(cmd, check=False).returncode
+        if code:
+            click.echo(f"error: {out} is complete, but pushing it failed; retry with: qconvert push {out} {push_repo}",
+                       err=True)  # fmt: skip
+            sys.exit(code)

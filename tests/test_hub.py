@@ -520,3 +520,18 @@ def test_runtime_takes_model_and_adapter_by_hub_id(hub, original, adapter, tmp_p
     assert load_lora(remote, "tester/lora-by-id") == load_lora(load_model(original), adapter)
     with torch.no_grad():
         assert torch.equal(remote(tokens), local(tokens))
+
+
+def test_qserve_export_push_to_hub(hub, original, adapter, tmp_path, monkeypatch):
+    from qserve.cli import main as qserve_main
+
+    monkeypatch.setenv("HF_TOKEN", GOOD)
+    out = tmp_path / "merged-out"
+    result = CliRunner().invoke(qserve_main, ["export", "--model", str(original), "--adapter", str(adapter),
+                                              "--out", str(out), "--push-to-hub", "tester/merged"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    remote = hub.files("tester/merged")
+    for p in out.iterdir():
+        if p.name != "README.md":
+            assert remote[p.name] == p.read_bytes()
+    assert ModelCard(remote["README.md"].decode()).data.library_name == "transformers"
