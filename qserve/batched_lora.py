@@ -86,6 +86,19 @@ class RowAdapters:
         return self._masks[key]
 
 
+@contextmanager
+def _one_thread(device: torch.device):
+    """Run the LoRA matmuls on one CPU thread: they are tiny, and waking a second OpenMP thread for
+    each cost more than the matmul (~2x the epilogue's time, measured on this repo's 2-core CPU)."""
+    n = torch.get_num_threads() if device.type == "cpu" else 1
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
 class MultiLoRALinear(nn.Module):
     """A frozen base linear (nn.Linear or NF4Linear) plus any number of LoRA adapters, chosen per row.
 
@@ -105,17 +118,23 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.rows
-        # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
         if rows.uniform is not None:
             lora = self.adapters.get(rows.uniform)
-            return y if lora is None else self._add(y, F.linear(x, lora[0]), lora[1])
-        present = tuple(a for a in rows.present if a in self.adapters)
-        if not present:
-            return y
-        a_cat, b_cat, ranks = self._stack(present)
-        mask = rows.mask(present, ranks)
-        mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # rows first, ranks last
-        return self._add(y, F.linear(x, a_cat) * mask, b_cat)
+            if lora is None:
+                return y
+            a, b = lora
+            mask = None
+        else:
+            present = tuple(a for a in rows.present if a in self.adapters)
+            if not present:
+                return y
+            a, b, ranks = self._stack(present)
+            mask = rows.mask(present, ranks)
+            mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # rows first, ranks last
+        # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
+        with _one_thread(x.device):
+            h = F.linear(x, a)
+            return self._add(y, h if mask is None else h * mask, b)
 
     @staticmethod
     def _add(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
