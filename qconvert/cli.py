@@ -30,10 +30,10 @@ main.add_command(quantize)
 from qconvert.cli_inspect import inspect
 
 main.add_command(inspect)
-from qconvert.cli_push import push  # noqa: E402
+from qconvert.cli_push import push
 
 main.add_command(push)
-from qconvert.cli_import_gguf import import_gguf_command  # noqa: E402
+from qconvert.cli_import_gguf import import_gguf_command
 
 main.add_command(import_gguf_command)
 from qconvert.cli_eval import eval_cmd
