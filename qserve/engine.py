@@ -195,6 +195,10 @@ class Engine:
         ids = [int(i) for i in prompt_ids]
         if not ids:
             raise QError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        if not all(0 <= i < vocab for i in ids):
+            raise QError(f"prompt token id {next(i for i in ids if not 0 <= i < vocab)} is outside the vocabulary "
+                         f"(0..{vocab - 1})")  # fmt: skip
         n, limit = len(ids), self.max_model_len
         if n >= limit:
             raise ContextTooLong(f"the prompt is {n} tokens, but the maximum context length is {limit} tokens "
