@@ -21,6 +21,7 @@ from test_engine import make_peft_adapter, tiny_served_model, wait_for
 
 from qconvert.quantize import quantize_checkpoint
 from qserve.cli import main as qserve_cli
+from qserve.cli_serve import parse_adapter_spec
 from qserve.engine import Engine
 from qserve.generate import Generator, SamplingParams
 from qserve.loader import load_model
@@ -295,3 +296,29 @@ def test_smollm2_nf4_end_to_end(smollm2_nf4):
         assert "".join(c.choices[0].delta.content or "" for c in stream) == text
     finally:
         server.close()
+
+
+def test_adapter_from_the_hub(live, alone, tiny, tmp_path, monkeypatch):
+    """`lora_path` / `--adapter` may be a Hub id: fetched through qformats.hub_pull (a fake Hub on 127.0.0.1)."""
+    from hub_server import FakeHub
+    from huggingface_hub import HfApi
+
+    _, root = tiny
+    hub = FakeHub(tokens={"hf_good": "tester"})
+    hub.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        api = HfApi(endpoint=hub.endpoint, token="hf_good")
+        api.create_repo("tester/a2-lora")
+        api.upload_folder(repo_id="tester/a2-lora", folder_path=str(root / "a2"))
+        name, source = parse_adapter_spec("tester/a2-lora")
+        r = httpx.post(live.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": source}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = live.client.completions.create(model="a2-lora", prompt="Hello", max_tokens=12, temperature=0)
+        assert got.choices[0].text == alone(alone.tokenizer.encode("Hello"), 12, "a2").text
+        r = httpx.post(live.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "tester/missing"})
+        assert r.status_code == 400 and "tester/missing" in r.json()["error"]["message"]
+    finally:
+        hub.stop()
