@@ -75,6 +75,7 @@ def batch(args, vocab: int):
 def worker_ours(args) -> dict:
     import torch
 
+    from qconvert.finetune import prepare_for_training
     from qconvert.lm_loss import causal_lm_loss
     from qconvert.paged_adamw import PagedAdamW
     from qserve.loader import load_model
@@ -83,8 +84,7 @@ def worker_ours(args) -> dict:
     device = "cuda" if args.gpu else "cpu"
     model = load_model(args.nf4, device=device, dtype=torch.bfloat16 if args.gpu else torch.float32)
     apply_lora(model, r=args.rank, alpha=args.rank, dropout=0.05, seed=0)
-    model.gradient_checkpointing = args.checkpointing
-    model.train()
+    prepare_for_training(model, args.checkpointing)  # what qconvert finetune does
     params = lora_parameters(model)
     opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)
     tokens = batch(args, model.args.vocab_size).to(device)

@@ -32,6 +32,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from qconvert import train_checkpoint as ckpt
+from qconvert.layer_stash import LayerStash
 from qconvert.lm_loss import causal_lm_loss, count_trained
 from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
@@ -177,6 +178,42 @@ def lr_factor(schedule: str, warmup: int, total: int):
     return f
 
 
+class LRSchedule:
+    """LambdaLR's contract for any optimizer with `param_groups`: lr = base lr x factor(steps taken)."""
+
+    def __init__(self, optimizer, factor):
+        self.optimizer, self.factor = optimizer, factor
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * self.factor(self.last_epoch)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch, self.base_lrs = int(state["last_epoch"]), list(state["base_lrs"])
+        self._apply()
+
+
+def prepare_for_training(model, gradient_checkpointing: bool) -> None:
+    """Training mode, checkpointing on or off, and (with it) the layer outputs kept in reused buffers."""
+    model.gradient_checkpointing = gradient_checkpointing
+    if gradient_checkpointing and not hasattr(model, "_layer_stash"):
+        model._layer_stash = LayerStash(model, model.model.layers)
+    model.train()
+
+
 def _validate(cfg: FinetuneConfig) -> None:
     for name in ("rank", "batch_size", "grad_accum", "max_seq_len"):
         if getattr(cfg, name) < 1:
@@ -269,8 +306,7 @@ class _Run:
 
         apply_lora(self.model, cfg.target_modules, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                    use_rslora=cfg.rslora, seed=cfg.seed)  # fmt: skip
-        self.model.gradient_checkpointing = cfg.gradient_checkpointing
-        self.model.train()
+        prepare_for_training(self.model, cfg.gradient_checkpointing)
         self.params = lora_parameters(self.model)
         self.optimizer = PagedAdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     optim_bits=cfg.optimizer_bits, budget_bytes=cfg.optimizer_budget)  # fmt: skip
@@ -280,7 +316,7 @@ class _Run:
         self.per_epoch = len(epoch_batches(self.lengths, self.step_batch, cfg.seed, 0))
         self.total = cfg.steps or max(1, math.ceil(cfg.epochs * self.per_epoch))
         self.warmup = math.ceil(cfg.warmup_ratio * self.total)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.schedule, self.warmup, self.total))
+        self.scheduler = LRSchedule(self.optimizer, lr_factor(cfg.schedule, self.warmup, self.total))
         self.fingerprint = {
             "data_sha256": _sha256(cfg.data), "eval": (_sha256(cfg.eval_file) if cfg.eval_file else cfg.eval_fraction),
             "model": str(cfg.model), "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,

@@ -111,8 +111,13 @@ def _page_bytes(bits: int, elems: int) -> int:
     return 8 * elems if bits == 32 else 2 * elems + 8 * (elems // BLOCKSIZE)
 
 
-class PagedAdamW(torch.optim.Optimizer):
+class PagedAdamW:
     """AdamW with paged 32-bit or 8-bit state under a device-memory budget.
+
+    The torch.optim.Optimizer interface (`param_groups`, `step`, `zero_grad`, `state_dict`,
+    `load_state_dict`) without subclassing it: constructing a torch Optimizer imports torch._dynamo,
+    sympy and triton (~150 MB resident), a tenth of a small model's whole training footprint.
+    torch's LR schedulers insist on a real Optimizer; set `group["lr"]` instead (qconvert.finetune does).
 
     `budget_bytes=None` means whatever is free: on CUDA the free device memory at construction,
     on CPU unlimited (pages used in place, no copies). `page_bytes` is the size of one page (at
@@ -126,7 +131,8 @@ class PagedAdamW(torch.optim.Optimizer):
             raise QError(f"optimizer state bits must be 8 or 32, not {optim_bits}")
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise QError(f"invalid AdamW hyperparameters: lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self.defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        self.param_groups = _groups(params, self.defaults)
         self.optim_bits, self.min_8bit_size = optim_bits, min_8bit_size
         self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
@@ -160,6 +166,14 @@ class PagedAdamW(torch.optim.Optimizer):
         self.resident_bytes = 0
         self.peak_resident_bytes = 0
         self.page_transfers = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
     # --- layout -------------------------------------------------------------------------------
 
@@ -405,6 +419,20 @@ class PagedAdamW(torch.optim.Optimizer):
             self.load_state_dict({"state": state, "param_groups": groups})
         except QError as e:
             raise QError(f"{path}: {e}") from None
+
+
+def _groups(params, defaults: dict) -> list[dict]:
+    """torch.optim's param groups: an iterable of tensors, or of dicts with "params" and overrides."""
+    params = list(params)
+    if not params:
+        raise QError("PagedAdamW got no parameters to optimize")
+    raw = params if isinstance(params[0], dict) else [{"params": params}]
+    groups = []
+    for g in raw:
+        group = {**defaults, **g, "params": list(g["params"])}
+        group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return groups
 
 
 def _adamw_32bit(param, grad, exp_avg, exp_avg_sq, group: dict, step: int) -> None:

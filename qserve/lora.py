@@ -56,6 +56,45 @@ class _FrozenNF4(torch.autograd.Function):
         return grad @ w, None
 
 
+class _LoRABranch(torch.autograd.Function):
+    """`scale * dropout(x) @ A.T @ B.T`, saving x (the same tensor the neighbouring LoRA layers and the model
+    save anyway), the `[tokens, r]` bottleneck and, with dropout, a bool keep-mask: never the dropped-out
+    fp32 copy of x that `nn.Dropout` + `nn.Linear` keep per layer (7 per decoder layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = None
+        if p > 0:  # the global RNG: checkpointing's recompute restores it, so the mask repeats exactly
+            keep = torch.rand(x2.shape, device=x.device) >= p
+            x2 = torch.where(keep, x2, 0)
+        u = x2.to(a.dtype) @ a.t()  # [tokens, r]
+        if p > 0:
+            u = u * (1.0 / (1 - p))  # inverted dropout's scale, applied to the small bottleneck
+        out = (u @ b.t()) * scale
+        ctx.save_for_backward(x, a, b, u, keep)
+        ctx.scale, ctx.p = scale, p
+        return out.view(*x.shape[:-1], b.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a, b, u, keep = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+        gu = (g @ b) * ctx.scale  # [tokens, r]
+        gb = (g.t() @ u) * ctx.scale if need[2] else None
+        if ctx.p > 0:
+            gu = gu * (1.0 / (1 - ctx.p))
+        ga = gx = None
+        if need[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            ga = gu.t() @ (torch.where(keep, x2, 0) if keep is not None else x2).to(a.dtype)
+        if need[0]:
+            gx = gu @ a
+            gx = (torch.where(keep, gx, 0) if keep is not None else gx).to(x.dtype).view_as(x)
+        return gx, ga, gb, None, None
+
+
 class LoRALinear(nn.Module):
     """A frozen base linear plus a trainable low-rank update (PEFT's `lora.Linear` semantics)."""
 
@@ -73,17 +112,20 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)  # PEFT's default init
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = float(dropout)  # on the LoRA input, in training mode only (nn.Dropout's semantics)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        # The LoRA branch first: in a checkpointed layer's recompute, torch stops once the last saved
+        # tensor is recomputed, so the final base matmul (down_proj's) is skipped.
+        lora = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
         if isinstance(self.base, NF4Linear) and torch.is_grad_enabled() and x.requires_grad:
             y = _FrozenNF4.apply(x, self.base)
         else:
             y = self.base(x)
-        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (lora * self.scaling).to(y.dtype)
+        return y + lora.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """`scale * B @ A` [out, in] in fp32: what merging adds to the base weight."""

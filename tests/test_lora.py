@@ -202,3 +202,32 @@ def test_scaling_equals_peft():
     assert cfg.scale_of("model.layers.0.self_attn.q_proj") == 16 / 8**0.5
     assert cfg.scale_of("model.layers.0.mlp.down_proj") == 16 / 2
     assert cfg.scale_of("model.layers.1.mlp.down_proj") == 2 / 2
+
+
+def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy():
+    from qserve.lora import _LoRABranch
+
+    g = torch.Generator().manual_seed(0)
+    x, a, b = torch.randn(3, 5, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(16, 4, generator=g)
+    ours = [t.clone().requires_grad_() for t in (x, a, b)]
+    ref = [t.clone().requires_grad_() for t in (x, a, b)]
+    saved = []
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _LoRABranch.apply(*ours, 2.0, 0.3)
+    torch.manual_seed(7)
+    keep = (torch.rand(15, 32) >= 0.3).view(3, 5, 32)  # the mask the branch drew from the global RNG
+    assert 0.2 < 1 - keep.float().mean() < 0.4
+    y_ref = ((ref[0] * keep / 0.7) @ ref[1].t() @ ref[2].t()) * 2.0
+    torch.testing.assert_close(y, y_ref)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (y_ref * w).sum().backward()
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o.grad, r.grad, rtol=1e-5, atol=1e-4)
+    assert [t.dtype for t in saved if t.numel() == x.numel()] == [torch.float32, torch.bool]  # x and the mask
+    layer = LoRALinear(torch.nn.Linear(32, 16), r=4, alpha=8, dropout=0.5)
+    layer.lora_B.weight.data.normal_()
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))  # eval mode: no dropout
