@@ -45,7 +45,9 @@ class LayerStash:
                 return None
             slot = self.slots.get(i)
             if slot is None or slot.shape != output.shape or slot.dtype != output.dtype or slot.device != output.device:
-                slot = self.slots[i] = torch.empty_like(output)
+                # Every layer's buffer at once, back to back, before this step's temporaries pile up around them.
+                self.slots = {j: torch.empty_like(output) for j in range(len(self.handles))}
+                slot = self.slots[i]
             return _Stash.apply(output, slot)
 
         return hook

@@ -38,7 +38,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # d CE / d logits = softmax - onehot, computed in place on the chunk's logits.
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[rows[: len(tc)], tc] -= 1.0
-                grad_h[i : i + chunk] = (probs * scale).to(h.dtype) @ weight
+                grad_h[i : i + chunk] = (probs.mul_(scale)).to(h.dtype) @ weight
         if need_grad:
             ctx.save_for_backward(grad_h)
         return total * scale
@@ -59,8 +59,11 @@ def count_trained(labels: torch.Tensor) -> int:
     return int((shifted_targets(labels) != IGNORE).sum())
 
 
+CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk: SmolLM2's 49152-token vocabulary -> 341 rows
+
+
 def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, normalizer: int,
-                   chunk: int = 1024) -> torch.Tensor:  # fmt: skip
+                   chunk: int | None = None) -> torch.Tensor:  # fmt: skip
     """Sum of the token cross-entropies of `labels` (IGNORE = no loss) divided by `normalizer`.
 
     Dividing by the token count of the whole optimizer step (all micro-batches and ranks), not of
@@ -72,6 +75,7 @@ def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
     h, t = hidden[keep], targets[keep]
     head = model.lm_head
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        chunk = chunk or max(16, CHUNK_BYTES // (4 * head.out_features))
         return LinearCrossEntropy.apply(h, head.weight, t, 1.0 / normalizer, chunk)
     logits = head(h).float()
     return F.cross_entropy(logits, t, reduction="sum") / normalizer
