@@ -4,7 +4,9 @@ The output is the bitsandbytes/transformers layout of DESIGN.md: every 2-D `.wei
 layer inside the decoder layers becomes NF4 (packed codes, absmax, quant maps, JSON quant state);
 embeddings, `lm_head`, norms, biases and anything 1-D stay in the source dtype. Memory holds one
 source tensor and its quantized form at a time (the writer streams to disk), so peak RSS is about
-the largest tensor plus the interpreter, far below one shard.
+the largest tensor plus the interpreter, far below one shard. On CPU the codec runs as the fused
+C++ kernel of qkernels/cpu_quantize.py (byte-identical to qformats' torch reference, which runs
+instead on CUDA or when the extension cannot be built).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from qformats.checkpoint import (
 )
 from qformats.errors import QError
 from qformats.manifest import MANIFEST_FILE, build_manifest
-from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize, quantize_nf4
+from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize
+from qkernels.cpu_quantize import quantize_nf4
 
 # A tensor inside a numbered decoder layer: `model.layers.3.`, `transformer.h.3.`, `blocks.3.`.
 _DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.")

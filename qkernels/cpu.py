@@ -8,13 +8,15 @@ Regimes (measured by bench/cpu_kernels.py on the SmolLM2 shapes):
 - more rows (prefill, training): the weight is dequantized chunk by chunk into a reusable fp32
   scratch buffer and multiplied with MKL; the matmul dominates there.
 
-The C++ file is compiled once per machine and torch version with `torch.utils.cpp_extension`
-(gcc; about a minute on a busy 2-core box) into `$TORCH_EXTENSIONS_DIR/qkernels/` (default
-`~/.cache/torch_extensions/qkernels/`). Without a compiler, or with `QKERNELS_CPU_EXT=0`, a
-pure-torch path runs instead: a 256-entry byte -> (high, low) value table dequantizes chunks into
-the same scratch buffer. Every dequantized weight is bit-identical to `qformats.nf4.dequantize_nf4`
-in fp32; results differ from the reference only by fp32 summation order (and, for bf16/fp16 x, by
-not rounding W to x's dtype before the matmul: the product is computed in fp32, then rounded once).
+The C++ files (these kernels, and cpu_quantize.cpp: the fused NF4 quantizer behind
+qkernels/cpu_quantize.py) are compiled into one extension, once per machine and torch version, with
+`torch.utils.cpp_extension` (gcc; about a minute on a busy 2-core box) into
+`$TORCH_EXTENSIONS_DIR/qkernels/` (default `~/.cache/torch_extensions/qkernels/`). Without a
+compiler, or with `QKERNELS_CPU_EXT=0`, a pure-torch path runs instead: a 256-entry byte ->
+(high, low) value table dequantizes chunks into the same scratch buffer. Every dequantized weight
+is bit-identical to `qformats.nf4.dequantize_nf4` in fp32; results differ from the reference only
+by fp32 summation order (and, for bf16/fp16 x, by not rounding W to x's dtype before the matmul:
+the product is computed in fp32, then rounded once).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MK
 # threads to be scheduled), while MKL keeps such GEMVs on one thread too. Set 0 to always split.
 PARALLEL_MIN_WEIGHTS = 1 << 20
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
-_SOURCE = Path(__file__).with_name("cpu_nf4.cpp")
+_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_quantize.cpp")]
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
 # element, slower than dequantize + BLAS, so other CPUs and shapes take that path instead.
 _SIMD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -81,7 +83,8 @@ def _load_extension() -> None:
     from torch.utils import cpp_extension
 
     flags = _build_flags()
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
+    sources = b"".join(p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(sources + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
     name = f"qkernels_cpu_{key[:12]}"  # a new name for every source/flags/torch: never a stale .so
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     build_dir = root / "qkernels" / name
@@ -91,7 +94,7 @@ def _load_extension() -> None:
         return
     build_dir.mkdir(parents=True, exist_ok=True)
     print("qkernels: compiling the NF4 CPU kernels (once per machine, about a minute)...", file=sys.stderr)
-    cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    cpp_extension.load(name, [str(p) for p in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        build_directory=str(build_dir), is_python_module=False)  # fmt: skip
 
 

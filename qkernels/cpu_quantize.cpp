@@ -1,0 +1,234 @@
+// NF4 quantization on CPU in one pass over the weight: per block of `blocksize` consecutive
+// elements, the absmax, then every element's code, packed two per byte (element 2k in the high
+// nibble of byte k). Registered as torch.ops.qkernels_cpu.quantize_nf4; qkernels/cpu_quantize.py
+// calls it and keeps double quantization of the (64x smaller) absmax in qformats' torch code.
+//
+// The output is the torch reference's (qformats/nf4.py) byte for byte, by doing the same fp32
+// operations in the same order:
+// - absmax = max over the block of the magnitude bits (sign cleared) compared as integers, then
+//   widened to fp32 (exact for every non-NaN value; NaN payloads depend on the conversion
+//   routine, so the op returns how many blocks have a NaN absmax, and the Python side sends such
+//   a weight to the reference);
+// - r = 1.0f / absmax (IEEE division, as torch.reciprocal); v = fp32(x) * r (no FMA: the file
+//   is compiled with -ffp-contract=off, and there is nothing to fuse anyway);
+// - code = number of fp32 midpoints strictly below v, NaN counted as 0 (bucketize(nan_to_num));
+//   +-inf compare like +-FLT_MAX. An all-zero block has r = inf and every 0 * inf = NaN: code 7.
+// - a partial last block is zero-padded: the zeros leave the absmax alone and take code 7.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define QK_QUANT_AVX2 1
+#endif
+
+namespace {
+
+constexpr int kMids = 15;    // midpoints between the 16 NF4 code values
+constexpr int kMaxBlock = 4096;
+
+// The three source types: raw bits, their magnitude mask, and the fp32 value.
+struct F16 {
+  using Bits = uint16_t;
+  static constexpr Bits kMagnitude = 0x7FFF;
+  static float to_float(Bits b) { return c10::detail::fp16_ieee_to_fp32_value(b); }
+};
+struct BF16 {
+  using Bits = uint16_t;
+  static constexpr Bits kMagnitude = 0x7FFF;
+  static float to_float(Bits b) {
+    const uint32_t w = uint32_t{b} << 16;
+    float f;
+    std::memcpy(&f, &w, 4);
+    return f;
+  }
+};
+struct F32 {
+  using Bits = uint32_t;
+  static constexpr Bits kMagnitude = 0x7FFFFFFF;
+  static float to_float(Bits b) {
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+  }
+};
+
+inline uint8_t code_of(float v, const float* mids) {
+  if (v != v) v = 0.f;  // NaN -> 0, as nan_to_num
+  uint8_t c = 0;
+  for (int i = 0; i < kMids; ++i) c += v > mids[i];
+  return c;
+}
+
+template <typename T>
+typename T::Bits block_max_bits_scalar(const typename T::Bits* x, int64_t n) {
+  typename T::Bits m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max<typename T::Bits>(m, x[i] & T::kMagnitude);
+  return m;
+}
+
+template <typename T>
+void codes_scalar(const typename T::Bits* x, int64_t n, float r, const float* mids, uint8_t* out) {
+  for (int64_t k = 0; k < n / 2; ++k) {
+    const uint8_t hi = code_of(T::to_float(x[2 * k]) * r, mids);
+    const uint8_t lo = code_of(T::to_float(x[2 * k + 1]) * r, mids);
+    out[k] = static_cast<uint8_t>(hi << 4 | lo);
+  }
+}
+
+#ifdef QK_QUANT_AVX2
+// 8 source elements as fp32.
+inline __m256 load8(const uint16_t* x, F16) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+inline __m256 load8(const uint16_t* x, BF16) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __m256 load8(const uint32_t* x, F32) { return _mm256_loadu_ps(reinterpret_cast<const float*>(x)); }
+
+// Integer max of the magnitude bits over a block (a multiple of 32 elements).
+inline uint16_t block_max_bits(const uint16_t* x, int64_t n, F16) {
+  const __m256i mask = _mm256_set1_epi16(0x7FFF);
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 16)
+    m = _mm256_max_epi16(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), mask));
+  __m128i h = _mm_max_epi16(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  // The masked values are non-negative int16: a signed max is the unsigned one, and
+  // minpos of the complement finds it.
+  h = _mm_minpos_epu16(_mm_xor_si128(h, _mm_set1_epi16(-1)));
+  return static_cast<uint16_t>(~_mm_cvtsi128_si32(h));
+}
+inline uint16_t block_max_bits(const uint16_t* x, int64_t n, BF16) { return block_max_bits(x, n, F16{}); }
+inline uint32_t block_max_bits(const uint32_t* x, int64_t n, F32) {
+  const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n; i += 8)
+    m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), mask));
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), m);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// Codes of 8 fp32 values as int32 lanes: 15 compares, each true lane adding one.
+inline __m256i codes8(__m256 v, const __m256* mids) {
+  v = _mm256_and_ps(v, _mm256_cmp_ps(v, v, _CMP_ORD_Q));  // NaN -> +0
+  __m256i acc = _mm256_setzero_si256();
+  for (int i = 0; i < kMids; ++i)
+    acc = _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(v, mids[i], _CMP_GT_OQ)));
+  return acc;
+}
+
+// 32 elements -> 16 packed bytes.
+template <typename T>
+inline void codes32(const typename T::Bits* x, __m256 r, const __m256* mids, uint8_t* out) {
+  const __m256i c0 = codes8(_mm256_mul_ps(load8(x, T{}), r), mids);
+  const __m256i c1 = codes8(_mm256_mul_ps(load8(x + 8, T{}), r), mids);
+  const __m256i c2 = codes8(_mm256_mul_ps(load8(x + 16, T{}), r), mids);
+  const __m256i c3 = codes8(_mm256_mul_ps(load8(x + 24, T{}), r), mids);
+  // int32 -> bytes; the packs interleave 128-bit lanes, the permute puts elements 0..31 in order.
+  const __m256i b = _mm256_permutevar8x32_epi32(
+      _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3)),
+      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  // Each 16-bit lane holds (even code, odd code) in (low, high) byte: even << 4 | odd.
+  const __m256i pairs = _mm256_and_si256(_mm256_or_si256(_mm256_slli_epi16(b, 4), _mm256_srli_epi16(b, 8)),
+                                         _mm256_set1_epi16(0xFF));
+  const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(bytes));
+}
+#endif
+
+// One whole block (blocksize elements, a multiple of 32): its absmax and blocksize/2 bytes.
+template <typename T>
+void quantize_block(const typename T::Bits* x, int64_t bs, const float* mids, float* absmax, uint8_t* out) {
+#ifdef QK_QUANT_AVX2
+  const float a = T::to_float(block_max_bits(x, bs, T{}));
+  *absmax = a;
+  const __m256 r = _mm256_set1_ps(1.0f / a);
+  __m256 vm[kMids];
+  for (int i = 0; i < kMids; ++i) vm[i] = _mm256_set1_ps(mids[i]);
+  for (int64_t i = 0; i < bs; i += 32) codes32<T>(x + i, r, vm, out + i / 2);
+#else
+  const float a = T::to_float(block_max_bits_scalar<T>(x, bs));
+  *absmax = a;
+  codes_scalar<T>(x, bs, 1.0f / a, mids, out);
+#endif
+}
+
+// Blocks [b0, b1); returns how many of them have a NaN absmax.
+template <typename T>
+int64_t quantize_blocks(const typename T::Bits* x, int64_t n, int64_t bs, const float* mids, float* absmax,
+                        uint8_t* packed, int64_t b0, int64_t b1) {
+  int64_t nan_blocks = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * bs, len = std::min(bs, n - start);
+    if (len == bs) {
+      quantize_block<T>(x + start, bs, mids, absmax + b, packed + start / 2);
+    } else {  // the partial last block, zero-padded; only its real bytes are written
+      typename T::Bits tail[kMaxBlock] = {};
+      uint8_t bytes[kMaxBlock / 2];
+      std::memcpy(tail, x + start, len * sizeof(typename T::Bits));
+      quantize_block<T>(tail, bs, mids, absmax + b, bytes);
+      std::memcpy(packed + start / 2, bytes, (len + 1) / 2);
+    }
+    nan_blocks += absmax[b] != absmax[b];
+  }
+  return nan_blocks;
+}
+
+// flat: contiguous 1-D fp16/bf16/fp32; absmax: fp32 [ceil(n/bs)]; packed: uint8 [ceil(n/2)].
+// Blocks are split over torch's intra-op threads in tasks of at least `grain_elements`.
+// Returns the number of blocks whose absmax is NaN (a NaN in the weight).
+int64_t quantize_nf4(const at::Tensor& flat, const at::Tensor& midpoints, int64_t blocksize, at::Tensor absmax,
+                  at::Tensor packed, int64_t grain_elements) {
+  const int64_t n = flat.numel();
+  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(flat.is_contiguous() && flat.dim() == 1, "quantize_nf4: the weight must be contiguous 1-D");
+  TORCH_CHECK(blocksize >= 32 && blocksize <= kMaxBlock && (blocksize & (blocksize - 1)) == 0,
+              "quantize_nf4: blocksize must be a power of two from 32 to 4096, got ", blocksize);
+  TORCH_CHECK(midpoints.scalar_type() == at::kFloat && midpoints.is_contiguous() && midpoints.numel() == kMids,
+              "quantize_nf4: midpoints must be 15 contiguous float32");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() == n_blocks,
+              "quantize_nf4: absmax must be contiguous float32 with one entry per block");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == (n + 1) / 2,
+              "quantize_nf4: packed must be contiguous uint8 of ceil(numel / 2) bytes");
+  const float* mids = midpoints.data_ptr<float>();
+  float* am = absmax.data_ptr<float>();
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  const void* src = flat.data_ptr();
+  const at::ScalarType st = flat.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat,
+              "quantize_nf4: the weight must be float16, bfloat16 or float32, got ", st);
+  const int64_t grain = std::max<int64_t>(1, grain_elements / blocksize);
+  std::atomic<int64_t> nan_blocks{0};
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    int64_t nans;
+    if (st == at::kHalf)
+      nans = quantize_blocks<F16>(static_cast<const uint16_t*>(src), n, blocksize, mids, am, pk, b0, b1);
+    else if (st == at::kBFloat16)
+      nans = quantize_blocks<BF16>(static_cast<const uint16_t*>(src), n, blocksize, mids, am, pk, b0, b1);
+    else
+      nans = quantize_blocks<F32>(static_cast<const uint32_t*>(src), n, blocksize, mids, am, pk, b0, b1);
+    nan_blocks += nans;
+  });
+  return nan_blocks.load();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qkernels_cpu, m) {
+  m.def(
+      "quantize_nf4(Tensor flat, Tensor midpoints, int blocksize, Tensor(a!) absmax, Tensor(b!) packed, "
+      "int grain_elements) -> int");
+}
+
+TORCH_LIBRARY_IMPL(qkernels_cpu, CPU, m) { m.impl("quantize_nf4", &quantize_nf4); }
