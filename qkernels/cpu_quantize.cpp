@@ -1,7 +1,10 @@
 // NF4 quantization on CPU in one pass over the weight: per block of `blocksize` consecutive
 // elements, the absmax, then every element's code, packed two per byte (element 2k in the high
 // nibble of byte k). Registered as torch.ops.qkernels_cpu.quantize_nf4; qkernels/cpu_quantize.py
-// calls it and keeps double quantization of the (64x smaller) absmax in qformats' torch code.
+// calls it. A second op, quantize_absmax_dq, double-quantizes the absmax given its mean (which
+// the caller computes with torch, because torch's sum order, and so the mean's last bit, depends
+// on the thread count): on small weights the ~15 torch ops of the reference cost as much as the
+// kernel itself.
 //
 // The output is the torch reference's (qformats/nf4.py) byte for byte, by doing the same fp32
 // operations in the same order:
@@ -14,6 +17,9 @@
 // - code = number of fp32 midpoints strictly below v, NaN counted as 0 (bucketize(nan_to_num));
 //   +-inf compare like +-FLT_MAX. An all-zero block has r = inf and every 0 * inf = NaN: code 7.
 // - a partial last block is zero-padded: the zeros leave the absmax alone and take code 7.
+// Double quantization, for finite absmax and offset (the caller sends anything else to qformats):
+// c = absmax - offset; nested = max |c| per 256; code = number of the dynamic map's fp32 midpoints
+// strictly below nan_to_num(c * (1.0f / nested)) (an all-equal block: 0 * inf = NaN, coded as 0).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -23,6 +29,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 
@@ -223,12 +231,66 @@ int64_t quantize_nf4(const at::Tensor& flat, const at::Tensor& midpoints, int64_
   return nan_blocks.load();
 }
 
+// Number of the 255 sorted midpoints strictly below v: a branchless binary search over them
+// padded to 256 with +inf (never below v, as NaN was replaced by 0).
+inline uint8_t nearest_code(float v, const float* mids256) {
+  if (v != v) v = 0.f;
+  int idx = 0;
+  for (int step = 128; step >= 1; step >>= 1) idx += mids256[idx + step - 1] < v ? step : 0;
+  return static_cast<uint8_t>(idx);
+}
+
+// absmax: finite fp32 [n]; codes: uint8 [n]; nested: fp32 [ceil(n / nested_blocksize)].
+void quantize_absmax_dq(const at::Tensor& absmax, double offset, const at::Tensor& midpoints,
+                        int64_t nested_blocksize, at::Tensor codes, at::Tensor nested, int64_t grain_elements) {
+  const int64_t n = absmax.numel();
+  const int64_t n_blocks = (n + nested_blocksize - 1) / nested_blocksize;
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "quantize_absmax_dq: absmax must be "
+              "contiguous float32");
+  TORCH_CHECK(midpoints.scalar_type() == at::kFloat && midpoints.is_contiguous() && midpoints.numel() == 255,
+              "quantize_absmax_dq: midpoints must be 255 contiguous float32");
+  TORCH_CHECK(nested_blocksize > 0 && nested_blocksize <= kMaxBlock,
+              "quantize_absmax_dq: nested_blocksize must be from 1 to 4096, got ", nested_blocksize);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == n,
+              "quantize_absmax_dq: codes must be contiguous uint8, one per absmax");
+  TORCH_CHECK(nested.scalar_type() == at::kFloat && nested.is_contiguous() && nested.numel() == n_blocks,
+              "quantize_absmax_dq: nested must be contiguous float32, one per nested block");
+  float mids256[256];
+  std::memcpy(mids256, midpoints.data_ptr<float>(), 255 * sizeof(float));
+  mids256[255] = std::numeric_limits<float>::infinity();
+  const float off = static_cast<float>(offset);  // an fp32 value passed through a double: exact
+  const float* a = absmax.data_ptr<float>();
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  float* na = nested.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, grain_elements / nested_blocksize);
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    float centered[kMaxBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * nested_blocksize, len = std::min(nested_blocksize, n - start);
+      float m = 0.f;
+      for (int64_t i = 0; i < len; ++i) {
+        centered[i] = a[start + i] - off;
+        m = std::max(m, std::fabs(centered[i]));
+      }
+      na[b] = m;
+      const float r = 1.0f / m;
+      for (int64_t i = 0; i < len; ++i) c[start + i] = nearest_code(centered[i] * r, mids256);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qkernels_cpu, m) {
   m.def(
       "quantize_nf4(Tensor flat, Tensor midpoints, int blocksize, Tensor(a!) absmax, Tensor(b!) packed, "
       "int grain_elements) -> int");
+  m.def(
+      "quantize_absmax_dq(Tensor absmax, float offset, Tensor midpoints, int nested_blocksize, Tensor(a!) codes, "
+      "Tensor(b!) nested, int grain_elements) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(qkernels_cpu, CPU, m) { m.impl("quantize_nf4", &quantize_nf4); }
+TORCH_LIBRARY_IMPL(qkernels_cpu, CPU, m) {
+  m.impl("quantize_nf4", &quantize_nf4);
+  m.impl("quantize_absmax_dq", &quantize_absmax_dq);
+}

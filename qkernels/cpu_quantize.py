@@ -3,22 +3,30 @@
 
 The reference makes ~12 torch passes per chunk of the weight; the kernel reads each element once and
 writes its packed nibble (absmax, nearest code and packing in one pass, blocks split over torch's
-threads). Double quantization of the absmax (1/blocksize of the data) stays in qformats' torch code,
-so the 8-bit scale codes, nested absmax and offset come from the reference itself.
+threads). Double quantization of the absmax (1/blocksize of the data) is a second C++ op after torch
+computes the offset `absmax.mean()` exactly as the reference does: torch's summation order depends on
+its thread count, so the offset's last bit does too, and both paths take the same one. (On a
+SmolLM2-sized weight the reference's ~15 small torch ops for this cost as much as the whole kernel.)
 
 Falls back to the reference, which it then equals trivially: off CPU, without the extension (no
 compiler, QKERNELS_CPU_EXT=0), for input the reference rejects (it raises the error), and for a
 weight with a NaN in it (the fp32 bits of a NaN absmax depend on which torch conversion routine
-widened it, so only the reference reproduces them).
+widened it, so only the reference reproduces them). Scales with an infinite mean (an inf in the
+weight) are double-quantized by qformats' own `quantize_absmax_dq`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+# _DYNAMIC_CELLS, _NF4_MIDPOINTS: the reference's own fp32 midpoints; the kernels compare against exactly these.
 from qformats.nf4 import (
-    _NF4_MIDPOINTS,  # the reference's own fp32 midpoints: the kernel must compare against exactly these
+    _DYNAMIC_CELLS,
+    _NF4_MIDPOINTS,
     DYNAMIC_MAP_SIGNED,
+    NESTED_BLOCKSIZE,
     NF4_CODE,
     SUPPORTED_INPUT_DTYPES,
     NF4Weight,
@@ -53,9 +61,21 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     w = NF4Weight(packed=packed.unsqueeze(1), absmax=absmax, quant_map=NF4_CODE.clone(), shape=tuple(weight.shape),
                   dtype=weight.dtype, blocksize=blocksize)  # fmt: skip
     if double_quant:
-        w.absmax, w.nested_absmax, w.offset = quantize_absmax_dq(absmax)
+        w.absmax, w.nested_absmax, w.offset = _double_quantize(absmax)
         w.nested_quant_map = DYNAMIC_MAP_SIGNED.clone()
     return w
+
+
+def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`qformats.nf4.quantize_absmax_dq(absmax)`, identical output: (uint8 codes, nested_absmax, offset)."""
+    offset = absmax.mean().item()  # the reference's own call (see the module docstring)
+    if not math.isfinite(offset):
+        return quantize_absmax_dq(absmax)
+    codes = torch.empty(absmax.numel(), dtype=torch.uint8)
+    nested = torch.empty(-(-absmax.numel() // NESTED_BLOCKSIZE), dtype=torch.float32)
+    torch.ops.qkernels_cpu.quantize_absmax_dq(absmax, offset, _DYNAMIC_CELLS.midpoints, NESTED_BLOCKSIZE, codes,
+                                              nested, PARALLEL_MIN_ELEMENTS)  # fmt: skip
+    return codes, nested, offset
 
 
 _BLOCKSIZES = {1 << k for k in range(5, 13)}  # 32..4096; anything else: the reference raises its error

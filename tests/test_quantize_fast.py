@@ -125,6 +125,19 @@ def test_values_on_the_midpoints_take_the_lower_code(threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_scales_make_degenerate_nested_blocks(threads, dtype):
+    """Every scale equal to the mean (nested absmax 0: 0 * inf = NaN, coded as 0), in all, then some,
+    nested blocks; and scales whose mean overflows fp32 (qformats' own double quantization runs)."""
+    w = torch.ones(600, 64)
+    check(w.to(dtype))
+    w[256:300] *= -2.0
+    w[599, 3] = 7.0
+    check(w.to(dtype))
+    if dtype != torch.float16:
+        check((torch.ones(4, 64) * torch.finfo(dtype).max).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_weights_equal_the_reference(threads, dtype):
     """A NaN in the weight: the reference's result exactly (the fast path hands the weight to it)."""
     w = torch.randn(5, 64).to(dtype)
