@@ -1,13 +1,16 @@
-"""One dispatch entry per op on the NF4 format, registered as torch.library custom ops.
+"""One dispatch entry per op, registered as torch.library custom ops: the NF4 format and batched LoRA.
 
 - `nf4_linear(x, w, bias)`: `x @ dequantize(w).T + bias`, never keeping a dequantized copy of W.
 - `nf4_linear_lora(x, w, bias, lora_a, lora_b, scale)`: the same plus `scale * (x @ A.T) @ B.T`,
   in one pass over y (a LoRA epilogue).
 - `dequantize(w, dtype)`: the whole weight, bit-identical to `qformats.nf4.dequantize_nf4`.
+- `batched_lora_add_(y, x, lora_a, lora_b, idx, scale, rank)`: `y[t] += scale[s] * (x[t] @ A[s].T)
+  @ B[s].T` in place with `s = idx[t]` (< 0: no adapter), A/B stacked per adapter (punica BGMV).
 
-Dispatch: CUDA tensors -> Triton kernels (`qkernels.triton_nf4`, imported only then, so CPU code
-never touches Triton); CPU -> `qkernels.cpu` (fused C++ kernel for decode, dequantize + MKL for
-larger batches); any other device -> the torch reference. Outputs are in x's dtype.
+Dispatch: CUDA tensors -> Triton kernels (`qkernels.triton_nf4`, `qkernels.triton_batched_lora`,
+imported only then, so CPU code never touches Triton); CPU -> `qkernels.cpu` for NF4 (fused C++
+kernel for decode, dequantize + MKL for larger batches); otherwise the torch reference. Outputs
+are in x's dtype (batched LoRA: y's).
 
 torch.compile traces the ops through their fake implementations. In eager mode without autograd,
 the public functions call the implementation directly: the custom-op dispatcher costs tens of
@@ -216,3 +219,64 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _dequantize(*_weight_args(w), dtype)
     return _dequantize_impl(w, dtype)
+
+
+# ---- batched_lora_add_ ------------------------------------------------------------------------
+
+
+def batched_lora_reference_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                            idx: torch.Tensor, scale: torch.Tensor | None = None,
+                            rank: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The torch definition of batched LoRA, one adapter at a time: fp32 products and sums, y rounded
+    once (y + delta). Slow (a host sync per call); the serving CPU path is `MultiLoRALinear`'s own."""
+    for s in idx.unique().tolist():
+        if s < 0:
+            continue
+        rows = (idx == s).nonzero().squeeze(1)
+        r = int(rank[s]) if rank is not None else lora_a.shape[1]
+        h = x[rows].float() @ lora_a[s, :r].float().t()
+        if scale is not None:
+            h = h * scale[s].float()
+        y[rows] = (y[rows].float() + h @ lora_b[s, :, :r].float().t()).to(y.dtype)
+    return y
+
+
+def _batched_lora_impl(y, x, lora_a, lora_b, idx, scale, rank) -> None:
+    if x.is_cuda:
+        from qkernels import triton_batched_lora  # only here: importing Triton on a CPU-only path fails
+
+        triton_batched_lora.add_(y, x, lora_a, lora_b, idx, scale, rank)
+    else:
+        batched_lora_reference_(y, x, lora_a, lora_b, idx, scale, rank)
+
+
+@torch.library.custom_op(f"{_LIB}::batched_lora_add_", mutates_args=("y",))
+def _batched_lora_add(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, idx: torch.Tensor,
+                      scale: torch.Tensor | None, rank: torch.Tensor | None) -> None:  # fmt: skip
+    _batched_lora_impl(y, x, lora_a, lora_b, idx, scale, rank)
+
+
+@_batched_lora_add.register_fake
+def _(y, x, lora_a, lora_b, idx, scale, rank):
+    return None
+
+
+def batched_lora_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, idx: torch.Tensor,
+                      scale: torch.Tensor | None = None, rank: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """`y[t] += scale[s] * (x[t] @ A[s].T) @ B[s].T` in place, `s = idx[t]`; returns y. No autograd.
+
+    x [T, in], y [T, out], lora_a [n, r_max, in], lora_b [n, out, r_max] (zero-padded past each
+    adapter's rank), idx int32 [T] (< 0: the row gets nothing), scale [n] (None: 1), rank int32 [n]
+    (None: r_max; given, the padding is never read). fp32 accumulation, y rounded once.
+    """
+    n, r_max, k = lora_a.shape
+    if (x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[1] != k or idx.shape != (x.shape[0],)
+            or lora_b.shape != (n, y.shape[1], r_max) or idx.dtype != torch.int32):  # fmt: skip
+        raise QError(f"batched LoRA: x {list(x.shape)}, y {list(y.shape)}, idx {list(idx.shape)} {idx.dtype}, "
+                     f"A {list(lora_a.shape)}, B {list(lora_b.shape)} do not fit: expected x [T, in], y [T, out], "
+                     f"int32 idx [T], A [n, r, in], B [n, out, r]")  # fmt: skip
+    if torch.compiler.is_compiling():
+        _batched_lora_add(y, x, lora_a, lora_b, idx, scale, rank)
+    else:
+        _batched_lora_impl(y, x, lora_a, lora_b, idx, scale, rank)
+    return y
