@@ -7,10 +7,12 @@ once, kept in memory). Before each forward the engine says which adapter each ro
 
     y[b] = base(x[b]) + scale[a_b] * (x[b] @ A[a_b].T) @ B[a_b].T
 
-as two small matmuls per linear whatever the mix of adapters in the batch (the A and B of the
-adapters present are stacked, and a per-row mask keeps each row's own rank columns; see
-`MultiLoRALinear`). This is the CPU torch path; on GPU a Triton gather kernel (punica-style
-BGMV/SGMV via qkernels) would avoid the masked columns - not written yet, the torch path runs there.
+On CPU, as two small matmuls per linear whatever the mix of adapters in the batch (the A and B
+of the adapters present are stacked, and a per-row mask keeps each row's own rank columns; see
+`MultiLoRALinear`). On GPU, a batch that mixes adapters goes through the Triton gather kernels
+(`qkernels.ops.batched_lora_add_`, punica-style BGMV): each row reads only its own adapter's A and
+B, from a per-layer stack `GatheredLoRA` laid out once when an adapter is added or removed. A
+batch on one adapter keeps the two plain matmuls (cuBLAS) on both devices.
 
 Adapters are PEFT LoRA folders (adapter_config.json + adapter_model.safetensors); scaling is
 `lora_alpha / r` (`lora_alpha / sqrt(r)` with rsLoRA), as PEFT computes it.
@@ -18,6 +20,7 @@ Adapters are PEFT LoRA folders (adapter_config.json + adapter_model.safetensors)
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from torch import nn
 
 from qformats.errors import QError
 from qformats.peft_adapter import AdapterConfig, read_adapter
+from qkernels.ops import batched_lora_add_
 
 BASE = 0  # the adapter id of "no adapter"
 
@@ -73,16 +77,27 @@ class RowAdapters:
         self.set([], self.device)
         self.uniform = BASE
 
-    def mask(self, adapters: tuple[int, ...], ranks: tuple[int, ...]) -> torch.Tensor:
-        """[B, sum(ranks)]: 1 where a row's own adapter owns the column, 0 elsewhere (cached per forward)."""
-        key = (adapters, ranks)
+    def mask(self, adapters: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """[B, sum(ranks)]: 1 where a row's own adapter owns the column, 0 elsewhere (cached per forward).
+        In the dtype of the LoRA matmuls: an fp32 mask would promote a bf16 model's h to fp32."""
+        key = (adapters, ranks, dtype)
         if key not in self._masks:
-            m = torch.zeros(len(self.ids), sum(ranks))
+            m = torch.zeros(len(self.ids), sum(ranks), dtype=dtype)
             offsets = dict(zip(adapters, (sum(ranks[:i]) for i in range(len(ranks)))))
             for row, aid in enumerate(self.ids):
                 if aid in offsets:
                     m[row, offsets[aid] : offsets[aid] + ranks[adapters.index(aid)]] = 1
             self._masks[key] = m.to(self.device)
+        return self._masks[key]
+
+    def slots(self, adapters: tuple[int, ...], tokens_per_row: int) -> torch.Tensor:
+        """int32 [B * tokens_per_row]: each token's index in `adapters` (-1: none); cached per forward,
+        so the layers sharing one set of adapters share one host-to-device copy."""
+        key = ("slots", adapters, tokens_per_row)
+        if key not in self._masks:
+            position = {aid: i for i, aid in enumerate(adapters)}
+            slots = torch.tensor([position.get(aid, -1) for aid in self.ids], dtype=torch.int32)
+            self._masks[key] = slots.repeat_interleave(tokens_per_row).to(self.device)
         return self._masks[key]
 
 
@@ -99,24 +114,75 @@ def _one_thread(device: torch.device):
         if n > 1:
             torch.set_num_threads(n)
 
+
+@dataclass
+class GatheredLoRA:
+    """One layer's adapters laid out for the batched-LoRA op: slot i holds adapter `ids[i]`."""
+
+    ids: tuple[int, ...]
+    a: torch.Tensor  # [n, r_max, in], zero past each adapter's rank
+    b: torch.Tensor  # [n, out, r_max], the scale folded in as in `MultiLoRALinear.adapters`
+    rank: torch.Tensor  # int32 [n]: the kernels never read past it
+
+    @classmethod
+    def build(cls, adapters: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> GatheredLoRA:
+        pairs = list(adapters.values())
+        r_max = max(a.shape[0] for a, _ in pairs)
+        a0, b0 = pairs[0]
+        a = a0.new_zeros(len(pairs), r_max, a0.shape[1])
+        b = b0.new_zeros(len(pairs), b0.shape[0], r_max)
+        for i, (ai, bi) in enumerate(pairs):
+            a[i, : ai.shape[0]], b[i, :, : bi.shape[1]] = ai, bi
+        rank = torch.tensor([ai.shape[0] for ai, _ in pairs], dtype=torch.int32, device=a.device)
+        return cls(ids=tuple(adapters), a=a, b=b, rank=rank)
+
+    def views(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Each adapter's (A [r, in], B [out, r]) as views of the stack: one copy of the weights in memory."""
+        ranks = self.rank.tolist()
+        return {aid: (self.a[i, : ranks[i]], self.b[i, :, : ranks[i]]) for i, aid in enumerate(self.ids)}
+
+
 class MultiLoRALinear(nn.Module):
     """A frozen base linear (nn.Linear or NF4Linear) plus any number of LoRA adapters, chosen per row.
 
     With one adapter for the whole batch: `y + (x A^T) (s B)^T`. With several, the A of the adapters
     present are stacked (cached per set of adapters), so two matmuls serve every row whatever the mix:
-    `y + ((x A_cat^T) * mask) B_cat^T`, the mask keeping each row's own rank columns.
+    `y + ((x A_cat^T) * mask) B_cat^T`, the mask keeping each row's own rank columns. With `gather`
+    (the GPU), a mixed batch instead goes through the batched-LoRA op on `gathered`, a stack of every
+    adapter of the layer; `adapters` then holds views of that stack.
     """
 
-    def __init__(self, base: nn.Module, rows: RowAdapters):
+    def __init__(self, base: nn.Module, rows: RowAdapters, gather: bool = False):
         super().__init__()
         self.base = base
         self.rows = rows
+        self.gather = gather
         self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (A [r, in], scale * B [out, r])
         self.stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
+        self.gathered: GatheredLoRA | None = None
         self.in_features, self.out_features = base.in_features, base.out_features
 
+    def add_adapter(self, aid: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Install adapter `aid`'s A [r, in] and scale * B [out, r] (contiguous, in the model's dtype)."""
+        self.adapters[aid] = (a, b)
+        self._relayout()
+
+    def remove_adapter(self, aid: int) -> None:
+        self.adapters.pop(aid, None)
+        self._relayout()
+
+    def _relayout(self) -> None:
+        self.stacked.clear()
+        if self.gather:
+            self.gathered = GatheredLoRA.build(self.adapters) if self.adapters else None
+            if self.gathered is not None:
+                self.adapters = self.gathered.views()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.add_lora(x, self.base(x))
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (the base output for x) plus each row's LoRA term; in place when no gradient is wanted."""
         rows = self.rows
         if rows.uniform is not None:
             lora = self.adapters.get(rows.uniform)
@@ -128,13 +194,22 @@ class MultiLoRALinear(nn.Module):
             present = tuple(a for a in rows.present if a in self.adapters)
             if not present:
                 return y
+            if self.gathered is not None and not torch.is_grad_enabled() and y.is_contiguous():
+                return self.add_gathered(x, y)
             a, b, ranks = self._stack(present)
-            mask = rows.mask(present, ranks)
+            mask = rows.mask(present, ranks, a.dtype)
             mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # rows first, ranks last
         # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
         with _one_thread(x.device):
             h = F.linear(x, a)
             return self._add(y, h if mask is None else h * mask, b)
+
+    def add_gathered(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y += each row's LoRA term through the batched-LoRA op (Triton on GPU), in place; y contiguous."""
+        g = self.gathered
+        idx = self.rows.slots(g.ids, math.prod(x.shape[1:-1]))
+        batched_lora_add_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), g.a, g.b, idx, None, g.rank)
+        return y
 
     @staticmethod
     def _add(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -160,13 +235,15 @@ class MultiLoRA:
     Not thread-safe: the serving engine calls it from its own thread only, between forwards.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, gather: bool | None = None):
+        """`gather`: lay adapters out for the batched-LoRA op (default: on a CUDA model)."""
         self.model = model
         self.rows = RowAdapters()
         self.adapters: dict[int, LoRAAdapter] = {}
         self._next_id = 1
         ref = next(model.parameters())
         self.dtype, self.device = (ref.dtype if ref.is_floating_point() else torch.float32), ref.device
+        self.gather = self.device.type == "cuda" if gather is None else gather
 
     def check(self, adapter: LoRAAdapter) -> None:
         """QError unless every module the adapter targets is a linear of this model with matching shapes."""
@@ -190,23 +267,20 @@ class MultiLoRA:
         for module, (a, b) in adapter.weights.items():
             layer = self._wrap(module)
             a, b = a.to(self.device, self.dtype), b.to(self.device, self.dtype) * adapter.scale[module]
-            layer.adapters[aid] = (a.contiguous(), b.contiguous())
-            layer.stacked.clear()
+            layer.add_adapter(aid, a.contiguous(), b.contiguous())
         self.adapters[aid] = adapter
         return aid
 
     def remove(self, aid: int) -> None:
         adapter = self.adapters.pop(aid)
         for module in adapter.weights:
-            layer = self.model.get_submodule(module)
-            layer.adapters.pop(aid, None)
-            layer.stacked.clear()
+            self.model.get_submodule(module).remove_adapter(aid)
 
     def _wrap(self, module: str) -> MultiLoRALinear:
         target = self.model.get_submodule(module)
         if isinstance(target, MultiLoRALinear):
             return target
-        wrapped = MultiLoRALinear(target, self.rows)
+        wrapped = MultiLoRALinear(target, self.rows, self.gather)
         parent, _, child = module.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapped)
         return wrapped
@@ -219,4 +293,3 @@ class MultiLoRA:
             yield
         finally:
             self.rows.clear()
-
