@@ -1,6 +1,7 @@
-"""GPU benchmark of the NF4 Triton kernels: check each against the reference, then time it.
+"""GPU benchmark of the Triton kernels (NF4, batched LoRA): check each against the reference, then time it.
 
-    python bench/gpu.py                 # on a CUDA machine: checks, then the timing table
+    python bench/gpu.py                 # on a CUDA machine: checks, then the timing tables
+    python bench/gpu.py --section lora  # only the batched-LoRA checks and table (or: nf4)
     python bench/gpu.py --tune          # also sweep the fused kernel's tiles for M <= 16
     python bench/gpu.py --dry-run       # anywhere: the same code path under TRITON_INTERPRET=1, tiny shapes
 
@@ -14,6 +15,13 @@ bytes a kernel must move (packed weight + scale codes + x + y); it is compared w
 device-to-device copy (read + write) measured in the same run. The baseline is torch bf16
 `F.linear` on the dequantized weight (cuBLAS), with the same rotation. Output: markdown rows for
 bench/RESULTS.md, with the date and the card.
+
+Batched LoRA: the LoRA term alone (y += each row's adapter term, in place), T rows spread
+round-robin over n adapters, the Triton gather kernels (`MultiLoRALinear.add_gathered`) vs the
+torch path `MultiLoRALinear` takes on CPU (two matmuls over the stacked adapters present with a
+rank mask; plain matmuls when every row shares one adapter). Checked first against an fp64
+product on fresh random data (adapters of mixed ranks, rows with none); timed with copies of the
+adapters totalling > 2x L2, as above.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # [out, in
 ROWS = (1, 4, 16, 64, 512, 4096)
 DRY_SHAPES = [(40, 96), (33, 130)]
 DRY_ROWS = (1, 5, 20)
+LORA_SHAPES = [(4096, 4096), (14336, 4096)]  # [out, in]: the 4096 -> 4096 and 4096 -> 14336 linears
+LORA_ROWS, LORA_ADAPTERS, LORA_RANKS = (1, 16, 64), (1, 4, 16), (16, 64)
+DRY_LORA_SHAPES, DRY_LORA_ROWS, DRY_LORA_ADAPTERS, DRY_LORA_RANKS = [(40, 96)], (1, 5), (1, 3), (4, 16)
 
 
 def check_kernels(shapes, rows, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[str]:
@@ -192,6 +203,102 @@ def tune_fused(timer: Timer, w, next_w, k: int, device: torch.device, runs: int,
             f"default {default}")  # fmt: skip
 
 
+def lora_layers(rows, n_out: int, n_in: int, ranks, device: torch.device, dtype: torch.dtype, g):
+    """Two MultiLoRALinear over the same random adapters (ids 1..n): the gathered one and the torch one."""
+    from qserve.batched_lora import MultiLoRALinear
+
+    base = torch.nn.Linear(n_in, n_out, bias=False, device="meta")  # never called: only the LoRA term runs
+    gathered, torch_path = MultiLoRALinear(base, rows, gather=True), MultiLoRALinear(base, rows)
+    for aid, r in enumerate(ranks, start=1):
+        a = torch.randn(r, n_in, device=device, generator=g) / n_in**0.5
+        b = torch.randn(n_out, r, device=device, generator=g) / r**0.5
+        gathered.add_adapter(aid, a.to(dtype), b.to(dtype))
+    for aid, (a, b) in gathered.adapters.items():  # views of the gathered stack: the same weights
+        torch_path.add_adapter(aid, a, b)
+    return gathered, torch_path
+
+
+def check_batched_lora(shapes, device: torch.device) -> list[str]:
+    """The Triton path and the torch path against an fp64 product: mixed ranks, rows with no adapter."""
+    from qserve.batched_lora import RowAdapters
+
+    lines = []
+    g = torch.Generator(device=device).manual_seed(int(time.time()))
+    for n, k in shapes:
+        for dtype in (torch.bfloat16, torch.float16):
+            rows = RowAdapters()
+            ranks = (16, 64, 8)
+            gathered, torch_path = lora_layers(rows, n, k, ranks, device, dtype, g)
+            for t in (1, 5, 20) if device.type == "cpu" else (1, 16, 64):
+                ids = [i % (len(ranks) + 1) for i in range(1, t + 1)]  # 0: no adapter
+                x = torch.randn(t, k, device=device, generator=g).to(dtype)
+                y0 = torch.randn(t, n, device=device, generator=g).to(dtype)
+                ref, size = y0.double(), y0.double().abs()
+                for i, aid in enumerate(ids):
+                    if aid:
+                        a, b = (w.double() for w in gathered.adapters[aid])
+                        ref[i] += (a @ x[i].double()) @ b.t()
+                        size[i] += (a.abs() @ x[i].double().abs()) @ b.abs().t()
+                eps = torch.finfo(dtype).eps
+                rows.set(ids, device)
+                with torch.no_grad():
+                    ours, theirs = gathered.add_gathered(x, y0.clone()), torch_path.add_lora(x, y0.clone())
+                errs = [(y.double() - ref).abs() for y in (ours, theirs)]
+                rows.clear()
+                # Triton: y rounded once, fp32 sums. Torch path: h, h B^T and the sum each rounded.
+                ok = bool((errs[0] <= eps * ref.abs() + size * 2**-18 + 1e-6).all()
+                          and (errs[1] <= 4 * eps * size + 1e-6).all())  # fmt: skip
+                lines.append(f"batched lora {k}->{n} T={t} ranks {ranks} {dtype}: triton max err "
+                             f"{errs[0].max().item():.3g}, torch path {errs[1].max().item():.3g} "
+                             f"{'ok' if ok else 'FAIL'}")  # fmt: skip
+    return lines
+
+
+def time_lora_paths(timer: Timer, pairs, t: int, n: int, k: int, device: torch.device, runs: int):
+    """Median us of the LoRA term of t rows: the Triton path, then the torch path, layers taken in turn."""
+    x = torch.randn(t, k, device=device, dtype=torch.bfloat16)
+    y = torch.zeros(t, n, device=device, dtype=torch.bfloat16)
+    turn = {"i": 0}
+
+    def pair():
+        turn["i"] = (turn["i"] + 1) % len(pairs)
+        return pairs[turn["i"]]
+
+    with torch.no_grad():
+        return (timer.median_us(lambda: pair()[0].add_gathered(x, y), runs),
+                timer.median_us(lambda: pair()[1].add_lora(x, y), runs))  # fmt: skip
+
+
+def bench_batched_lora(shapes, rows_list, adapters_list, ranks, device: torch.device, runs: int, out=print) -> None:
+    """The timing table of the LoRA term: Triton gather kernels vs the torch path, bf16."""
+    from qserve.batched_lora import RowAdapters
+
+    timer = Timer(device)
+    cache = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 16
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (TRITON_INTERPRET dry run)"
+    date = time.strftime("%Y-%m-%d")
+    out(f"\nBatched LoRA term, bf16: {date}, {card}, torch {torch.__version__}\n")
+    out("| date | card | in -> out | T rows | adapters | rank | triton us | torch path us | speedup |")
+    out("|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator(device=device).manual_seed(0)
+    for n, k in shapes:
+        for rank in ranks:
+            for n_adapters in adapters_list:
+                rows = RowAdapters()
+                nbytes = 2 * n_adapters * rank * (n + k) * 2  # the gathered stack + the torch path's stack
+                pairs = [lora_layers(rows, n, k, (rank,) * n_adapters, device, torch.bfloat16, g)
+                         for _ in range(min(512, max(2, 2 * cache // nbytes + 1)))]  # fmt: skip
+                for t in rows_list:
+                    rows.set([1 + i % n_adapters for i in range(t)], device)
+                    t_triton, t_torch = time_lora_paths(timer, pairs, t, n, k, device, runs)
+                    rows.clear()
+                    out(f"| {date} | {card} | {k} -> {n} | {t} | {n_adapters} | {rank} | {t_triton:.1f} "
+                        f"| {t_torch:.1f} | {t_torch / t_triton:.2f}x |")  # fmt: skip
+                del pairs
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Check and time the NF4 Triton kernels on a CUDA GPU.")
     ap.add_argument("--runs", type=int, default=50, help="timed calls per measurement (median)")
@@ -200,28 +307,40 @@ def main() -> int:
                     help="no GPU needed: run checks and timing code under TRITON_INTERPRET=1 on tiny shapes")  # fmt: skip
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x28672 (default: the four Llama shapes)")
     ap.add_argument("--rows", default=None, help="comma-separated M values (default 1,4,16,64,512,4096)")
+    ap.add_argument("--section", choices=("all", "nf4", "lora"), default="all",
+                    help="nf4: the NF4 kernels; lora: the batched-LoRA kernels (--shapes/--rows are nf4's)")  # fmt: skip
     args = ap.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (by qkernels.triton_nf4)
         device, shapes, rows, runs = torch.device("cpu"), DRY_SHAPES, DRY_ROWS, 2
+        lora = (DRY_LORA_SHAPES, DRY_LORA_ROWS, DRY_LORA_ADAPTERS, DRY_LORA_RANKS)
     else:
         if not torch.cuda.is_available():
             print("bench/gpu.py: no CUDA device here; run it on a GPU machine (or use --dry-run)", file=sys.stderr)
             return 2
         device, shapes, rows, runs = torch.device("cuda"), SHAPES, ROWS, args.runs
+        lora = (LORA_SHAPES, LORA_ROWS, LORA_ADAPTERS, LORA_RANKS)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.rows:
         rows = tuple(int(r) for r in args.rows.split(","))
-    lines = check_kernels(shapes[:2] if not args.dry_run else shapes, (1, 16, 64) if not args.dry_run else rows,
-                          device)  # fmt: skip
+    nf4, batched = args.section in ("all", "nf4"), args.section in ("all", "lora")
+    lines = []
+    if nf4:
+        lines += check_kernels(shapes[:2] if not args.dry_run else shapes, (1, 16, 64) if not args.dry_run else rows,
+                               device)  # fmt: skip
+    if batched:
+        lines += check_batched_lora(lora[0], device)
     for line in lines:
         print(line)
     failed = [line for line in lines if not line.endswith("ok")]
     if failed:
         print(f"{len(failed)} checks failed: no timings", file=sys.stderr)
         return 1
-    bench(shapes, rows, device, runs, args.tune)
+    if nf4:
+        bench(shapes, rows, device, runs, args.tune)
+    if batched:
+        bench_batched_lora(*lora, device, runs)
     return 0
 
 
