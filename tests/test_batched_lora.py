@@ -115,3 +115,14 @@ def test_op_names_the_misfit():
         batched_lora_add_(torch.zeros(3, 7), torch.zeros(3, 12), a, b, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(QError, match="batched LoRA"):
         batched_lora_add_(torch.zeros(3, 8), torch.zeros(3, 12), a, b, torch.zeros(3, dtype=torch.int32))
+
+
+def test_op_registration_traces():
+    """The custom op's schema (mutates y), fake impl and dynamic-shape tracing, as torch.compile uses them."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 4, 12, generator=g), torch.randn(2, 7, 4, generator=g)
+    args = (torch.zeros(3, 7), torch.randn(3, 12, generator=g), a, b, torch.tensor([1, 0, -1], dtype=torch.int32),
+            torch.tensor([1.0, 2.0]), torch.tensor([4, 2], dtype=torch.int32))  # fmt: skip
+    result = torch.library.opcheck(torch.ops.qkernels.batched_lora_add_.default, args,
+                                   test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
+    assert set(result.values()) == {"SUCCESS"}, result
