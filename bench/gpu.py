@@ -265,6 +265,9 @@ def time_lora_paths(timer: Timer, pairs, t: int, n: int, k: int, device: torch.d
         return pairs[turn["i"]]
 
     with torch.no_grad():
+        for gathered, torch_path in pairs:  # each layer's torch-path stack is built once, as in serving
+            gathered.add_gathered(x, y)
+            torch_path.add_lora(x, y)
         return (timer.median_us(lambda: pair()[0].add_gathered(x, y), runs),
                 timer.median_us(lambda: pair()[1].add_lora(x, y), runs))  # fmt: skip
 
