@@ -34,6 +34,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define QK_QUANT_AVX2 1
@@ -214,8 +218,30 @@ int64_t quantize_blocks(const typename T::Bits* x, int64_t n, int64_t bs, const 
   return nan_blocks;
 }
 
+// fn(b0, b1) over blocks [0, n_blocks): on one thread below `grain` blocks per thread, else on up to
+// torch's thread count in tasks of ~kTaskElements that threads take as they come free. Not
+// at::parallel_for: it gives each thread one fixed share, so on a busy machine a thread the OS
+// deschedules holds the whole op for its time slice (measured: 2 threads slower than 1).
+constexpr int64_t kTaskElements = 1 << 16;
+
+template <typename F>
+void parallel_blocks(int64_t n_blocks, int64_t blocksize, int64_t grain_elements, const F& fn) {
+  const int64_t grain = std::max<int64_t>(1, grain_elements / blocksize);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n_blocks + grain - 1) / grain);
+#ifdef _OPENMP
+  if (threads > 1 && !at::in_parallel_region()) {
+    const int64_t task = std::max<int64_t>(1, kTaskElements / blocksize);
+    const int64_t n_tasks = (n_blocks + task - 1) / task;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(threads))
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t * task, std::min(n_blocks, (t + 1) * task));
+    return;
+  }
+#endif
+  fn(0, n_blocks);
+}
+
 // flat: contiguous 1-D fp16/bf16/fp32; absmax: fp32 [ceil(n/bs)]; packed: uint8 [ceil(n/2)].
-// Blocks are split over torch's intra-op threads in tasks of at least `grain_elements`.
+// Blocks are split over torch's intra-op threads when there are `grain_elements` per thread.
 // Returns the number of blocks whose absmax is NaN (a NaN in the weight).
 int64_t quantize_nf4(const at::Tensor& flat, const at::Tensor& midpoints, int64_t blocksize, at::Tensor absmax,
                   at::Tensor packed, int64_t grain_elements) {
@@ -237,9 +263,8 @@ int64_t quantize_nf4(const at::Tensor& flat, const at::Tensor& midpoints, int64_
   const at::ScalarType st = flat.scalar_type();
   TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat,
               "quantize_nf4: the weight must be float16, bfloat16 or float32, got ", st);
-  const int64_t grain = std::max<int64_t>(1, grain_elements / blocksize);
   std::atomic<int64_t> nan_blocks{0};
-  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+  parallel_blocks(n_blocks, blocksize, grain_elements, [&](int64_t b0, int64_t b1) {
     int64_t nans;
     if (st == at::kHalf)
       nans = quantize_blocks<F16>(static_cast<const uint16_t*>(src), n, blocksize, mids, am, pk, b0, b1);
@@ -283,8 +308,7 @@ void quantize_absmax_dq(const at::Tensor& absmax, double offset, const at::Tenso
   const float* a = absmax.data_ptr<float>();
   uint8_t* c = codes.data_ptr<uint8_t>();
   float* na = nested.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, grain_elements / nested_blocksize);
-  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+  parallel_blocks(n_blocks, nested_blocksize, grain_elements, [&](int64_t b0, int64_t b1) {
     float centered[kMaxBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * nested_blocksize, len = std::min(nested_blocksize, n - start);

@@ -35,8 +35,9 @@ from qformats.nf4 import (
 from qformats.nf4 import quantize_nf4 as quantize_nf4_reference
 from qkernels import cpu
 
-# Elements per thread task. A SmolLM2 linear (0.3-0.9M weights) takes ~1 ms on one core; splitting
-# that over two threads on a busy shared box waits for the slower one to be scheduled (bench/quantize.py).
+# Elements per thread below which a weight runs on one thread. A SmolLM2 linear (0.1-0.9M weights)
+# takes under a millisecond on one core; forking it over two threads on a busy shared box can wait
+# longer than that for the second one to be scheduled. Set 0 to always split.
 PARALLEL_MIN_ELEMENTS = 1 << 20
 
 
