@@ -32,13 +32,13 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from qconvert import train_checkpoint as ckpt
-from qconvert.layer_stash import LayerStash
 from qconvert.lm_loss import causal_lm_loss, count_trained
 from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
 from qconvert.train_card import write_card
 from qformats.errors import QError
 from qformats.peft_adapter import save_adapter_files, write_adapter
+from qkernels.cpu_allocator import use_caching_allocator
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
 from qserve.lora import apply_lora, lora_modules, lora_parameters, to_peft_adapter
 from qserve.nf4_linear import NF4Linear
@@ -207,10 +207,11 @@ class LRSchedule:
 
 
 def prepare_for_training(model, gradient_checkpointing: bool) -> None:
-    """Training mode, checkpointing on or off, and (with it) the layer outputs kept in reused buffers."""
+    """Training mode, checkpointing on or off, and on CPU the caching allocator (memory that tracks
+    what is live: see qkernels/cpu_allocator.py)."""
     model.gradient_checkpointing = gradient_checkpointing
-    if gradient_checkpointing and not hasattr(model, "_layer_stash"):
-        model._layer_stash = LayerStash(model, model.model.layers)
+    if next(model.parameters()).device.type == "cpu":
+        use_caching_allocator()
     model.train()
 
 

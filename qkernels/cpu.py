@@ -8,8 +8,9 @@ Regimes (measured by bench/cpu_kernels.py on the SmolLM2 shapes):
 - more rows (prefill, training): the weight is dequantized chunk by chunk into a reusable fp32
   scratch buffer and multiplied with MKL; the matmul dominates there.
 
-The C++ files (these kernels, and cpu_quantize.cpp: the fused NF4 quantizer behind
-qkernels/cpu_quantize.py) are compiled into one extension, once per machine and torch version, with
+The C++ files (these kernels; cpu_quantize.cpp, the fused NF4 quantizer behind
+qkernels/cpu_quantize.py; cpu_caching_allocator.cpp, the training allocator behind
+qkernels/cpu_allocator.py) are compiled into one extension, once per machine and torch version, with
 `torch.utils.cpp_extension` (gcc; about a minute on a busy 2-core box) into
 `$TORCH_EXTENSIONS_DIR/qkernels/` (default `~/.cache/torch_extensions/qkernels/`). Without a
 compiler, or with `QKERNELS_CPU_EXT=0`, a pure-torch path runs instead: a 256-entry byte ->
@@ -42,7 +43,7 @@ FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MK
 # threads to be scheduled), while MKL keeps such GEMVs on one thread too. Set 0 to always split.
 PARALLEL_MIN_WEIGHTS = 1 << 20
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
-_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_quantize.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_quantize.cpp", "cpu_caching_allocator.cpp")]
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
 # element, slower than dequantize + BLAS, so other CPUs and shapes take that path instead.
 _SIMD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
