@@ -5,10 +5,10 @@
     y = base(x) + scale * lora_B(lora_A(dropout(x)))
 
 with PEFT's initialisation (A Kaiming-uniform, B zero) and scaling (alpha / r, or alpha / sqrt(r)
-with rsLoRA). The NF4 base runs through `_FrozenNF4`, an autograd function that saves nothing
-of its own: the packed 4-bit weight is already in memory, the backward pass dequantizes it
-again (`qkernels.ops.dequantize`, Triton on CUDA) for the input gradient, and the weight gets
-no gradient. So training holds no full-precision copy of any base weight.
+with rsLoRA). Its two autograd functions (`_LoRAInput`, `_FrozenBaseAddLoRA`) save no base
+weight: the packed 4-bit weight is already in memory, the backward pass dequantizes it again
+(`qkernels.ops.dequantize`, Triton on CUDA) for the input gradient, and the weight gets no
+gradient. So training holds no full-precision copy of any base weight.
 
 Parameter names are PEFT's: `<module>.lora_A.weight`, `<module>.lora_B.weight`, so the adapter
 file keys are `base_model.model.` + the parameter name. The LoRA path computes in the LoRA
@@ -42,57 +42,85 @@ from qserve.nf4_linear import NF4Linear
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class _FrozenNF4(torch.autograd.Function):
-    """`x @ dequantize(W).T + bias` with W frozen in NF4: the backward dequantizes W again for dx."""
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask of `shape`, True where dropout drops (probability p, to 1/65536) from the global RNG.
+
+    Four 16-bit draws per 64-bit random number: 3x cheaper on CPU than `torch.rand`'s one float each,
+    and checkpointing's recompute replays it exactly (it restores the global RNG state).
+    """
+    n = math.prod(shape)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    return (bits.view(torch.int16)[:n] < round(p * 65536) - 32768).view(shape)
+
+
+def _base_input_grad(base: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """d(base(x))/dx: the frozen weight again (NF4: dequantized anew, one layer at a time)."""
+    if isinstance(base, NF4Linear):
+        return grad @ dequantize(base.nf4_weight, grad.dtype)
+    return grad @ base.weight.to(grad.dtype)
+
+
+class _LoRAInput(torch.autograd.Function):
+    """`v = scale * dropout(x) @ A.T` (inverted dropout's 1/(1-p) folded in): the `[tokens, r]` bottleneck.
+
+    Saves x and (with dropout) a bool drop-mask, never the dropped-out copy of x that `nn.Dropout` +
+    `nn.Linear` keep per layer.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, base: NF4Linear) -> torch.Tensor:
-        ctx.base = base  # the module, not a tensor copy: its packed buffers are the only weight memory
-        return base(x)  # autograd is off inside forward: the plain kernel path, no graph
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        w = dequantize(ctx.base.nf4_weight, grad.dtype)  # transient, one layer at a time
-        return grad @ w, None
-
-
-class _LoRABranch(torch.autograd.Function):
-    """`scale * dropout(x) @ A.T @ B.T`, saving x (the same tensor the neighbouring LoRA layers and the model
-    save anyway), the `[tokens, r]` bottleneck and, with dropout, a bool keep-mask: never the dropped-out
-    fp32 copy of x that `nn.Dropout` + `nn.Linear` keep per layer (7 per decoder layer)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, scale: float, p: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        keep = None
-        if p > 0:  # the global RNG: checkpointing's recompute restores it, so the mask repeats exactly
-            keep = torch.rand(x2.shape, device=x.device) >= p
-            x2 = torch.where(keep, x2, 0)
-        u = x2.to(a.dtype) @ a.t()  # [tokens, r]
-        if p > 0:
-            u = u * (1.0 / (1 - p))  # inverted dropout's scale, applied to the small bottleneck
-        out = (u @ b.t()) * scale
-        ctx.save_for_backward(x, a, b, u, keep)
-        ctx.scale, ctx.p = scale, p
-        return out.view(*x.shape[:-1], b.shape[0])
+        drop = dropout_mask(x2.shape, p, x.device) if p > 0 else None
+        xa = (torch.where(drop, 0.0, x2) if drop is not None else x2).to(a.dtype)
+        ctx.factor = scale / (1 - p)
+        ctx.save_for_backward(x, a, drop)
+        return (xa @ a.t()).mul_(ctx.factor)
+
+    @staticmethod
+    def backward(ctx, gv: torch.Tensor):
+        x, a, drop = ctx.saved_tensors
+        gu = gv * ctx.factor
+        ga = gx = None
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            ga = gu.t() @ (torch.where(drop, 0.0, x2) if drop is not None else x2).to(a.dtype)
+        if ctx.needs_input_grad[0]:
+            gx = gu @ a
+            if drop is not None:
+                gx.masked_fill_(drop, 0)
+            gx = gx.to(x.dtype).view_as(x)
+        return gx, ga, None, None
+
+
+class _FrozenBaseAddLoRA(torch.autograd.Function):
+    """`base(x) + v @ B.T` with the base weight frozen: the LoRA product is added into the base output
+    in place, and the backward dequantizes the base weight again for dx (no full-precision copy kept).
+
+    Nothing goes through save_for_backward (v and B, both small, are held on ctx): in a checkpointed
+    layer's recompute, torch stops once the last saved tensor is recomputed, which is then the last
+    `_LoRAInput` of the layer, so down_proj's base matmul is never recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor, b: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        y = base(x)  # autograd is off inside forward: the plain kernel path, no graph
+        y2 = y.view(-1, y.shape[-1])
+        if y.dtype == b.dtype:
+            y2.addmm_(v, b.t())
+        else:  # PEFT's order: the LoRA product in the adapter dtype, then cast
+            y2.add_((v @ b.t()).to(y.dtype))
+        ctx.base, ctx.v, ctx.b = base, v.detach(), b.detach()
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, a, b, u, keep = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
-        gu = (g @ b) * ctx.scale  # [tokens, r]
-        gb = (g.t() @ u) * ctx.scale if need[2] else None
-        if ctx.p > 0:
-            gu = gu * (1.0 / (1 - ctx.p))
-        ga = gx = None
-        if need[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            ga = gu.t() @ (torch.where(keep, x2, 0) if keep is not None else x2).to(a.dtype)
-        if need[0]:
-            gx = gu @ a
-            gx = (torch.where(keep, gx, 0) if keep is not None else gx).to(x.dtype).view_as(x)
-        return gx, ga, gb, None, None
+        g = grad.reshape(-1, grad.shape[-1])
+        gx = _base_input_grad(ctx.base, g).view(*grad.shape[:-1], -1) if need[0] else None
+        gl = g.to(ctx.b.dtype)
+        gv = gl @ ctx.b if need[1] else None
+        gb = gl.t() @ ctx.v if need[2] else None
+        return gx, gv, gb, None
 
 
 class LoRALinear(nn.Module):
@@ -118,14 +146,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        # The LoRA branch first: in a checkpointed layer's recompute, torch stops once the last saved
-        # tensor is recomputed, so the final base matmul (down_proj's) is skipped.
-        lora = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
-        if isinstance(self.base, NF4Linear) and torch.is_grad_enabled() and x.requires_grad:
-            y = _FrozenNF4.apply(x, self.base)
-        else:
-            y = self.base(x)
-        return y + lora.to(y.dtype)
+        v = _LoRAInput.apply(x, self.lora_A.weight, self.scaling, p)  # first: see _FrozenBaseAddLoRA
+        return _FrozenBaseAddLoRA.apply(x, v, self.lora_B.weight, self.base)
 
     def delta_weight(self) -> torch.Tensor:
         """`scale * B @ A` [out, in] in fp32: what merging adds to the base weight."""

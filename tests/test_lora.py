@@ -205,7 +205,14 @@ def test_scaling_equals_peft():
 
 
 def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy():
-    from qserve.lora import _LoRABranch
+    from qserve.lora import _FrozenBaseAddLoRA, _LoRAInput, dropout_mask
+
+    zero = torch.nn.Linear(32, 16, bias=False)  # the LoRA term alone: a zero base
+    zero.weight.data.zero_()
+    zero.requires_grad_(False)
+
+    def branch(x, a, b, scale, p):
+        return _FrozenBaseAddLoRA.apply(x, _LoRAInput.apply(x, a, scale, p), b, zero)
 
     g = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(3, 5, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(16, 4, generator=g)
@@ -214,9 +221,9 @@ def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy():
     saved = []
     torch.manual_seed(7)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = _LoRABranch.apply(*ours, 2.0, 0.3)
+        y = branch(*ours, 2.0, 0.3)
     torch.manual_seed(7)
-    keep = (torch.rand(15, 32) >= 0.3).view(3, 5, 32)  # the mask the branch drew from the global RNG
+    keep = ~dropout_mask(torch.Size((3, 5, 32)), 0.3, x.device)  # the mask the branch drew from the global RNG
     assert 0.2 < 1 - keep.float().mean() < 0.4
     y_ref = ((ref[0] * keep / 0.7) @ ref[1].t() @ ref[2].t()) * 2.0
     torch.testing.assert_close(y, y_ref)
