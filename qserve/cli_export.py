@@ -7,8 +7,6 @@ import sys
 
 import click
 
-from qserve.export import export_merged
-
 
 @click.command("export")
 @click.option("--model", required=True, help="Base model: NF4 (or fp16/bf16) folder or Hub id owner/name.")
@@ -38,6 +36,9 @@ def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, re
       qserve export --model ./smollm2-nf4 --adapter ./answer-adapter --out ./merged
       qserve export --model ./smollm2-nf4 --adapter ./answer-adapter --out ./merged-nf4 --requantize
     """
+    # torch and the runtime: imported when the command runs, not for --help
+    from qserve.export import export_merged
+
     summary = export_merged(model, out, adapter, dtype=dtype, requantize=requantize, eval_text=eval_text,
                             shard_size=shard_size, force=force, revision=revision)  # fmt: skip
     click.echo(summary.describe())

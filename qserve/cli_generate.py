@@ -7,12 +7,6 @@ import time
 
 import click
 
-from qformats.checkpoint import load_config
-from qserve.generate import Generator, SamplingParams, check_prompt_length
-from qserve.loader import load_model, parse_dtype, resolve_model_dir
-from qserve.model import ModelArgs
-from qserve.tokenizer import Tokenizer
-
 
 @click.command("generate")
 @click.option("--model", "model_path", required=True, help="Model folder (fp16/bf16 or NF4) or Hub id owner/name.")
@@ -47,6 +41,13 @@ def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_
       qserve generate --model ./smollm2-nf4 --chat --prompt "What is the capital of France?"
       qserve generate --model ./nf4 --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
     """
+    # torch and the runtime: imported when the command runs, not for --help
+    from qformats.checkpoint import load_config
+    from qserve.generate import Generator, SamplingParams, check_prompt_length
+    from qserve.loader import load_model, parse_dtype, resolve_model_dir
+    from qserve.model import ModelArgs
+    from qserve.tokenizer import Tokenizer
+
     model_dir = resolve_model_dir(model_path, revision)
     tokenizer = Tokenizer.from_dir(model_dir)
     if chat:
