@@ -10,8 +10,8 @@ a time through `qformats.checkpoint.ShardedWriter` (a temp folder renamed at the
   folder as a plain fp16/bf16 model; tokenizer, chat template and generation config are copied.
 
 With `requantize=True` the merged linears that were NF4 in the base are quantized again with
-`qformats.nf4.quantize_nf4` (same block size and double quantization) and config.json keeps the
-base's `quantization_config`: a 4-bit model with the adapter baked in. Merging into a 4-bit base
+`qformats.nf4.quantize_nf4` (through its fused C++ twin on CPU; same block size and double
+quantization) and config.json keeps the base's `quantization_config`: a 4-bit model with the adapter baked in. Merging into a 4-bit base
 costs accuracy (the merged weight is rounded to the NF4 grid again, unlike base + adapter at run
 time); the export measures it instead of hiding it: the perplexity of base + adapter (our runtime)
 and of the requantized output on a text, reported in the summary.
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, open_checkpoint, parse_size
+from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, open_checkpoint, parse_size, sha256_file
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
-from qformats.manifest import MANIFEST_FILE
-from qformats.nf4 import quantize_nf4
+from qformats.manifest import MANIFEST_FILE, build_manifest
 from qformats.peft_adapter import read_adapter
+from qkernels.cpu_quantize import quantize_nf4  # the fused C++ quantizer on CPU, byte-identical to qformats
 from qkernels.ops import dequantize
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
 from qserve.lora import LoRALinear, load_lora
@@ -127,6 +127,13 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
         config["dtype"] = config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
         writer.write_json(CONFIG_FILE, config)
         copy_extra_files(ckpt, writer, skip={CONFIG_FILE, MANIFEST_FILE})
+        # Provenance: what this was made from (model cards follow it back to the original Hub id).
+        parameters = {"operation": "export", "dtype": str(out_dtype).removeprefix("torch."), "requantize": requantize,
+                      "merged_modules": merged}  # fmt: skip
+        source = {"path": str(model), "base_model": str(model), "revision": revision,
+                  "adapter": None if adapter is None else str(adapter)}  # fmt: skip
+        source_files = {p.name: sha256_file(p) for p in ckpt.source_files}
+        writer.write_json(MANIFEST_FILE, build_manifest(parameters, source, source_files, {}, dict(writer.file_hashes)))
         writer.commit()
     del lm
     summary = ExportSummary(out=Path(out), dtype=out_dtype, merged_modules=len(merged), requantized=requantize,

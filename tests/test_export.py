@@ -15,6 +15,7 @@ from tiny_models import save_tiny, save_tiny_tokenizer
 
 from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
+from qformats.manifest import verify_manifest
 from qformats.nf4 import quantize_nf4
 from qserve.cli import main as qserve_cli
 from qserve.export import export_merged
@@ -110,6 +111,10 @@ def test_export_without_adapter_dequantizes(base, tmp_path):
     tokens = torch.randint(3, 320, (1, 12))
     with torch.no_grad():
         assert rel_err(load_model(out)(tokens), load_model(base / "nf4", dtype=torch.float32)(tokens)) < 1e-5
+    verify_manifest(out)  # qconvert.json: every output file's sha256, and where the export came from
+    manifest = json.loads((out / "qconvert.json").read_text())
+    assert manifest["parameters"]["operation"] == "export" and manifest["source"]["base_model"] == str(base / "nf4")
+    assert manifest["source"]["adapter"] is None and "model.safetensors" in manifest["source"]["files"]
 
 
 def test_cli_and_bad_input(base, tmp_path):
