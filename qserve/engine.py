@@ -39,7 +39,7 @@ from torch import nn
 
 from qformats.errors import QError
 from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA
-from qserve.generate import Completion, SamplingParams, _Row, sample
+from qserve.generate import Completion, DecodeRow, SamplingParams, sample
 from qserve.model import CausalLM
 from qserve.tokenizer import Tokenizer
 
@@ -135,7 +135,7 @@ class Request:
     slot: int = -1
     pos: int = 0  # cache position of the pending token (= tokens in the cache so far)
     pending: int = -1  # the last sampled token, fed at the next decode
-    row: _Row | None = None
+    row: DecodeRow | None = None
     generator: torch.Generator | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -334,7 +334,7 @@ class Engine:
                 break
             req = self.waiting.popleft()
             req.slot = free.pop(0)
-            req.row = _Row(self.tokenizer, req.params, self._stop_ids(req.params))
+            req.row = DecodeRow(self.tokenizer, req.params, self._stop_ids(req.params))
             req.generator = torch.Generator(self.device)
             if req.params.seed is not None:
                 req.generator.manual_seed(req.params.seed)

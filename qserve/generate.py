@@ -197,7 +197,7 @@ class Generator:
         params = params or SamplingParams()
         ids = [self._prompt_ids(p) for p in prompts]
         start = time.perf_counter()
-        rows = [_Row(self.tokenizer, params, self._stop_ids(params)) for _ in ids]
+        rows = [DecodeRow(self.tokenizer, params, self._stop_ids(params)) for _ in ids]
         for nxt in self.token_steps(ids, params):
             for row, tok in zip(rows, nxt.tolist()):
                 if not row.done:
@@ -213,7 +213,7 @@ class Generator:
             raise QError("streaming text needs a tokenizer")
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
-        row = _Row(self.tokenizer, params, self._stop_ids(params))
+        row = DecodeRow(self.tokenizer, params, self._stop_ids(params))
         for nxt in self.token_steps([ids], params):
             delta = row.push(int(nxt[0]))
             if delta:
@@ -226,7 +226,7 @@ class Generator:
         self.last_completion = row.completion(len(ids), 0.0)
 
 
-class _Row:
+class DecodeRow:
     """One sequence's generated ids, text and stop state."""
 
     def __init__(self, tokenizer: Tokenizer | None, params: SamplingParams, stop_ids: set[int]):
