@@ -43,7 +43,7 @@ FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MK
 # threads to be scheduled), while MKL keeps such GEMVs on one thread too. Set 0 to always split.
 PARALLEL_MIN_WEIGHTS = 1 << 20
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
-_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_quantize.cpp", "cpu_caching_allocator.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_quantize.cpp", "cpu_caching_allocator.cpp", "cpu_lora_dropout.cpp")]
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
 # element, slower than dequantize + BLAS, so other CPUs and shapes take that path instead.
 _SIMD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -8,7 +8,8 @@ with PEFT's initialisation (A Kaiming-uniform, B zero) and scaling (alpha / r, o
 with rsLoRA). Its two autograd functions (`_LoRAInput`, `_FrozenBaseAddLoRA`) save no base
 weight: the packed 4-bit weight is already in memory, the backward pass dequantizes it again
 (`qkernels.ops.dequantize`, Triton on CUDA) for the input gradient, and the weight gets no
-gradient. So training holds no full-precision copy of any base weight.
+gradient. So training holds no full-precision copy of any base weight, and no dropout mask: the
+dropped elements are a hash of (seed, index), recomputed where the backward needs them.
 
 Parameter names are PEFT's: `<module>.lora_A.weight`, `<module>.lora_B.weight`, so the adapter
 file keys are `base_model.model.` + the parameter name. The LoRA path computes in the LoRA
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,22 +37,12 @@ from qformats.peft_adapter import (
     read_adapter,
     target_matches,
 )
+from qkernels.lora_dropout import draw_seed, dropout_add_, dropout_apply
 from qkernels.ops import dequantize
 from qserve.nf4_linear import NF4Linear
 
 # The decoder's linear layers, the QLoRA paper's "all linear layers" (lm_head excluded, as PEFT's all-linear).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask of `shape`, True where dropout drops (probability p, to 1/65536) from the global RNG.
-
-    Four 16-bit draws per 64-bit random number: 3x cheaper on CPU than `torch.rand`'s one float each,
-    and checkpointing's recompute replays it exactly (it restores the global RNG state).
-    """
-    n = math.prod(shape)
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    return (bits.view(torch.int16)[:n] < round(p * 65536) - 32768).view(shape)
 
 
 def _base_input_grad(base: nn.Module, grad: torch.Tensor) -> torch.Tensor:
@@ -60,67 +52,83 @@ def _base_input_grad(base: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     return grad @ base.weight.to(grad.dtype)
 
 
-class _LoRAInput(torch.autograd.Function):
-    """`v = scale * dropout(x) @ A.T` (inverted dropout's 1/(1-p) folded in): the `[tokens, r]` bottleneck.
+@dataclass(frozen=True)
+class _Dropout:
+    """One forward's dropout on a LoRA input: which elements drop is a function of (seed, index)
+    (qkernels/lora_dropout.py), so no mask is stored and the backward recomputes it."""
 
-    Saves x and (with dropout) a bool drop-mask, never the dropped-out copy of x that `nn.Dropout` +
-    `nn.Linear` keep per layer.
+    seed: int
+    p: float
+
+
+def _dropped(x2: torch.Tensor, drop: _Dropout | None) -> torch.Tensor:
+    return dropout_apply(x2, drop.seed, drop.p) if drop is not None else x2
+
+
+class _LoRAInput(torch.autograd.Function):
+    """`v = factor * dropout(x) @ A.T`, factor = scale / (1 - p): the `[tokens, r]` bottleneck.
+
+    Saves x and A only. Its dx is added by `_FrozenBaseAddLoRA`'s backward, into the base's dx buffer
+    (one pass, no separate full-size gradient for autograd to sum).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, factor: float, drop: _Dropout | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        drop = dropout_mask(x2.shape, p, x.device) if p > 0 else None
-        xa = (torch.where(drop, 0.0, x2) if drop is not None else x2).to(a.dtype)
-        ctx.factor = scale / (1 - p)
-        ctx.save_for_backward(x, a, drop)
-        return (xa @ a.t()).mul_(ctx.factor)
+        ctx.factor, ctx.drop = factor, drop
+        ctx.save_for_backward(x, a)
+        return (_dropped(x2, drop).to(a.dtype) @ a.t()).mul_(factor)
 
     @staticmethod
     def backward(ctx, gv: torch.Tensor):
-        x, a, drop = ctx.saved_tensors
-        gu = gv * ctx.factor
-        ga = gx = None
+        x, a = ctx.saved_tensors
+        ga = None
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            ga = gu.t() @ (torch.where(drop, 0.0, x2) if drop is not None else x2).to(a.dtype)
-        if ctx.needs_input_grad[0]:
-            gx = gu @ a
-            if drop is not None:
-                gx.masked_fill_(drop, 0)
-            gx = gx.to(x.dtype).view_as(x)
-        return gx, ga, None, None
+            ga = (gv * ctx.factor).t() @ _dropped(x.reshape(-1, x.shape[-1]), ctx.drop).to(a.dtype)
+        return None, ga, None, None
 
 
 class _FrozenBaseAddLoRA(torch.autograd.Function):
     """`base(x) + v @ B.T` with the base weight frozen: the LoRA product is added into the base output
-    in place, and the backward dequantizes the base weight again for dx (no full-precision copy kept).
+    in place; the backward dequantizes the base weight again for dx (no full-precision copy kept) and
+    adds the LoRA branch's dx, `dropout(factor * (dy @ B) @ A)`, into the same buffer.
 
-    Nothing goes through save_for_backward (v and B, both small, are held on ctx): in a checkpointed
+    Nothing goes through save_for_backward (v, A, B, all small, are held on ctx): in a checkpointed
     layer's recompute, torch stops once the last saved tensor is recomputed, which is then the last
     `_LoRAInput` of the layer, so down_proj's base matmul is never recomputed.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, v: torch.Tensor, b: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.Module,
+                factor: float, drop: _Dropout | None) -> torch.Tensor:  # fmt: skip
         y = base(x)  # autograd is off inside forward: the plain kernel path, no graph
         y2 = y.view(-1, y.shape[-1])
         if y.dtype == b.dtype:
             y2.addmm_(v, b.t())
         else:  # PEFT's order: the LoRA product in the adapter dtype, then cast
             y2.add_((v @ b.t()).to(y.dtype))
-        ctx.base, ctx.v, ctx.b = base, v.detach(), b.detach()
+        ctx.base, ctx.v, ctx.a, ctx.b, ctx.factor, ctx.drop = base, v.detach(), a.detach(), b.detach(), factor, drop
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         need = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        gx = _base_input_grad(ctx.base, g).view(*grad.shape[:-1], -1) if need[0] else None
         gl = g.to(ctx.b.dtype)
-        gv = gl @ ctx.b if need[1] else None
-        gb = gl.t() @ ctx.v if need[2] else None
-        return gx, gv, gb, None
+        gv = gl @ ctx.b if need[0] or need[1] else None
+        gb = gl.t() @ ctx.v if need[3] else None
+        gx = None
+        if need[0]:
+            gx = _base_input_grad(ctx.base, g)
+            gu = gv * ctx.factor
+            if ctx.drop is None and gx.dtype == gu.dtype:
+                gx.addmm_(gu, ctx.a)
+            elif ctx.drop is None:
+                gx.add_((gu @ ctx.a).to(gx.dtype))
+            else:
+                dropout_add_(gx, (gu @ ctx.a).to(gx.dtype), ctx.drop.seed, ctx.drop.p)
+            gx = gx.view(*grad.shape[:-1], -1)
+        return gx, gv if need[1] else None, None, gb, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -146,8 +154,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        v = _LoRAInput.apply(x, self.lora_A.weight, self.scaling, p)  # first: see _FrozenBaseAddLoRA
-        return _FrozenBaseAddLoRA.apply(x, v, self.lora_B.weight, self.base)
+        drop = _Dropout(draw_seed(), p) if p > 0 else None  # the CPU generator: no device sync
+        factor = self.scaling / (1 - p)  # inverted dropout's scale, on the small bottleneck
+        a, b = self.lora_A.weight, self.lora_B.weight
+        v = _LoRAInput.apply(x, a, factor, drop)  # first: see _FrozenBaseAddLoRA
+        return _FrozenBaseAddLoRA.apply(x, v, a, b, self.base, factor, drop)
 
     def delta_weight(self) -> torch.Tensor:
         """`scale * B @ A` [out, in] in fp32: what merging adds to the base weight."""

@@ -205,36 +205,56 @@ def test_scaling_equals_peft():
 
 
 def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy():
-    from qserve.lora import _FrozenBaseAddLoRA, _LoRAInput, dropout_mask
+    """The LoRA layer with dropout (a zero base, so the LoRA term alone) against plain autograd with the
+    same mask: outputs and every gradient; it saves x once and no mask (the mask is a hash of a seed)."""
+    from qkernels.lora_dropout import keep_mask
 
-    zero = torch.nn.Linear(32, 16, bias=False)  # the LoRA term alone: a zero base
-    zero.weight.data.zero_()
-    zero.requires_grad_(False)
-
-    def branch(x, a, b, scale, p):
-        return _FrozenBaseAddLoRA.apply(x, _LoRAInput.apply(x, a, scale, p), b, zero)
-
+    base = torch.nn.Linear(32, 16, bias=False)
+    base.weight.data.zero_()
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.3)
     g = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(3, 5, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(16, 4, generator=g)
-    ours = [t.clone().requires_grad_() for t in (x, a, b)]
+    layer.lora_A.weight.data.copy_(a)
+    layer.lora_B.weight.data.copy_(b)
+    xo = x.clone().requires_grad_()
     ref = [t.clone().requires_grad_() for t in (x, a, b)]
     saved = []
     torch.manual_seed(7)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = branch(*ours, 2.0, 0.3)
+        y = layer(xo)
     torch.manual_seed(7)
-    keep = ~dropout_mask(torch.Size((3, 5, 32)), 0.3, x.device)  # the mask the branch drew from the global RNG
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))  # the seed the layer drew (draw_seed)
+    keep = keep_mask(x.numel(), seed, 0.3).view(x.shape)
     assert 0.2 < 1 - keep.float().mean() < 0.4
     y_ref = ((ref[0] * keep / 0.7) @ ref[1].t() @ ref[2].t()) * 2.0
     torch.testing.assert_close(y, y_ref)
     w = torch.randn_like(y)
     (y * w).sum().backward()
     (y_ref * w).sum().backward()
-    for o, r in zip(ours, ref):
+    for o, r in zip((xo, layer.lora_A.weight, layer.lora_B.weight), ref):
         torch.testing.assert_close(o.grad, r.grad, rtol=1e-5, atol=1e-4)
-    assert [t.dtype for t in saved if t.numel() == x.numel()] == [torch.float32, torch.bool]  # x and the mask
+    assert [t.dtype for t in saved if t.numel() >= x.numel()] == [torch.float32]  # x, and no mask
     layer = LoRALinear(torch.nn.Linear(32, 16), r=4, alpha=8, dropout=0.5)
     layer.lora_B.weight.data.normal_()
     layer.eval()
     with torch.no_grad():
         assert torch.equal(layer(x), layer(x))  # eval mode: no dropout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_seeded_dropout_fast_path_equals_the_torch_hash(dtype):
+    """qkernels_cpu's fused dropout kernels drop exactly the elements of the torch reference hash,
+    at rate p, and different seeds drop (nearly) independent sets."""
+    from qkernels import lora_dropout as ld
+
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(513, 77, generator=g).to(dtype), torch.randn(513, 77, generator=g).to(dtype)
+    for seed in (0, 1, 2**40 + 5, 2**63 - 2):
+        keep = ld.keep_mask(x.numel(), seed, 0.1).view(x.shape)
+        assert torch.equal(ld.dropout_apply(x, seed, 0.1), torch.where(keep, x, 0.0))
+        y = torch.randn_like(x)
+        expected = y + torch.where(keep, t, 0.0)
+        assert torch.equal(ld.dropout_add_(y, t, seed, 0.1), expected)
+        assert abs((1 - keep.float().mean()) - 0.1) < 0.01
+    both = ~ld.keep_mask(200_000, 11, 0.1) & ~ld.keep_mask(200_000, 12, 0.1)
+    assert abs(both.float().mean() - 0.01) < 0.002
