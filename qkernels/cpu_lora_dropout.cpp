@@ -38,8 +38,8 @@ void apply_range(const T* x, T* out, int64_t begin, int64_t end, uint32_t lo, ui
 
 template <typename T>
 void add_range(T* y, const T* t, int64_t begin, int64_t end, uint32_t lo, uint32_t hi, uint32_t thr) {
-  for (int64_t i = begin; i < end; ++i)
-    if (keep(static_cast<uint32_t>(i), lo, hi, thr)) y[i] += t[i];
+  for (int64_t i = begin; i < end; ++i)  // branchless (a blend), so it vectorizes; adds 0 where dropped
+    y[i] += keep(static_cast<uint32_t>(i), lo, hi, thr) ? t[i] : T(0);
 }
 
 void check(const at::Tensor& t, const char* what) {
