@@ -141,7 +141,7 @@ class LoRALinear(nn.Module):
             raise QError(f"LoRA applies to linear layers, not {type(base).__name__}")
         if r < 1:
             raise QError(f"LoRA rank must be at least 1, not {r}")
-        self.base = base
+        self.base = base.requires_grad_(False)  # frozen, as PEFT freezes it: only the adapter trains
         self.in_features, self.out_features = base.in_features, base.out_features
         device = base.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -154,6 +154,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.base.parameters()):
+            raise QError("LoRALinear trains only the adapter: freeze its base (base.requires_grad_(False))")
         drop = _Dropout(draw_seed(), p) if p > 0 else None  # the CPU generator: no device sync
         factor = self.scaling / (1 - p)  # inverted dropout's scale, on the small bottleneck
         a, b = self.lora_A.weight, self.lora_B.weight

@@ -212,6 +212,11 @@ def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy():
     base = torch.nn.Linear(32, 16, bias=False)
     base.weight.data.zero_()
     layer = LoRALinear(base, r=4, alpha=8, dropout=0.3)
+    assert not base.weight.requires_grad  # frozen by LoRALinear; unfreezing it later is refused
+    base.requires_grad_(True)
+    with pytest.raises(QError, match="freeze its base"):
+        layer(torch.randn(2, 32))
+    base.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(3, 5, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(16, 4, generator=g)
     layer.lora_A.weight.data.copy_(a)
