@@ -90,15 +90,7 @@ def worker_ours(args) -> dict:
     tokens = batch(args, model.args.vocab_size).to(device)
     n = tokens.numel() - tokens.shape[0]
 
-    def step():
-        loss = causal_lm_loss(model, tokens, tokens, n)  # the same step qconvert finetune takes
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return timed(step, args)
+    return timed(lambda: causal_lm_loss(model, tokens, tokens, n), params, opt, args)  # qconvert finetune's loss
 
 
 def worker_peft(args) -> dict:
@@ -107,31 +99,34 @@ def worker_peft(args) -> dict:
     import torch
     import transformers
 
+    from qserve.lora import ALL_LINEAR  # the same modules as ours
+
     device = "cuda" if args.gpu else "cpu"
     dtype = torch.bfloat16 if args.gpu else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(args.nf4, dtype=dtype, device_map=device)
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
     cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.05, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+                          target_modules=ALL_LINEAR)  # fmt: skip
     model = peft.get_peft_model(model, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0)
     tokens = batch(args, model.config.vocab_size).to(device)
 
+    return timed(lambda: model(input_ids=tokens, labels=tokens).loss, params, opt, args)
+
+
+def timed(loss_fn, params, opt, args) -> dict:
+    """One warm-up step, then --steps timed steps of loss, backward, clip 0.3, optimizer step."""
+    import torch
+
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
+        loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
-
-    return timed(step, args)
-
-
-def timed(step, args) -> dict:
-    import torch
 
     def sync():
         if args.gpu:

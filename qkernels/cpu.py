@@ -10,7 +10,8 @@ Regimes (measured by bench/cpu_kernels.py on the SmolLM2 shapes):
 
 The C++ files (these kernels; cpu_quantize.cpp, the fused NF4 quantizer behind
 qkernels/cpu_quantize.py; cpu_caching_allocator.cpp, the training allocator behind
-qkernels/cpu_allocator.py) are compiled into one extension, once per machine and torch version, with
+qkernels/cpu_allocator.py; cpu_lora_dropout.cpp, the seeded LoRA dropout behind
+qkernels/lora_dropout.py) are compiled into one extension, once per machine and torch version, with
 `torch.utils.cpp_extension` (gcc; about a minute on a busy 2-core box) into
 `$TORCH_EXTENSIONS_DIR/qkernels/` (default `~/.cache/torch_extensions/qkernels/`). Without a
 compiler, or with `QKERNELS_CPU_EXT=0`, a pure-torch path runs instead: a 256-entry byte ->

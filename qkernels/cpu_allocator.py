@@ -3,7 +3,7 @@
 Measured with bench/finetune.py (SmolLM2 NF4, LoRA r=16, batch 4 x 256, gradient checkpointing,
 2 threads): glibc's heap alone peaks at 2.0 GB resident and grows step by step; one mmap per large
 block holds 1.05 GB but makes each step ~35% slower (a page fault per 4 KiB); the cache holds
-1.09 GB at a step time a little below glibc's.
+1.03 GB at a step time a little below glibc's.
 """
 
 from __future__ import annotations
