@@ -8,11 +8,14 @@
 // fixes that but pays a page fault per 4 KiB on every allocation (+35% step time). Here a freed
 // large block goes to a cache keyed by size and is reused by the next request of (almost) the same
 // size, which is what the next layer asks for, so the pages are faulted in once. Cached free
-// blocks are capped (`cap_bytes`); beyond that a freed block is unmapped. Small requests go to the
-// allocator that was there before.
+// blocks are capped (`cap_bytes`); beyond that a freed block is unmapped. Small requests go to
+// c10's aligned heap allocation. Every block carries a 64-byte header (its mapped size, 0 for a heap
+// block) so that one raw deleter frees either kind: torch's `raw_allocate` (oneDNN's buffers among
+// its users) needs the data pointer to be the whole context.
 #include <torch/library.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <sys/mman.h>
 
 #include <cstring>
@@ -34,8 +37,10 @@ BlockCache& cache() {
   return *c;
 }
 
-void release(void* region) {
+void release(void* data) {
+  void* region = static_cast<char*>(data) - kHeader;
   size_t size = *static_cast<size_t*>(region);
+  if (size == 0) return c10::free_cpu(region);  // a small block from the heap
   BlockCache& c = cache();
   {
     std::lock_guard<std::mutex> lock(c.mu);
@@ -54,11 +59,15 @@ void* map_block(size_t size) {
 }
 
 struct CachingCPUAllocator final : c10::Allocator {
-  c10::Allocator* small = nullptr;
+  bool installed = false;
 
   c10::DataPtr allocate(size_t n) override {
     BlockCache& c = cache();
-    if (n < c.min_bytes) return small->allocate(n);
+    if (n < c.min_bytes) {
+      void* region = c10::alloc_cpu(n + kHeader);  // 64-byte aligned, throws when out of memory
+      *static_cast<size_t*>(region) = 0;
+      return as_data_ptr(region);
+    }
     size_t size = (n + kHeader + kGranule - 1) / kGranule * kGranule;
     void* region = nullptr;
     {
@@ -86,10 +95,15 @@ struct CachingCPUAllocator final : c10::Allocator {
       }
       *static_cast<size_t*>(region) = size;
     }
-    return {static_cast<char*>(region) + kHeader, region, &release, c10::Device(c10::DeviceType::CPU)};
+    return as_data_ptr(region);
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  static c10::DataPtr as_data_ptr(void* region) {
+    void* data = static_cast<char*>(region) + kHeader;
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
@@ -102,8 +116,8 @@ void use_caching_allocator(int64_t cap_bytes, int64_t min_bytes) {
   std::lock_guard<std::mutex> lock(c.mu);
   c.cap = static_cast<size_t>(cap_bytes);
   c.min_bytes = static_cast<size_t>(min_bytes);
-  if (!allocator->small) {
-    allocator->small = c10::GetCPUAllocator();
+  if (!allocator->installed) {
+    allocator->installed = true;
     c10::SetCPUAllocator(allocator, /*priority=*/10);  // above the default allocator's 0
   }
 }

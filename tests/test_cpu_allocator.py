@@ -34,8 +34,15 @@ CHECK = textwrap.dedent("""
     big = [torch.empty(3 << 20) for _ in range(3)]  # 12 MiB each: over the 8 MiB cap, unmapped on free
     del big
     assert cached_bytes() <= 8 << 20
-    small = torch.empty(1000)                      # below 256 KiB: torch's own allocator
+    small = torch.empty(1000)                      # below 256 KiB: the heap, not the cache
+    assert small.data_ptr() % 64 == 0
     del small
+    # torch's raw_allocate path (oneDNN's buffers use it) on both kinds of block: it needs the data
+    # pointer to be the whole context and one raw deleter that frees either kind
+    from qkernels.cpu import linear_fp32
+    for m, k, n in ((40, 32, 24), (600, 576, 1536)):
+        xs, ws = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        torch.testing.assert_close(linear_fp32(xs, ws), xs @ ws.t(), rtol=1e-5, atol=1e-4)
     assert cached_bytes() <= 8 << 20
     for _ in range(3):                             # results do not depend on the allocator
         assert torch.equal(a @ b, expected)

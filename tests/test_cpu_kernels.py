@@ -20,7 +20,7 @@ from qkernels import cpu, ops
 WEIGHTS = [(77, 33, 64, True), (65, 130, 128, True), (96, 576, 128, True), (33, 576, 256, False),
            (40, 200, 256, True), (129, 1536, 64, False), (7, 9, 64, False)]  # fmt: skip
 XDTYPES = [torch.float32, torch.bfloat16, torch.float16]
-ROWS = [1, 2, 3, 5, 9, 16, 17]  # groups of 8, 4, 2, 1 in the fused kernel; 17 takes dequantize + MKL
+ROWS = [1, 2, 3, 5, 9, 16, 17, 70]  # groups of 8, 4, 2, 1 in the fused kernel; 17+ dequantize + oneDNN/MKL
 
 
 @pytest.fixture(params=["extension", "extension-threaded", "torch"])
@@ -89,6 +89,16 @@ def test_linear_keeps_leading_dims_and_handles_strided_x(path):
     assert y.shape == (2, 3, 48)
     assert_close_to(y.reshape(6, 48), reference(x.reshape(6, 64), w), x.reshape(6, 64), w, torch.float32)
     assert ops.nf4_linear(torch.randn(0, 64), w).shape == (0, 48)
+
+
+def test_linear_fp32_is_x_at_w_transposed():
+    """oneDNN where torch has it (the training forward and the output layer), F.linear otherwise."""
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in ((1, 8, 4), (17, 33, 65), (300, 576, 1536)):
+        x, w = torch.randn(m, 2 * k, generator=g)[:, ::2], torch.randn(n, k, generator=g)  # strided x
+        torch.testing.assert_close(cpu.linear_fp32(x, w), (x.double() @ w.double().t()).float(), rtol=1e-5, atol=1e-4)
+    x16 = torch.randn(20, 8, generator=g).bfloat16()
+    assert torch.equal(cpu.linear_fp32(x16, x16[:3]), F.linear(x16, x16[:3]))
 
 
 def test_large_weight_goes_through_scratch_chunks(path, monkeypatch):
