@@ -3,6 +3,11 @@ below p (to 1/2^32), so no mask is stored: the forward drops from x, the backwar
 same decisions where it needs them. The fused C++ kernels (cpu_lora_dropout.cpp) do it in one pass
 on CPU; elsewhere the same hash runs in torch int64 arithmetic, bit for bit.
 
+The three LoRA products that read a dropped tensor (`lora_down`, `lora_grad_a`, `lora_up_add_`)
+run on AVX2 CPUs as C++ kernels that compute the mask in registers where they read x, for fp32 and
+ranks 8, 16, .., 64; anywhere else as the masked tensor and a torch matmul (same mask, results
+within fp32 summation order).
+
 The seed comes from torch's global RNG (`draw_seed`), so gradient checkpointing's recompute, which
 restores the RNG state, draws the same seed and drops the same elements.
 """
@@ -70,3 +75,30 @@ def dropout_add_(y: torch.Tensor, t: torch.Tensor, seed: int, p: float) -> torch
         torch.ops.qkernels_cpu.dropout_add_(y, t, seed, threshold(p))
         return y
     return y.add_(torch.where(keep_mask(t.numel(), seed, p, t.device).view(t.shape), t, 0.0).to(y.dtype))
+
+
+def _fused_lora(*ts: torch.Tensor, rank: int) -> bool:
+    return (rank % 8 == 0 and rank <= 64 and all(t.dtype == torch.float32 and _fast(t) and t.dim() == 2 for t in ts)
+            and hasattr(torch.ops.qkernels_cpu, "lora_down"))  # fmt: skip
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, factor: float) -> torch.Tensor:
+    """`factor * dropout(x) @ A.T` for x [tokens, in], A [r, in]: the LoRA bottleneck [tokens, r]."""
+    if _fused_lora(x, a, rank=a.shape[0]):
+        return torch.ops.qkernels_cpu.lora_down(x, a, seed, threshold(p), factor)
+    return (dropout_apply(x, seed, p).to(a.dtype) @ a.t()).mul_(factor)
+
+
+def lora_grad_a(gu: torch.Tensor, x: torch.Tensor, seed: int, p: float, factor: float) -> torch.Tensor:
+    """`factor * gu.T @ dropout(x)` [r, in]: the gradient of A from the bottleneck's gradient gu [tokens, r]."""
+    if _fused_lora(gu, x, rank=gu.shape[1]):
+        return torch.ops.qkernels_cpu.lora_grad_a(gu, x, seed, threshold(p), factor)
+    return (gu * factor).t() @ dropout_apply(x, seed, p).to(gu.dtype)
+
+
+def lora_up_add_(y: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """`y += dropout(gu @ A)` in place (the LoRA branch's input gradient into the base's); returns y."""
+    if _fused_lora(y, gu, a, rank=a.shape[0]):
+        torch.ops.qkernels_cpu.lora_up_add_(y, gu, a, seed, threshold(p))
+        return y
+    return dropout_add_(y, (gu @ a).to(y.dtype), seed, p)

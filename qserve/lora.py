@@ -37,7 +37,7 @@ from qformats.peft_adapter import (
     read_adapter,
     target_matches,
 )
-from qkernels.lora_dropout import draw_seed, dropout_add_, dropout_apply
+from qkernels.lora_dropout import draw_seed, lora_down, lora_grad_a, lora_up_add_
 from qkernels.ops import dequantize
 from qserve.nf4_linear import NF4Linear
 
@@ -61,10 +61,6 @@ class _Dropout:
     p: float
 
 
-def _dropped(x2: torch.Tensor, drop: _Dropout | None) -> torch.Tensor:
-    return dropout_apply(x2, drop.seed, drop.p) if drop is not None else x2
-
-
 class _LoRAInput(torch.autograd.Function):
     """`v = factor * dropout(x) @ A.T`, factor = scale / (1 - p): the `[tokens, r]` bottleneck.
 
@@ -77,14 +73,18 @@ class _LoRAInput(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.factor, ctx.drop = factor, drop
         ctx.save_for_backward(x, a)
-        return (_dropped(x2, drop).to(a.dtype) @ a.t()).mul_(factor)
+        if drop is not None:
+            return lora_down(x2, a, drop.seed, drop.p, factor)
+        return (x2.to(a.dtype) @ a.t()).mul_(factor)
 
     @staticmethod
     def backward(ctx, gv: torch.Tensor):
         x, a = ctx.saved_tensors
         ga = None
-        if ctx.needs_input_grad[1]:
-            ga = (gv * ctx.factor).t() @ _dropped(x.reshape(-1, x.shape[-1]), ctx.drop).to(a.dtype)
+        if ctx.needs_input_grad[1] and ctx.drop is not None:
+            ga = lora_grad_a(gv, x.reshape(-1, x.shape[-1]), ctx.drop.seed, ctx.drop.p, ctx.factor)
+        elif ctx.needs_input_grad[1]:
+            ga = (gv * ctx.factor).t() @ x.reshape(-1, x.shape[-1]).to(a.dtype)
         return None, ga, None, None
 
 
@@ -126,7 +126,7 @@ class _FrozenBaseAddLoRA(torch.autograd.Function):
             elif ctx.drop is None:
                 gx.add_((gu @ ctx.a).to(gx.dtype))
             else:
-                dropout_add_(gx, (gu @ ctx.a).to(gx.dtype), ctx.drop.seed, ctx.drop.p)
+                lora_up_add_(gx, gu, ctx.a, ctx.drop.seed, ctx.drop.p)
             gx = gx.view(*grad.shape[:-1], -1)
         return gx, gv if need[1] else None, None, gb, None, None, None
 

@@ -204,21 +204,22 @@ def test_scaling_equals_peft():
     assert cfg.scale_of("model.layers.1.mlp.down_proj") == 2 / 2
 
 
-def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy():
+@pytest.mark.parametrize("r", [4, 8])  # 8: the fused C++ LoRA-dropout products; 4: masked x + torch matmuls
+def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy(r):
     """The LoRA layer with dropout (a zero base, so the LoRA term alone) against plain autograd with the
     same mask: outputs and every gradient; it saves x once and no mask (the mask is a hash of a seed)."""
     from qkernels.lora_dropout import keep_mask
 
     base = torch.nn.Linear(32, 16, bias=False)
     base.weight.data.zero_()
-    layer = LoRALinear(base, r=4, alpha=8, dropout=0.3)
+    layer = LoRALinear(base, r=r, alpha=2 * r, dropout=0.3)
     assert not base.weight.requires_grad  # frozen by LoRALinear; unfreezing it later is refused
     base.requires_grad_(True)
     with pytest.raises(QError, match="freeze its base"):
         layer(torch.randn(2, 32))
     base.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    x, a, b = torch.randn(3, 5, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(16, 4, generator=g)
+    x, a, b = torch.randn(3, 5, 32, generator=g), torch.randn(r, 32, generator=g), torch.randn(16, r, generator=g)
     layer.lora_A.weight.data.copy_(a)
     layer.lora_B.weight.data.copy_(b)
     xo = x.clone().requires_grad_()
@@ -236,8 +237,8 @@ def test_dropout_branch_equals_explicit_autograd_and_saves_no_copy():
     w = torch.randn_like(y)
     (y * w).sum().backward()
     (y_ref * w).sum().backward()
-    for o, r in zip((xo, layer.lora_A.weight, layer.lora_B.weight), ref):
-        torch.testing.assert_close(o.grad, r.grad, rtol=1e-5, atol=1e-4)
+    for o, want in zip((xo, layer.lora_A.weight, layer.lora_B.weight), ref):
+        torch.testing.assert_close(o.grad, want.grad, rtol=1e-5, atol=1e-4)
     assert [t.dtype for t in saved if t.numel() >= x.numel()] == [torch.float32]  # x, and no mask
     layer = LoRALinear(torch.nn.Linear(32, 16), r=4, alpha=8, dropout=0.5)
     layer.lora_B.weight.data.normal_()
@@ -263,3 +264,39 @@ def test_seeded_dropout_fast_path_equals_the_torch_hash(dtype):
         assert abs((1 - keep.float().mean()) - 0.1) < 0.01
     both = ~ld.keep_mask(200_000, 11, 0.1) & ~ld.keep_mask(200_000, 12, 0.1)
     assert abs(both.float().mean() - 0.01) < 0.002
+
+
+@pytest.mark.parametrize("m,k,r", [(1, 8, 8), (7, 5, 16), (65, 77, 8), (130, 576, 16), (33, 40, 24), (20, 100, 64),
+                                   (9, 64, 12)])  # fmt: skip
+def test_fused_lora_dropout_products_equal_the_masked_reference(m, k, r):
+    """`lora_down`, `lora_grad_a`, `lora_up_add_` (C++ on AVX2 for r = 8..64 in steps of 8; r=12 takes the
+    torch path) equal the products of the explicitly masked tensors, for every tail of rows and columns;
+    a NaN or inf in a dropped element reaches no result; p=0 keeps everything."""
+    from qkernels import cpu
+    from qkernels import lora_dropout as ld
+
+    assert cpu.extension_available(), cpu._ext_state.get("error")
+    assert hasattr(torch.ops.qkernels_cpu, "lora_down") == cpu._SIMD  # built wherever AVX2 is
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x, a, gu = torch.randn(m, k, generator=g), torch.randn(r, k, generator=g), torch.randn(m, r, generator=g)
+    y = torch.randn(m, k, generator=g)
+    for seed, p in ((5, 0.3), (2**62 + 9, 0.05), (1, 0.0)):
+        keep = ld.keep_mask(x.numel(), seed, p).view(m, k)
+        xd = torch.where(keep, x, 0.0).double()
+        xbad = x.clone()
+        dropped = (~keep).flatten().nonzero().flatten()
+        if len(dropped):
+            xbad.view(-1)[dropped[0]], xbad.view(-1)[dropped[-1]] = float("nan"), float("inf")
+        v = ld.lora_down(xbad, a, seed, p, 0.75)
+        within_fp32(v, 0.75 * xd @ a.double().t(), 0.75 * xd.abs() @ a.double().abs().t(), k)
+        ga = ld.lora_grad_a(gu, xbad, seed, p, 0.75)
+        within_fp32(ga, 0.75 * gu.double().t() @ xd, 0.75 * gu.double().abs().t() @ xd.abs(), m)
+        prod = gu.double() @ a.double()
+        out = ld.lora_up_add_(y.clone(), gu, a, seed, p)
+        within_fp32(out, y.double() + torch.where(keep, prod, 0.0), y.double().abs() + (gu.double().abs() @ a.double().abs()), r + 1)
+
+
+def within_fp32(got: torch.Tensor, exact: torch.Tensor, abs_sum: torch.Tensor, terms: int) -> None:
+    """fp32 summation of `terms` products in any order: |error| <= terms * 2^-24 * sum |products| (+ rounding)."""
+    err = (got.double() - exact).abs()
+    assert (err <= (terms + 2) * 2**-24 * abs_sum + 1e-30).all(), f"max error {err.max().item():.3g}"
