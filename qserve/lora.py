@@ -40,6 +40,7 @@ from qformats.peft_adapter import (
 from qkernels.lora_dropout import draw_seed, lora_down, lora_grad_a, lora_up_add_
 from qkernels.ops import dequantize
 from qserve.nf4_linear import NF4Linear
+from qserve.recompute_stash import current_stash
 
 # The decoder's linear layers, the QLoRA paper's "all linear layers" (lm_head excluded, as PEFT's all-linear).
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,14 +66,18 @@ class _LoRAInput(torch.autograd.Function):
     """`v = factor * dropout(x) @ A.T`, factor = scale / (1 - p): the `[tokens, r]` bottleneck.
 
     Saves x and A only. Its dx is added by `_FrozenBaseAddLoRA`'s backward, into the base's dx buffer
-    (one pass, no separate full-size gradient for autograd to sum).
+    (one pass, no separate full-size gradient for autograd to sum). `kept`: v as the forward of a
+    checkpointed layer computed it, handed to that layer's recompute (qserve/recompute_stash.py).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, factor: float, drop: _Dropout | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, factor: float, drop: _Dropout | None,
+                kept: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         x2 = x.reshape(-1, x.shape[-1])
         ctx.factor, ctx.drop = factor, drop
-        ctx.save_for_backward(x, a)
+        ctx.save_for_backward(x, a)  # in the recompute too: torch matches saved tensors by order
+        if kept is not None:
+            return kept.clone()
         if drop is not None:
             return lora_down(x2, a, drop.seed, drop.p, factor)
         return (x2.to(a.dtype) @ a.t()).mul_(factor)
@@ -85,7 +90,7 @@ class _LoRAInput(torch.autograd.Function):
             ga = lora_grad_a(gv, x.reshape(-1, x.shape[-1]), ctx.drop.seed, ctx.drop.p, ctx.factor)
         elif ctx.needs_input_grad[1]:
             ga = (gv * ctx.factor).t() @ x.reshape(-1, x.shape[-1]).to(a.dtype)
-        return None, ga, None, None
+        return None, ga, None, None, None
 
 
 class _FrozenBaseAddLoRA(torch.autograd.Function):
@@ -159,7 +164,15 @@ class LoRALinear(nn.Module):
         drop = _Dropout(draw_seed(), p) if p > 0 else None  # the CPU generator: no device sync
         factor = self.scaling / (1 - p)  # inverted dropout's scale, on the small bottleneck
         a, b = self.lora_A.weight, self.lora_B.weight
-        v = _LoRAInput.apply(x, a, factor, drop)  # first: see _FrozenBaseAddLoRA
+        # In a checkpointed layer on CPU, v goes from the forward to the recompute (13 MB for SmolLM2 at
+        # r=16, against 2% of the step); on GPU recomputing it costs little and memory is what counts.
+        stash = current_stash() if x.is_cpu else None
+        kept = stash.take() if stash is not None else None
+        if kept is not None and kept[0] != (drop.seed if drop else None):
+            kept = None  # not this module's (cannot happen when the recompute replays the forward)
+        v = _LoRAInput.apply(x, a, factor, drop, kept[1] if kept else None)  # first: see _FrozenBaseAddLoRA
+        if stash is not None:
+            stash.keep((drop.seed if drop else None, v.detach()))
         return _FrozenBaseAddLoRA.apply(x, v, a, b, self.base, factor, drop)
 
     def delta_weight(self) -> torch.Tensor:

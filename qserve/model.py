@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from qformats.errors import QError
+from qserve.recompute_stash import checkpoint_layer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -407,7 +407,7 @@ class Decoder(nn.Module):
         for layer in self.layers:
             attn_mask = masks.for_window(layer.self_attn.sliding_window)
             if self.gradient_checkpointing and self.training and input_pos is None:
-                x = checkpoint(layer, x, rope, attn_mask, use_reentrant=False)
+                x = checkpoint_layer(layer, x, rope, attn_mask)
             else:
                 x = layer(x, rope, attn_mask, slots, input_pos, kv_len)
         return self.norm(x)

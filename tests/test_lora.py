@@ -300,3 +300,41 @@ def within_fp32(got: torch.Tensor, exact: torch.Tensor, abs_sum: torch.Tensor, t
     """fp32 summation of `terms` products in any order: |error| <= terms * 2^-24 * sum |products| (+ rounding)."""
     err = (got.double() - exact).abs()
     assert (err <= (terms + 2) * 2**-24 * abs_sum + 1e-30).all(), f"max error {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("r,dropout", [(8, 0.1), (4, 0.1), (8, 0.0)])
+def test_checkpointed_layers_reuse_the_lora_bottleneck_and_match(nf4_dir, r, dropout, monkeypatch):
+    """With gradient checkpointing, each LoRA layer's [tokens, r] bottleneck is computed once, kept for
+    the layer's recompute (qserve/recompute_stash.py), and losses and gradients equal the run without
+    checkpointing, also for two forwards before one backward."""
+    import qserve.lora as lora_mod
+
+    model = load_model(nf4_dir, dtype=torch.float32)
+    apply_lora(model, r=r, alpha=2 * r, dropout=dropout, seed=0)
+    randomize_b(model)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    t1, t2 = (torch.randint(0, model.args.vocab_size, (2, 12), generator=g) for _ in range(2))
+    calls = []
+    real = lora_mod._LoRAInput.forward
+    monkeypatch.setattr(lora_mod._LoRAInput, "forward",
+                        staticmethod(lambda ctx, *a: calls.append(a[4] is None) or real(ctx, *a)))  # fmt: skip
+
+    def run(checkpointing):
+        model.gradient_checkpointing = checkpointing
+        calls.clear()
+        torch.manual_seed(5)
+        loss = model(t1).logsumexp(-1).mean() + model(t2).logsumexp(-1).mean()
+        loss.backward()
+        grads = [p.grad.clone() for p in lora_parameters(model)]
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads, calls.count(True), calls.count(False)
+
+    loss0, grads0, computed0, reused0 = run(False)
+    loss1, grads1, computed1, reused1 = run(True)
+    n = len(lora_mod.lora_modules(model))
+    assert (computed0, reused0) == (2 * n, 0)
+    assert computed1 == 2 * n and reused1 >= 2 * (n - len(model.model.layers))  # all but down_proj's
+    assert torch.equal(loss0, loss1)
+    for a, b in zip(grads0, grads1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
