@@ -1,6 +1,6 @@
 """CPU microbenchmark of the NF4 linear on the SmolLM2-135M shapes, against F.linear on the dequantized weight.
 
-    .venv/bin/python bench/cpu_kernels.py [--threads N] [--rows 1,8,64,256] [--explore]
+    .venv/bin/python bench/cpu_kernels.py [--threads N] [--rows 1,8,64,256] [--explore] [--training]
 
 Columns (microseconds, median of --runs calls; with --threads 1 the thread's CPU time, which
 leaves out the time a busy machine gives to other processes, else wall-clock):
@@ -12,6 +12,11 @@ leaves out the time a busy machine gives to other processes, else wall-clock):
   --explore adds the alternatives that lost: "torch-LUT" (the pure-torch fallback: byte->pair
   table dequantize into scratch + MKL) and "inductor" (a torch.compile'd dequant-GEMV).
 The speedups are fp32 / nf4 measured in the same run. Absolute figures on a shared machine are noisy.
+
+--training times the matmuls of a QLoRA step instead (bench/finetune.py's batch, 4 x 256 tokens):
+`cpu.linear_fp32` (oneDNN) against `F.linear` (MKL) on the fp32 forward shapes and a 341-row chunk
+of the 49152-wide output layer, and the fused LoRA-dropout products (r=16, p=0.05) against the
+masked copy + torch matmul they replace.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def main() -> int:
     ap.add_argument("--rows", default="1,8,64,256", help="comma-separated M values")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--explore", action="store_true", help="also time the torch-LUT fallback and inductor")
+    ap.add_argument("--training", action="store_true", help="time the training step's matmuls instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -88,6 +94,8 @@ def main() -> int:
         print(f"note: C++ kernels unavailable ({cpu._ext_state.get('error')}); timing the torch fallback")
     clock = "thread CPU time" if args.threads == 1 else "wall clock"
     print(f"torch {torch.__version__}, {args.threads} threads ({clock}), {time.strftime('%Y-%m-%d')}\n")
+    if args.training:
+        return training_matmuls(args.runs)
     head = "| N x K | M | fp32 hot | fp32 cold | bf16 hot | nf4 hot | nf4 cold | hot speedup | cold speedup |"
     if args.explore:
         head += " torch-LUT hot | inductor hot |"
@@ -161,6 +169,46 @@ def decode_step(runs: int) -> str:
     t32 = median_us(lambda: [F.linear(xs[w.shape[1]], w) for w in fp32], max(5, runs // 5))
     return (f"\nSmolLM2-135M decode step, 210 linears at M=1 (excl. lm_head): nf4 {t4 / 1e3:.1f} ms, "
             f"fp32 F.linear {t32 / 1e3:.1f} ms ({t32 / t4:.2f}x)")  # fmt: skip
+
+
+def training_matmuls(runs: int) -> int:
+    from qkernels.cpu_allocator import use_caching_allocator
+
+    use_caching_allocator()  # as in training: no page faults on every fresh output
+    g = torch.Generator().manual_seed(2)
+    print("| matmul | torch us | ours us | speedup |")
+    print("|---|---|---|---|")
+    for m, k, n in [(1024, 576, 1536), (1024, 1536, 576), (1024, 576, 576), (1024, 576, 192), (341, 576, 49152)]:
+        print(forward_row(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), runs), flush=True)
+    for k in (576, 1536):
+        for row in lora_rows(*(torch.randn(*s, generator=g) for s in ((1024, k), (16, k), (1024, 16), (1024, k))), runs):
+            print(row, flush=True)
+    return 0
+
+
+def forward_row(x: torch.Tensor, w: torch.Tensor, runs: int) -> str:
+    t_mkl = median_us(lambda: F.linear(x, w), max(5, runs // 5))
+    t_ours = median_us(lambda: cpu.linear_fp32(x, w), max(5, runs // 5))
+    shape = f"{x.shape[0]} x {x.shape[1]} -> {w.shape[0]}"
+    return f"| forward {shape} | {t_mkl:.0f} (MKL) | {t_ours:.0f} (oneDNN) | {t_mkl / t_ours:.2f}x |"
+
+
+def lora_rows(x: torch.Tensor, a: torch.Tensor, gu: torch.Tensor, y: torch.Tensor, runs: int) -> list[str]:
+    from qkernels import lora_dropout as ld
+
+    seed, p = 12345, 0.05
+    pairs = [("LoRA down: dropout(x) @ A.T", lambda: ld.dropout_apply(x, seed, p) @ a.t(),
+              lambda: ld.lora_down(x, a, seed, p, 1.0)),
+             ("LoRA grad A: gu.T @ dropout(x)", lambda: gu.t() @ ld.dropout_apply(x, seed, p),
+              lambda: ld.lora_grad_a(gu, x, seed, p, 1.0)),
+             ("LoRA dx: y += dropout(gu @ A)", lambda: ld.dropout_add_(y, gu @ a, seed, p),
+              lambda: ld.lora_up_add_(y, gu, a, seed, p))]  # fmt: skip
+    out = []
+    for name, unfused, fused in pairs:
+        t0, t1 = median_us(unfused, runs), median_us(fused, runs)
+        what = f"{name}, {x.shape[0]} x {x.shape[1]}, r={a.shape[0]}"
+        out.append(f"| {what} | {t0:.0f} (masked copy + MKL) | {t1:.0f} (fused C++) | {t0 / t1:.2f}x |")
+    return out
 
 
 def dispatch_overhead_us(runs: int) -> float:

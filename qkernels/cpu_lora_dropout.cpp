@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -91,6 +92,8 @@ void dropout_add_(at::Tensor& y, const at::Tensor& t, int64_t seed, int64_t thre
 //   lora_grad_a    gA = factor * gu^T @ (x . keep)         [r, K]   backward, A's gradient
 //   lora_up_add_   y += keep . (gu @ A)                    [M, K]   backward, into the base's dx
 // r must be a multiple of 8, at most 64 (the Python side falls back to the unfused ops otherwise).
+// threshold 0 (p = 0) is no dropout: lora_down and lora_grad_a then skip the hash (lora_down beats
+// MKL's skinny GEMM without it too; MKL's addmm_ beats lora_up_add_, which Python then uses).
 
 inline __m256i lowbias32_v(__m256i x) {
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
@@ -113,8 +116,12 @@ inline __m256 keep_v(uint32_t i0, const Keys& k) {
   return _mm256_castsi256_ps(ge);
 }
 
-// x[0..n) masked into out; element j has flat index i0 + j
+// x[0..n) masked into out; element j has flat index i0 + j. threshold 0 (p = 0) keeps everything.
 inline void mask_into(const float* x, float* out, int64_t n, uint32_t i0, const Keys& k) {
+  if (k.thr == 0) {
+    std::memcpy(out, x, n * sizeof(float));
+    return;
+  }
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
     _mm256_storeu_ps(out + j, _mm256_and_ps(_mm256_loadu_ps(x + j), keep_v(i0 + static_cast<uint32_t>(j), k)));

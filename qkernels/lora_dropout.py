@@ -86,18 +86,23 @@ def lora_down(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, factor: flo
     """`factor * dropout(x) @ A.T` for x [tokens, in], A [r, in]: the LoRA bottleneck [tokens, r]."""
     if _fused_lora(x, a, rank=a.shape[0]):
         return torch.ops.qkernels_cpu.lora_down(x, a, seed, threshold(p), factor)
-    return (dropout_apply(x, seed, p).to(a.dtype) @ a.t()).mul_(factor)
+    return ((dropout_apply(x, seed, p) if p else x).to(a.dtype) @ a.t()).mul_(factor)
 
 
 def lora_grad_a(gu: torch.Tensor, x: torch.Tensor, seed: int, p: float, factor: float) -> torch.Tensor:
     """`factor * gu.T @ dropout(x)` [r, in]: the gradient of A from the bottleneck's gradient gu [tokens, r]."""
     if _fused_lora(gu, x, rank=gu.shape[1]):
         return torch.ops.qkernels_cpu.lora_grad_a(gu, x, seed, threshold(p), factor)
-    return (gu * factor).t() @ dropout_apply(x, seed, p).to(gu.dtype)
+    return (gu * factor).t() @ (dropout_apply(x, seed, p) if p else x).to(gu.dtype)
 
 
 def lora_up_add_(y: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """`y += dropout(gu @ A)` in place (the LoRA branch's input gradient into the base's); returns y."""
+    """`y += dropout(gu @ A)` in place (the LoRA branch's input gradient into the base's); returns y.
+
+    With p=0, the plain `y += gu @ A` (the product in gu's dtype, then cast to y's, as PEFT orders it).
+    """
+    if p == 0:  # no mask to apply: MKL's addmm_ beats the C++ kernel (bench/cpu_kernels.py --training)
+        return y.addmm_(gu, a) if y.dtype == gu.dtype == a.dtype else y.add_((gu @ a).to(y.dtype))
     if _fused_lora(y, gu, a, rank=a.shape[0]):
         torch.ops.qkernels_cpu.lora_up_add_(y, gu, a, seed, threshold(p))
         return y

@@ -78,18 +78,15 @@ class _LoRAInput(torch.autograd.Function):
         ctx.save_for_backward(x, a)  # in the recompute too: torch matches saved tensors by order
         if kept is not None:
             return kept.clone()
-        if drop is not None:
-            return lora_down(x2, a, drop.seed, drop.p, factor)
-        return (x2.to(a.dtype) @ a.t()).mul_(factor)
+        return lora_down(x2, a, *(drop.seed, drop.p) if drop else (0, 0.0), factor)
 
     @staticmethod
     def backward(ctx, gv: torch.Tensor):
-        x, a = ctx.saved_tensors
+        x, _ = ctx.saved_tensors
         ga = None
-        if ctx.needs_input_grad[1] and ctx.drop is not None:
-            ga = lora_grad_a(gv, x.reshape(-1, x.shape[-1]), ctx.drop.seed, ctx.drop.p, ctx.factor)
-        elif ctx.needs_input_grad[1]:
-            ga = (gv * ctx.factor).t() @ x.reshape(-1, x.shape[-1]).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            drop = (ctx.drop.seed, ctx.drop.p) if ctx.drop else (0, 0.0)
+            ga = lora_grad_a(gv.contiguous(), x.reshape(-1, x.shape[-1]), *drop, ctx.factor)
         return None, ga, None, None, None
 
 
@@ -107,11 +104,7 @@ class _FrozenBaseAddLoRA(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: nn.Module,
                 factor: float, drop: _Dropout | None) -> torch.Tensor:  # fmt: skip
         y = base(x)  # autograd is off inside forward: the plain kernel path, no graph
-        y2 = y.view(-1, y.shape[-1])
-        if y.dtype == b.dtype:
-            y2.addmm_(v, b.t())
-        else:  # PEFT's order: the LoRA product in the adapter dtype, then cast
-            y2.add_((v @ b.t()).to(y.dtype))
+        lora_up_add_(y.view(-1, y.shape[-1]), v, b.t(), 0, 0.0)  # y += v @ B.T (no dropout: addmm_)
         ctx.base, ctx.v, ctx.a, ctx.b, ctx.factor, ctx.drop = base, v.detach(), a.detach(), b.detach(), factor, drop
         return y
 
@@ -125,13 +118,8 @@ class _FrozenBaseAddLoRA(torch.autograd.Function):
         gx = None
         if need[0]:
             gx = _base_input_grad(ctx.base, g)
-            gu = gv * ctx.factor
-            if ctx.drop is None and gx.dtype == gu.dtype:
-                gx.addmm_(gu, ctx.a)
-            elif ctx.drop is None:
-                gx.add_((gu @ ctx.a).to(gx.dtype))
-            else:
-                lora_up_add_(gx, gu, ctx.a, ctx.drop.seed, ctx.drop.p)
+            drop = (ctx.drop.seed, ctx.drop.p) if ctx.drop else (0, 0.0)
+            lora_up_add_(gx, gv * ctx.factor, ctx.a, *drop)
             gx = gx.view(*grad.shape[:-1], -1)
         return gx, gv if need[1] else None, None, gb, None, None, None
 
