@@ -23,6 +23,7 @@ the product is computed in fp32, then rounded once).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -166,15 +167,16 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out.view(w.shape).to(dtype or w.dtype)
 
 
+@functools.cache
 def _onednn_linear_works() -> bool:
+    """Probed on first use (not at import: serving and the CLIs import this module)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         x = torch.ones(2, 3)
         return bool(torch.ops.mkldnn._linear_pointwise(x, x, None, "none", [], "").eq(3).all())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN
         return False
-
-
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_works()
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,7 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     speed of torch's MKL sgemm (which `F.linear` calls), the other training shapes at 0.86-1.03x;
     a whole training step ~10% faster.
     """
-    if _ONEDNN_LINEAR and x.dtype == w.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > FUSED_MAX_M:
+    if x.dtype == w.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > FUSED_MAX_M and _onednn_linear_works():
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
     return F.linear(x, w)
 
