@@ -180,14 +180,15 @@ def _onednn_linear_works() -> bool:
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`x @ w.T` for fp32 CPU matrices x [M, K], w [N, K] (no autograd).
+    """`x @ w.T` for x [M, K], w [N, K] (no autograd); anything but fp32 CPU matrices goes to `F.linear`.
 
     Through oneDNN where torch has it: on a 2-core AVX2 EPYC (bench/cpu_kernels.py --training) it ran
     the 49152-wide output layer at 1.26-1.32x and SmolLM2's gate/up projections at 1.03-1.23x the
     speed of torch's MKL sgemm (which `F.linear` calls), the other training shapes at 0.86-1.03x;
     a whole training step ~10% faster.
     """
-    if x.dtype == w.dtype == torch.float32 and x.dim() == 2 and x.shape[0] > FUSED_MAX_M and _onednn_linear_works():
+    fp32_cpu = x.is_cpu and w.is_cpu and x.dtype == w.dtype == torch.float32
+    if fp32_cpu and x.dim() == 2 and x.shape[0] > FUSED_MAX_M and _onednn_linear_works():
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
     return F.linear(x, w)
 

@@ -174,8 +174,8 @@ void down_dispatch(const float* x, const float* at, float* v, int64_t M, int64_t
 
 // gA chunk: columns [c0, c0 + w) of factor * gu^T @ (x . keep), w <= kChunk, into ga ([r, K])
 constexpr int64_t kChunk = 64, kRowBlock = 64;
+constexpr int NJ = 8;  // rows of gA per pass (r is a multiple of 8): 8 accumulators
 
-template <int NJ>  // 8-row groups of gA per pass: NJ accumulators
 void grad_a_cols(const float* gu, const float* x, float* ga, int64_t M, int64_t K, int64_t r, int64_t c0, int64_t w,
                  const Keys& k, float factor) {
   float buf[kRowBlock * kChunk];
@@ -289,7 +289,7 @@ at::Tensor lora_grad_a(const at::Tensor& gu, const at::Tensor& x, int64_t seed, 
   const int64_t chunks = (K + kChunk - 1) / kChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c)
-      grad_a_cols<8>(gp, xp, out, M, K, r, c * kChunk, std::min(kChunk, K - c * kChunk), k, f);
+      grad_a_cols(gp, xp, out, M, K, r, c * kChunk, std::min(kChunk, K - c * kChunk), k, f);
   });
   return ga;
 }
