@@ -134,7 +134,7 @@ def _for_chunks(fn, n: int, unit: int, device: torch.device) -> None:
 def _signed_dynamic_map() -> torch.Tensor:
     """The 256-entry signed 8-bit dynamic map of bitsandbytes (`create_dynamic_map(signed=True)`).
 
-    Built from the exact fp32 words recorded in DESIGN.md (facts/dynamic_map_signed.hex),
+    Built from the exact fp32 words recorded in docs/format.md (qformats/dynamic_map_signed.hex),
     sha256 e732639a...; tests check the hash and that it equals bitsandbytes' own map.
     """
     words = bytes.fromhex(_DYNAMIC_MAP_HEX)
