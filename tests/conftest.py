@@ -13,14 +13,14 @@ from pathlib import Path
 # (tests/peer_env/sitecustomize.py says why).
 _PEER_ENV = Path(__file__).parent / "peer_env"
 sys.path.insert(0, str(_PEER_ENV))
-import sitecustomize as _peer_env  # noqa: E402
+import sitecustomize as _peer_env
 
 if not hasattr(_peer_env, "_PortableBitsandbytesPath"):  # another sitecustomize shadowed ours
     raise RuntimeError(f"tests/conftest.py: could not load {_PEER_ENV / 'sitecustomize.py'}")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PEER_ENV), os.environ.get("PYTHONPATH")) if p)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 from qformats.gguf_import import import_gguf, smollm2_gguf
 
