@@ -1,11 +1,13 @@
-"""GPU benchmark of the Triton kernels (NF4, batched LoRA): check each against the reference, then time it.
+"""The one GPU check: every Triton kernel against the reference, then the GEMV/GEMM, batched-LoRA and decode tables.
 
-    python bench/gpu.py                 # on a CUDA machine: checks, then the timing tables
-    python bench/gpu.py --section lora  # only the batched-LoRA checks and table (or: nf4)
+    python bench/gpu.py                 # on a CUDA machine: checks, then the tables (a few minutes on one GPU)
+    python bench/gpu.py --section nf4   # only the NF4 checks and table (or: lora, decode)
     python bench/gpu.py --tune          # also sweep the fused kernel's tiles for M <= 16
-    python bench/gpu.py --dry-run       # anywhere: the same code path under TRITON_INTERPRET=1, tiny shapes
+    python bench/gpu.py --dry-run       # anywhere: the same code under TRITON_INTERPRET=1, on the CPU, tiny shapes
 
-On a machine without CUDA (and without --dry-run) it exits 2 with one line.
+Without CUDA (and without --dry-run) it exits 2 with one line. It prints the machine, shapes and peer
+settings first; table rows are ready for bench/RESULTS.md. Decode: see bench/gpu_decode.py (in
+--dry-run our NF4 linears take the C++ CPU kernels there: only the kernel tables run Triton).
 
 Method: every kernel is first checked on fresh random data against `qformats.nf4` (dequantize
 bit-identical; matmuls within one rounding of the output dtype). Times are CUDA-event medians of
@@ -32,17 +34,19 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # [out, in]: Llama-3-8B and 70B linears
-ROWS = (1, 4, 16, 64, 512, 4096)
-DRY_SHAPES = [(40, 96), (33, 130)]
+# [out, in]: Llama-3-8B q/o_proj, down_proj, gate/up_proj; Llama-3-70B down_proj
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+ROWS = (1, 16, 512)
+DRY_SHAPES = [(33, 130)]  # odd: a partial last block, and rows that straddle blocks
 DRY_ROWS = (1, 5, 20)
 LORA_SHAPES = [(4096, 4096), (14336, 4096)]  # [out, in]: the 4096 -> 4096 and 4096 -> 14336 linears
 LORA_ROWS, LORA_ADAPTERS, LORA_RANKS = (1, 16, 64), (1, 4, 16), (16, 64)
-DRY_LORA_SHAPES, DRY_LORA_ROWS, DRY_LORA_ADAPTERS, DRY_LORA_RANKS = [(40, 96)], (1, 5), (1, 3), (4, 16)
+DRY_LORA_SHAPES, DRY_LORA_ROWS, DRY_LORA_ADAPTERS, DRY_LORA_RANKS = [(40, 96)], (1, 5), (1, 3), (16,)
 
 
 def check_kernels(shapes, rows, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[str]:
@@ -88,7 +92,7 @@ class Timer:
         self.cuda = device.type == "cuda"
 
     def median_us(self, fn, runs: int) -> float:
-        for _ in range(3):
+        for _ in range(3 if self.cuda else 1):
             fn()
         times = []
         for _ in range(runs):
@@ -126,6 +130,18 @@ def copy_bandwidth(timer: Timer, device: torch.device, nbytes: int, runs: int) -
     return 2 * nbytes / us / 1e3
 
 
+def nf4_linear_op(device: torch.device):
+    """The NF4 linear that serving calls: `qkernels.ops.nf4_linear` on a GPU (it launches the Triton kernels);
+    in --dry-run the Triton function it launches there, since ops sends CPU tensors to the C++ kernels."""
+    if device.type == "cuda":
+        from qkernels.ops import nf4_linear
+
+        return nf4_linear
+    from qkernels import triton_nf4
+
+    return triton_nf4.linear
+
+
 def nf4_bytes(w, m: int, k: int, n: int, x_bytes: int = 2) -> int:
     scales = w.absmax.numel() * w.absmax.element_size()
     return w.packed.numel() + scales + m * k * x_bytes + m * n * x_bytes
@@ -135,8 +151,7 @@ def bench(shapes, rows, device: torch.device, runs: int, tune: bool, out=print) 
     from qformats.nf4 import quantize_nf4
 
     timer = Timer(device)
-    cache = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 16
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (TRITON_INTERPRET dry run)"
+    cache, card = l2_bytes(device), card_name(device)
     copy_gbs = copy_bandwidth(timer, device, max(1 << 20, 8 * cache), runs)
     date = time.strftime("%Y-%m-%d")
     out(f"\n{date}, {card}, torch {torch.__version__}; device-to-device copy: {copy_gbs:.0f} GB/s\n")
@@ -168,7 +183,7 @@ def bench_shape(w, rows, timer: Timer, cache: int, runs: int, tune: bool, prefix
         def time_it(fn, next_x=next_x):
             return timer.median_us(lambda: fn(next_x(), next_w()), runs)
 
-        t_ours = time_it(triton_nf4.linear)
+        t_ours = time_it(nf4_linear_op(device))
         t_bf16 = timer.median_us(lambda next_x=next_x: F.linear(next_x(), next_wbf()), runs)
         t_fused = time_it(triton_nf4.fused_matmul) if m <= 512 else None
         t_deq = time_it(triton_nf4.dequant_matmul)
@@ -277,8 +292,7 @@ def bench_batched_lora(shapes, rows_list, adapters_list, ranks, device: torch.de
     from qserve.batched_lora import RowAdapters
 
     timer = Timer(device)
-    cache = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 16
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (TRITON_INTERPRET dry run)"
+    cache, card = l2_bytes(device), card_name(device)
     date = time.strftime("%Y-%m-%d")
     out(f"\nBatched LoRA term, bf16: {date}, {card}, torch {torch.__version__}\n")
     out("| date | card | in -> out | T rows | adapters | rank | triton us | torch path us | speedup |")
@@ -302,37 +316,68 @@ def bench_batched_lora(shapes, rows_list, adapters_list, ranks, device: torch.de
                     torch.cuda.empty_cache()
 
 
+def card_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (TRITON_INTERPRET dry run)"
+
+
+def l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 16
+
+
+def machine(device: torch.device) -> str:
+    """The card (or CPU) and the software the figures depend on, in one line."""
+    import platform
+
+    import triton
+
+    soft = f"torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}"
+    if device.type != "cuda":
+        return f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (dry run); {soft}"
+    p = torch.cuda.get_device_properties(device)
+    return (f"machine: {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
+            f"L2 {p.L2_cache_size / 2**20:.0f} MiB), CUDA {torch.version.cuda}; {soft}")  # fmt: skip
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description="Check and time the NF4 Triton kernels on a CUDA GPU.")
+    ap = argparse.ArgumentParser(description="Check and time the Triton kernels and decoding on a CUDA GPU.")
     ap.add_argument("--runs", type=int, default=50, help="timed calls per measurement (median)")
     ap.add_argument("--tune", action="store_true", help="also sweep the fused kernel's configs for M = 1 and 16")
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU needed: run checks and timing code under TRITON_INTERPRET=1 on tiny shapes")  # fmt: skip
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,8192x28672 (default: the four Llama shapes)")
-    ap.add_argument("--rows", default=None, help="comma-separated M values (default 1,4,16,64,512,4096)")
-    ap.add_argument("--section", choices=("all", "nf4", "lora"), default="all",
-                    help="nf4: the NF4 kernels; lora: the batched-LoRA kernels (--shapes/--rows are nf4's)")  # fmt: skip
+    ap.add_argument("--rows", default=None, help="comma-separated M values (default 1,16,512)")
+    ap.add_argument("--section", choices=("all", "nf4", "lora", "decode"), default="all",
+                    help="nf4: the NF4 kernels; lora: the batched-LoRA kernels (--shapes/--rows are nf4's); "
+                         "decode: tokens/s of whole models")  # fmt: skip
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qlora-gpu-bench"), help="where decode models are made once")
+    ap.add_argument("--new-tokens", type=int, default=None, help="decode: tokens per timed generate (default 128)")
     args = ap.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (by qkernels.triton_nf4)
-        device, shapes, rows, runs = torch.device("cpu"), DRY_SHAPES, DRY_ROWS, 2
+        device, shapes, rows, runs = torch.device("cpu"), DRY_SHAPES, DRY_ROWS, 1
         lora = (DRY_LORA_SHAPES, DRY_LORA_ROWS, DRY_LORA_ADAPTERS, DRY_LORA_RANKS)
+        work, new_tokens = args.work / "dry-run", args.new_tokens or 8
     else:
         if not torch.cuda.is_available():
             print("bench/gpu.py: no CUDA device here; run it on a GPU machine (or use --dry-run)", file=sys.stderr)
             return 2
         device, shapes, rows, runs = torch.device("cuda"), SHAPES, ROWS, args.runs
         lora = (LORA_SHAPES, LORA_ROWS, LORA_ADAPTERS, LORA_RANKS)
+        work, new_tokens = args.work, args.new_tokens or 128
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     if args.rows:
         rows = tuple(int(r) for r in args.rows.split(","))
-    nf4, batched = args.section in ("all", "nf4"), args.section in ("all", "lora")
+    sections = {"nf4", "lora", "decode"} if args.section == "all" else {args.section}
+    print(machine(device))
+    if "nf4" in sections:
+        print(f"NF4 shapes [out x in]: {', '.join(f'{n}x{k}' for n, k in shapes)}; M = {', '.join(map(str, rows))}; "
+              f"{runs} timed runs each, operands rotated through > 2x L2; peer: torch bf16 F.linear (cuBLAS)")  # fmt: skip
     lines = []
-    if nf4:
+    if "nf4" in sections:
         lines += check_kernels(shapes[:2] if not args.dry_run else shapes, (1, 16, 64) if not args.dry_run else rows,
                                device)  # fmt: skip
-    if batched:
+    if "lora" in sections:
         lines += check_batched_lora(lora[0], device)
     for line in lines:
         print(line)
@@ -340,10 +385,14 @@ def main() -> int:
     if failed:
         print(f"{len(failed)} checks failed: no timings", file=sys.stderr)
         return 1
-    if nf4:
+    if "nf4" in sections:
         bench(shapes, rows, device, runs, args.tune)
-    if batched:
+    if "lora" in sections:
         bench_batched_lora(*lora, device, runs)
+    if "decode" in sections:
+        from gpu_decode import bench_decode  # bench/ is on sys.path when this file runs as a script
+
+        bench_decode(work, device, card_name(device), new_tokens, args.dry_run)
     return 0
 
 

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from qserve.device import device_option
+
 
 @click.command("eval")
 @click.option("--model", "model_path", required=True, help="Model folder (fp16/bf16 or NF4) or Hub id owner/name.")
@@ -19,7 +21,7 @@ import click
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Compute dtype; auto is float32 on CPU, the checkpoint's dtype on CUDA.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a Hub id).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_cmd(model_path, text_file, context, stride, dtype, device, revision, as_json):

@@ -7,6 +7,7 @@ import sys
 import click
 
 from qconvert.cli_push import push_if_asked, push_to_hub_option
+from qserve.device import device_option
 
 FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # mirrors qconvert.sft_data.FORMATS (no torch import)
 
@@ -47,7 +48,7 @@ FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # mirrors qconver
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Keep activations instead of recomputing them.")
 @click.option("--dtype", default=None, help="Compute dtype: float32, bfloat16, float16  [default: bf16 on GPUs "
               "that have it, float32 on CPU]")  # fmt: skip
-@click.option("--device", type=click.Choice(("cpu", "cuda")), default=None, help="[default: cuda if present]")
+@device_option
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Steps between eval losses (0: end only).")
 @click.option("--save-every", type=int, default=0, show_default=True,
               help="Steps between checkpoints (0: only on ctrl-C).")  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from qconvert.cli_push import push_if_asked, push_to_hub_option
+from qserve.device import device_option
 
 # Mirrors qconvert.quantize.COMPUTE_DTYPES; importing that module (and torch) waits until the command runs.
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -22,7 +23,7 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
               help="Modules to keep unquantized (comma-separated or repeated), matched like transformers' "
                    "llm_int8_skip_modules: a prefix, a regex or a suffix, e.g. mlp.down_proj.")  # fmt: skip
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
-@click.option("--device", default="cpu", show_default=True, help="Where to quantize: cpu, or cuda when present.")
+@device_option
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
 @click.option("--revision", default=None, help="Branch, tag or commit when SRC is a Hub repo id.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")

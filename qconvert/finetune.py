@@ -39,6 +39,7 @@ from qconvert.train_card import write_card
 from qformats.errors import QError
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import use_caching_allocator
+from qserve.device import resolve_device
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
 from qserve.lora import apply_lora, lora_modules, lora_parameters, to_peft_adapter
 from qserve.nf4_linear import NF4Linear
@@ -79,7 +80,7 @@ class FinetuneConfig:
     seed: int = 42
     gradient_checkpointing: bool = True
     dtype: str | None = None  # None: bf16 on a GPU that has it, fp32 on CPU
-    device: str | None = None  # None: the local GPU if there is one, else CPU
+    device: str | torch.device | None = None  # None or "auto": the local GPU if there is one, else CPU
     eval_every: int = 0  # steps between eval losses (0: only before and after)
     save_every: int = 0  # steps between checkpoints (0: only on ctrl-C)
     keep_checkpoints: int = 2
@@ -129,11 +130,11 @@ class _Dist:
         return x.to(t.device)
 
 
-def _init_dist(device: str | None) -> _Dist:
+def _init_dist(device: str | torch.device | None) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return _Dist()
-    use_cuda = torch.cuda.is_available() and device in (None, "cuda")
+    use_cuda = resolve_device(device or "auto").type == "cuda"
     if not tdist.is_initialized():
         tdist.init_process_group("nccl" if use_cuda else "gloo")
     return _Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -275,12 +276,13 @@ class _Run:
                              "or --force to start over")  # fmt: skip
             if self.dist.main:
                 shutil.rmtree(self.ckpt_root)
-        cuda = torch.cuda.is_available() and cfg.device in (None, "cuda")
-        if cfg.device not in (None, "cpu", "cuda"):
-            raise QError(f"--device {cfg.device!r}: choose cpu or cuda")
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise QError("--device cuda: no CUDA device is available")
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if cuda else "cpu")
+        self.device = resolve_device(cfg.device or "auto")
+        cuda = self.device.type == "cuda"
+        if cuda and self.device.index is None:  # under torchrun each process takes its local GPU
+            self.device = torch.device(f"cuda:{self.dist.local_rank}")
+        elif cuda and self.dist.world > 1:
+            raise QError(f"--device {self.device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device "
+                         "cuda (or auto)")  # fmt: skip
         if cuda:
             torch.cuda.set_device(self.device)
             self.dist.device = self.device

@@ -35,6 +35,7 @@ from qformats.errors import QError
 from qformats.manifest import MANIFEST_FILE, build_manifest
 from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize
 from qkernels.cpu_quantize import quantize_nf4
+from qserve.device import resolve_device
 
 # A tensor inside a numbered decoder layer: `model.layers.3.`, `transformer.h.3.`, `blocks.3.`.
 _DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.")
@@ -155,18 +156,6 @@ def quantization_config(compute_dtype: str, double_quant: bool, skip_modules: li
     }
 
 
-def _resolve_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise QError(f"--device {device!r} is not a device (use cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        raise QError(f"--device {device}: only cpu and cuda are supported")
-    return dev
-
-
 def quantize_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -175,7 +164,7 @@ def quantize_checkpoint(
     compute_dtype: str | None = None,
     skip_modules: Iterable[str] = (),
     shard_size: float | str = 5e9,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     force: bool = False,
     revision: str | None = None,
     progress: bool = True,
@@ -192,7 +181,7 @@ def quantize_checkpoint(
     shard_bytes = parse_size(shard_size)
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise QError(f"--compute-dtype {compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     skip_modules = [m for m in skip_modules if m]
     quiet = {} if progress else {"report": None}
     pulled = pull(src, revision=revision, allow_patterns=HUB_PATTERNS, **quiet)

@@ -30,6 +30,7 @@ from qformats.errors import QError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # all that reading an adapter needs, from a folder or the Hub
 KEY_PREFIX = "base_model.model."
 
 
@@ -132,6 +133,13 @@ def adapter_tensors(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> di
         out[f"{KEY_PREFIX}{module}.lora_A.weight"] = a.detach().contiguous()
         out[f"{KEY_PREFIX}{module}.lora_B.weight"] = b.detach().contiguous()
     return out
+
+
+def adapter_folder(source: str | Path, revision: str | None = None) -> Path:
+    """A local adapter folder as-is, or a Hub id with the files `read_adapter` needs pulled into the cache."""
+    from qformats.hub_pull import resolve_source
+
+    return resolve_source(source, revision=revision, allow_patterns=ADAPTER_FILES)
 
 
 def read_adapter(path: str | Path, device: str | torch.device = "cpu") -> PeftAdapter:

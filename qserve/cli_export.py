@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from qserve.device import device_option
+
 
 @click.command("export")
 @click.option("--model", required=True, help="Base model: NF4 (or fp16/bf16) folder or Hub id owner/name.")
@@ -20,12 +22,14 @@ import click
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False), default=None,
               help="With --requantize: UTF-8 text file for the perplexity check (default: a built-in paragraph).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 2GB.")
+@device_option
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", default=None,
               help="When done, publish OUT with its model card (`qconvert push OUT REPO_ID`).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, revision, force, push_repo, private):
+def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, device, revision, force, push_repo,
+               private):  # fmt: skip
     """Dequantize the base, merge the adapter in fp32 and save an HF checkpoint.
 
     The result loads in transformers (AutoModelForCausalLM.from_pretrained) and vLLM as a plain
@@ -40,7 +44,7 @@ def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, re
     from qserve.export import export_merged
 
     summary = export_merged(model, out, adapter, dtype=dtype, requantize=requantize, eval_text=eval_text,
-                            shard_size=shard_size, force=force, revision=revision)  # fmt: skip
+                            shard_size=shard_size, force=force, revision=revision, device=device)  # fmt: skip
     click.echo(summary.describe())
     if push_repo:
         # Publishing lives in qconvert, a layer above qserve: run it as its own command, not an import.

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from qserve.device import device_option
+
 
 @click.command("generate")
 @click.option("--model", "model_path", required=True, help="Model folder (fp16/bf16 or NF4) or Hub id owner/name.")
@@ -26,7 +28,7 @@ import click
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Compute dtype; auto is float32 on CPU, the checkpoint's dtype on CUDA.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option
 @click.option("--revision", default=None, help="Hub branch, tag or commit (for a Hub id).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the decode step (faster decoding after a one-time compile).")

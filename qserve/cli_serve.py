@@ -8,6 +8,7 @@ import click
 
 from qformats.errors import QError
 from qserve.cli_group import ErrorHandlingGroup
+from qserve.device import device_option
 
 
 class ServeByDefaultGroup(ErrorHandlingGroup):
@@ -59,7 +60,7 @@ def adapter_map(specs: tuple[str, ...]) -> dict[str, str]:
               help="Context per request, prompt plus answer (default: the model's, at most 2048).")  # fmt: skip
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="Compute dtype; auto is float32 on CPU, the checkpoint's dtype on CUDA.")  # fmt: skip
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (native engine).")
+@device_option
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
 @click.option("--engine", "engine_kind", default="native", show_default=True, type=click.Choice(["native", "vllm"]),
               help="native: this process; vllm: check the model and adapters against vLLM's limits and run "

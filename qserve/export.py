@@ -30,9 +30,8 @@ from tqdm import tqdm
 
 from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, open_checkpoint, parse_size, sha256_file
 from qformats.errors import QError
-from qformats.hub_pull import resolve_source
 from qformats.manifest import MANIFEST_FILE, build_manifest
-from qformats.peft_adapter import read_adapter
+from qformats.peft_adapter import adapter_folder, read_adapter
 from qkernels.cpu_quantize import quantize_nf4  # the fused C++ quantizer on CPU, byte-identical to qformats
 from qkernels.ops import dequantize
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
@@ -88,21 +87,21 @@ def text_perplexity(model: CausalLM, ids: list[int]) -> float:
 def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None = None, *,
                   dtype: str | torch.dtype | None = None, requantize: bool = False, eval_text: str | None = None,
                   shard_size: str | int = "5GB", force: bool = False, revision: str | None = None,
-                  progress: bool = True) -> ExportSummary:  # fmt: skip
+                  device: str | torch.device = "cpu", progress: bool = True) -> ExportSummary:  # fmt: skip
     """Write base (+ adapter, merged) to `out` as an HF checkpoint; see the module doc."""
     start = time.perf_counter()
     model_dir = resolve_model_dir(model, revision)
     ckpt = open_checkpoint(model_dir)
     config = dict(ckpt.config)
     out_dtype = parse_dtype(dtype) or _checkpoint_dtype(config)
-    lm = load_model(model_dir, dtype=torch.float32, progress=progress)
+    lm = load_model(model_dir, dtype=torch.float32, device=device, progress=progress)
     nf4_modules = {n: m for n, m in lm.named_modules() if isinstance(m, NF4Linear)}  # before LoRA wraps them
     if requantize and not nf4_modules:
         raise QError(f"{model_dir}: --requantize needs an NF4 base; this one is {config.get('dtype', 'float')} "
                      "(export it, then run `qconvert quantize` on the result)")  # fmt: skip
     merged: list[str] = []
     if adapter is not None:
-        peft = read_adapter(resolve_source(adapter, allow_patterns=["*.json", "*.safetensors"]))
+        peft = read_adapter(adapter_folder(adapter))
         if lm.args.tie_word_embeddings and "lm_head" in peft.weights:
             raise QError(f"{adapter}: the adapter changes lm_head, which this model ties to its embeddings; "
                          "a merged export cannot hold both")  # fmt: skip
@@ -139,7 +138,7 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
     summary = ExportSummary(out=Path(out), dtype=out_dtype, merged_modules=len(merged), requantized=requantize,
                             perplexity_runtime=ppl_runtime)  # fmt: skip
     if requantize:
-        summary.perplexity_export = text_perplexity(load_model(out, dtype=torch.float32), text_ids)
+        summary.perplexity_export = text_perplexity(load_model(out, dtype=torch.float32, device=device), text_ids)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -151,7 +150,8 @@ def _checkpoint_dtype(config: dict) -> torch.dtype:
 
 
 def _merged_tensors(lm: CausalLM, dtype: torch.dtype):
-    """(name, tensor in `dtype`) for every weight of the model, linears dequantized and merged in fp32.
+    """(name, CPU tensor in `dtype`) for every weight of the model, linears dequantized and merged in fp32
+    (on the model's device).
 
     Yields lazily, so at most one dense linear exists at a time beyond what the caller keeps.
     """
@@ -169,9 +169,9 @@ def _merged_tensors(lm: CausalLM, dtype: torch.dtype):
                 full = f"{name}.{pname}" if name else pname
                 if full == "lm_head.weight" and lm.args.tie_word_embeddings:
                     continue
-                yield full, p.detach().to(dtype)
+                yield full, p.detach().to("cpu", dtype)
             continue
         skip_inside.append(name + ".")
-        yield f"{name}.weight", weight.to(dtype)
+        yield f"{name}.weight", weight.to("cpu", dtype)
         if bias is not None:
-            yield f"{name}.bias", bias.detach().to(dtype)
+            yield f"{name}.bias", bias.detach().to("cpu", dtype)

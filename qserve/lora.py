@@ -27,12 +27,10 @@ import torch
 from torch import nn
 
 from qformats.errors import QError
-from qformats.hub_pull import resolve_source
 from qformats.peft_adapter import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     AdapterConfig,
     PeftAdapter,
+    adapter_folder,
     adapter_tensors,
     read_adapter,
     target_matches,
@@ -264,7 +262,7 @@ def load_lora(model: nn.Module, adapter: PeftAdapter | str | Path, trainable: bo
     Every module of the adapter must exist in the model with matching shapes (QError naming it otherwise).
     """
     if not isinstance(adapter, PeftAdapter):  # a folder, or a Hub id pulled into the cache
-        adapter = read_adapter(resolve_source(adapter, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        adapter = read_adapter(adapter_folder(adapter))
     cfg = adapter.config
     existing = lora_modules(model)
     for name, (a, b) in adapter.weights.items():

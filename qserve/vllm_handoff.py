@@ -7,8 +7,10 @@ The same artifacts the native engine serves go to vLLM unchanged (DESIGN.md, "In
 - LoRA adapters: no `modules_to_save`, no DoRA, `bias: "none"`; a rank above 16 needs
   `--max-lora-rank` (one of vLLM's allowed values, rounded up).
 Everything is checked before vLLM starts, each problem in one line naming the file and field, so
-a user learns in a second what would otherwise fail minutes into a GPU job. Only config files are
-fetched for Hub ids; vLLM downloads the weights itself.
+a user learns in a second what would otherwise fail minutes into a GPU job. For Hub ids only what
+the checks read is fetched: the base's config files (vLLM downloads its weights itself) and each
+adapter's config and weights (its ranks are those of its tensors; vLLM then finds them in the
+same Hub cache).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
+from qformats.peft_adapter import adapter_folder
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 VLLM_DEFAULT_LORA_RANK = 16
@@ -50,11 +53,10 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _local_or_hub(source: str, revision: str | None = None) -> tuple[Path, str]:
-    """(folder holding the config files, the argument vLLM gets: absolute local path or the Hub id)."""
-    folder = resolve_source(source, revision=revision, allow_patterns=["*.json"])
+def _vllm_arg(source: str) -> str:
+    """What vLLM gets for a model or adapter argument: the absolute local path, or the Hub id as given."""
     local = Path(source).expanduser()
-    return folder, str(local.resolve()) if local.exists() else source
+    return str(local.resolve()) if local.exists() else source
 
 
 def check_base(folder: Path, dtype: str, tensor_parallel_size: int) -> bool:
@@ -118,7 +120,7 @@ def vllm_command(model: str, adapters: dict[str, str], *, host: str = "127.0.0.1
                  served_model_name: str | None = None, tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1, dtype: str = "auto", revision: str | None = None) -> VllmCommand:  # fmt: skip
     """Check everything, then build the `vllm serve` argv (nothing runs here)."""
-    base_dir, base_arg = _local_or_hub(model, revision)
+    base_dir, base_arg = resolve_source(model, revision=revision, allow_patterns=["*.json"]), _vllm_arg(model)
     bnb = check_base(base_dir, dtype, tensor_parallel_size)
     argv = ["vllm", "serve", base_arg, "--host", host, "--port", str(port)]
     if revision:
@@ -140,9 +142,8 @@ def vllm_command(model: str, adapters: dict[str, str], *, host: str = "127.0.0.1
     if adapters:
         ranks, modules = [], []
         for name, source in adapters.items():
-            folder, arg = _local_or_hub(source)
-            ranks.append(check_adapter(name, folder))
-            modules.append(f"{name}={arg}")
+            ranks.append(check_adapter(name, adapter_folder(source)))
+            modules.append(f"{name}={_vllm_arg(source)}")
         argv += ["--enable-lora", "--lora-modules", *modules, "--max-loras", str(len(adapters))]
         rank = lora_rank_flag(max(ranks))
         if rank is not None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from test_engine import make_peft_adapter
+from test_hub import _seed_repo, hub  # noqa: F401 (hub: the fake-Hub fixture)
 from tiny_models import save_tiny, save_tiny_tokenizer
 
 from qconvert.quantize import quantize_checkpoint
@@ -114,3 +115,26 @@ def test_adapter_specs():
     assert parse_adapter_spec("chat=owner/chat-lora") == ("chat", "owner/chat-lora")
     with pytest.raises(QError, match="NAME=PATH"):
         parse_adapter_spec("x=")
+
+
+def test_hub_ids_with_an_empty_cache_fetch_what_the_checks_read(artifacts, request, tmp_path):
+    """Base and adapter by Hub id, nothing cached: the base's config files and the adapter's two files come down
+    (its ranks are read from its weights), nothing else; vLLM gets the ids."""
+    fake_hub = request.getfixturevalue("hub")  # test_hub's fake Hub on 127.0.0.1, HF_HOME under tmp_path
+    base = {p.name: p.read_bytes() for p in (artifacts / "nf4").iterdir() if p.is_file()}
+    _seed_repo(fake_hub, "tester/tiny-nf4", base)
+    lora = {p.name: p.read_bytes() for p in (artifacts / "big").iterdir()}
+    _seed_repo(fake_hub, "tester/big-lora", {**lora, "training_args.bin": b"\0" * 4096, "notes/run.json": b"{}"})
+    cache = tmp_path / "hf_home" / "hub"
+    assert not cache.exists()
+    result = CliRunner().invoke(qserve_cli, ["--model", "tester/tiny-nf4", "--adapter", "tester/big-lora",
+                                             "--engine", "vllm", "--dry-run"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("vllm serve tester/tiny-nf4 ")
+    assert "--lora-modules big-lora=tester/big-lora" in result.stdout and "--max-lora-rank 32" in result.stdout
+    fetched = {repo: sorted(str(p.relative_to(snap)) for snap in (cache / f"models--tester--{repo}" / "snapshots").iterdir()
+                            for p in snap.rglob("*") if p.is_file())
+               for repo in ("tiny-nf4", "big-lora")}  # fmt: skip
+    assert fetched["big-lora"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert fetched["tiny-nf4"] == sorted(n for n in base if n.endswith(".json"))
+    assert "model.safetensors" in base  # the base's weights stayed on the Hub (vLLM downloads them)
