@@ -32,6 +32,7 @@ from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, op
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
 from qformats.manifest import MANIFEST_FILE, build_manifest
+from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import read_adapter
 from qkernels.cpu_quantize import quantize_nf4  # the fused C++ quantizer on CPU, byte-identical to qformats
 from qkernels.ops import dequantize
@@ -92,6 +93,8 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
     """Write base (+ adapter, merged) to `out` as an HF checkpoint; see the module doc."""
     start = time.perf_counter()
     model_dir = resolve_model_dir(model, revision)
+    adapter_dir = resolve_source(adapter, allow_patterns=["*.json", "*.safetensors"]) if adapter is not None else None
+    check_out_apart_from_sources(out, [model_dir, adapter_dir, eval_text])
     ckpt = open_checkpoint(model_dir)
     config = dict(ckpt.config)
     out_dtype = parse_dtype(dtype) or _checkpoint_dtype(config)
@@ -102,7 +105,7 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
                      "(export it, then run `qconvert quantize` on the result)")  # fmt: skip
     merged: list[str] = []
     if adapter is not None:
-        peft = read_adapter(resolve_source(adapter, allow_patterns=["*.json", "*.safetensors"]))
+        peft = read_adapter(adapter_dir)
         if lm.args.tie_word_embeddings and "lm_head" in peft.weights:
             raise QError(f"{adapter}: the adapter changes lm_head, which this model ties to its embeddings; "
                          "a merged export cannot hold both")  # fmt: skip
