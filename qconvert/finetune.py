@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -37,6 +38,7 @@ from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
 from qconvert.train_card import write_card
 from qformats.errors import QError
+from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import use_caching_allocator
 from qserve.device import resolve_device
@@ -216,7 +218,27 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
     model.train()
 
 
+# Float settings that must be finite numbers (NaN passes every `<` check and poisons every weight).
+_FINITE = ("lr", "alpha", "dropout", "warmup_ratio", "max_grad_norm", "weight_decay", "eval_fraction", "epochs")
+
+
 def _validate(cfg: FinetuneConfig) -> None:
+    for name in _FINITE:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise QError(f"--{name.replace('_', '-')} must be a finite number, not {value!r}")
+    for name in ("lr", "alpha", "max_grad_norm"):
+        if getattr(cfg, name) <= 0:
+            raise QError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
+    if cfg.weight_decay < 0:
+        raise QError(f"--weight-decay must be at least 0, not {cfg.weight_decay}")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise QError(f"--eval-fraction must be in [0, 1), not {cfg.eval_fraction}")
+    if isinstance(cfg.target_modules, str):
+        try:
+            re.compile(cfg.target_modules)
+        except re.error as e:
+            raise QError(f"--target-modules {cfg.target_modules!r} is not a valid regular expression ({e})") from None
     for name in ("rank", "batch_size", "grad_accum", "max_seq_len"):
         if getattr(cfg, name) < 1:
             raise QError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
@@ -267,7 +289,10 @@ class _Run:
         cfg = self.cfg
         if self.output.exists() and not cfg.force:
             raise QError(f"{self.output} already exists: choose another output folder or pass --force to replace it")
-        self.resume_from = ckpt.newest_checkpoint(self.ckpt_root) if cfg.resume else None
+        model_dir = resolve_model_dir(cfg.model)
+        for out in (self.output, self.ckpt_root):  # both get replaced with --force: neither may hold a source
+            check_out_apart_from_sources(out, [model_dir, cfg.data, cfg.eval_file])
+        self.resume_from = ckpt.newest_intact_checkpoint(self.ckpt_root, self.note) if cfg.resume else None
         if cfg.resume and self.resume_from is None:
             raise QError(f"--resume: no checkpoint under {self.ckpt_root} to resume from")
         if not cfg.resume and ckpt.newest_checkpoint(self.ckpt_root) is not None:
@@ -290,11 +315,11 @@ class _Run:
         self.dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if bf16 else torch.float32)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout; LoRA init has its own generator (same on all ranks)
 
-        self.model = load_model(cfg.model, dtype=self.dtype, device=self.device, progress=cfg.progress and self.dist.main)
+        self.model = load_model(model_dir, dtype=self.dtype, device=self.device, progress=cfg.progress and self.dist.main)
         if not any(isinstance(m, NF4Linear) for m in self.model.modules()):
             self.note(f"{cfg.model} is not an NF4 checkpoint: training plain LoRA over its {self.dtype} weights "
                       "(quantize it first with `qconvert quantize` for QLoRA's memory savings)")  # fmt: skip
-        self.tokenizer = Tokenizer.from_dir(resolve_model_dir(cfg.model))
+        self.tokenizer = Tokenizer.from_dir(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_ids[0]
         load = {"fmt": cfg.format, "max_seq_len": cfg.max_seq_len, "train_on_prompt": cfg.train_on_prompt,
                 "use_chat_template": cfg.chat_template}  # fmt: skip
@@ -396,6 +421,9 @@ class _Run:
                 offset += p.numel()
             loss_sum, seen = stats[0], int(stats[1].item())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        for what, value in (("loss", float(loss_sum)), ("gradient norm", float(grad_norm))):
+            if not math.isfinite(value):
+                self._stop_non_finite(f"step {self.step + 1}: the {what} became {value}")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         if self.pressure:  # after an out-of-memory: optimizer pages go home between steps, activations get the room
@@ -407,6 +435,13 @@ class _Run:
                  "tokens": seen, "seconds": time.perf_counter() - t0, "trained_tokens": n_tokens}  # fmt: skip
         self.history.append(entry)
         return entry
+
+    def _stop_non_finite(self, what: str) -> None:
+        """Stop before a non-finite value reaches the weights; the checkpoints on disk stay as they are."""
+        last = ckpt.newest_checkpoint(self.ckpt_root)
+        kept = f"; the checkpoints so far are kept (newest: {last})" if last is not None else ""
+        raise QError(f"{what}; stopped without writing {self.output}: start again with a lower --lr or --alpha"
+                     f"{kept}")  # fmt: skip
 
     def _forward_backward(self, tokens: torch.Tensor, labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """One micro-batch. Out of memory: evict the optimizer's resident pages first and retry once,
@@ -504,6 +539,8 @@ class _Run:
                                 self.notes, self.history)  # fmt: skip
         if interrupted:
             return result
+        if not all(torch.isfinite(p).all() for p in self.params):
+            self._stop_non_finite(f"after step {self.step}: the adapter weights became non-finite")
         result.eval_loss_after = self.evaluate()
         if self.dist.main:
             write_adapter(self.output, self._adapter(), force=cfg.force,

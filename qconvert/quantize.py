@@ -34,6 +34,7 @@ from qformats.checkpoint import (
 from qformats.errors import QError
 from qformats.manifest import MANIFEST_FILE, build_manifest
 from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize
+from qformats.output_folder import check_out_apart_from_sources
 from qkernels.cpu_quantize import quantize_nf4
 from qserve.device import resolve_device
 
@@ -190,8 +191,7 @@ def quantize_checkpoint(
         method = ckpt.config["quantization_config"].get("quant_method", "?")
         raise QError(f"{ckpt.folder}: already quantized ({method}); quantize the fp16/bf16 checkpoint instead")
     out = Path(out)
-    if out.resolve() == ckpt.folder.resolve():
-        raise QError(f"{out}: OUT must differ from SRC")
+    check_out_apart_from_sources(out, [ckpt.folder])
     kinds, skipped = plan_tensors(ckpt, skip_modules)
     dtype = source_dtype(ckpt, kinds)
     dtype_name = str(dtype).removeprefix("torch.")

@@ -90,6 +90,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise QError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise QError(f"{path}:{lineno}: JSON nested too deeply to read") from None
             if not isinstance(record, dict):
                 raise QError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             records.append((lineno, record))

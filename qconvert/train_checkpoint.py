@@ -15,12 +15,14 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from qformats.checkpoint import read_safetensors_header
 from qformats.errors import QError
 
 STATE_FILE = "trainer_state.json"
@@ -31,13 +33,46 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under `root`, or None."""
+def checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root` (trainer_state.json written), newest first."""
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
              and (p / STATE_FILE).is_file()]  # fmt: skip
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the highest step under `root`, or None."""
+    found = checkpoints(root)
+    return found[0] if found else None
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, truncated or unreadable), or None.
+
+    Checks what can be checked without loading: the state JSON and every safetensors header against its
+    file size, which is what a disk filling up or a copy cut short breaks."""
+    try:
+        if not isinstance(read_state(folder), dict):
+            return f"{folder / STATE_FILE}: not a JSON object"
+        for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+            read_safetensors_header(folder / name)
+        for rng in sorted(folder.glob("rng-*.safetensors")):
+            read_safetensors_header(rng)
+    except QError as e:
+        return str(e)
+    return None
+
+
+def newest_intact_checkpoint(root: Path, note: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint that is not damaged; each damaged newer one is skipped with a note."""
+    for folder in checkpoints(root):
+        problem = damage(folder)
+        if problem is None:
+            return folder
+        note(f"checkpoint {folder.name} is damaged ({problem}); falling back to an older one")
+    return None
 
 
 def tmp_dir(root: Path, step: int) -> Path:
@@ -60,11 +95,14 @@ def load_rng(folder: Path, rank: int) -> None:
     path = folder / f"rng-{rank}.safetensors"
     if not path.is_file():
         raise QError(f"{folder}: no RNG state for rank {rank} (was the run made with fewer processes?)")
-    state = load_file(str(path))
-    torch.set_rng_state(state["cpu"])
-    cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    try:
+        state = load_file(str(path))
+        cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
+        torch.set_rng_state(state["cpu"])
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    except (OSError, SafetensorError, KeyError, RuntimeError, TypeError) as e:
+        raise QError(f"{path}: not an RNG state written by qconvert finetune ({type(e).__name__}: {e})") from None
 
 
 def finish(tmp: Path, final: Path, state: dict, keep: int) -> Path:
@@ -73,6 +111,8 @@ def finish(tmp: Path, final: Path, state: dict, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    for stale in final.parent.glob(".step-*.tmp"):  # left by a run killed while saving (one saves at a time)
+        shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
         done = sorted((int(m.group(1)), p) for p in final.parent.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
         for _, old in done[:-keep]:
@@ -83,7 +123,7 @@ def finish(tmp: Path, final: Path, state: dict, keep: int) -> Path:
 def read_state(folder: Path) -> dict:
     try:
         return json.loads((folder / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise QError(f"{folder / STATE_FILE}: unreadable ({e})") from None
 
 

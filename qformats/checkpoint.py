@@ -10,8 +10,8 @@ tensor, not one shard, and a sha256 of each source file can be computed on the w
 Writing: `ShardedWriter` fills shards up to `shard_size` bytes, streams tensor data straight to disk (a
 data file per shard, prefixed with its header when the shard closes), names the result
 `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json` (or `model.safetensors` alone), all
-inside `OUT.tmp-<pid>`, renamed to OUT only by `commit()`. Any error removes the temp folder and leaves OUT
-as it was.
+inside `OUT.tmp-<pid>` (qformats.output_folder), renamed to OUT only by `commit()`. Any error removes the
+temp folder and leaves OUT as it was.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Self
 
 import torch
 
 from qformats.errors import QError
+from qformats.output_folder import make_temp_folder, temp_folder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -110,9 +111,11 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise TypeError("not a JSON object")
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:
         raise QError(f"{path}: corrupt safetensors header ({e})") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise QError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     data_start = 8 + n
     entries = []
     for name, entry in header.items():
@@ -133,14 +136,21 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
                              header_bytes=data_start)  # fmt: skip
 
 
+def _whole_numbers(value: object) -> bool:
+    """A JSON list of integers (not floats such as 2.0 or 2.5, not booleans)."""
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     try:
         dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape = tuple(int(s) for s in shape)
-        begin, end = (int(o) for o in offsets)
-    except (TypeError, KeyError, ValueError) as e:
+    except (TypeError, KeyError) as e:
         raise QError(f"{path}: tensor {name!r} has a malformed header entry ({e!r})") from None
-    if dtype_name not in SAFETENSORS_DTYPES:
+    if not _whole_numbers(shape) or not _whole_numbers(offsets) or len(offsets) != 2:
+        raise QError(f"{path}: tensor {name!r} has a malformed header entry (shape {shape!r}, data_offsets "
+                     f"{offsets!r}: lists of whole numbers expected)")  # fmt: skip
+    shape, (begin, end) = tuple(shape), offsets
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
         raise QError(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which safetensors does not define")
     dtype = SAFETENSORS_DTYPES[dtype_name]
     if any(s < 0 for s in shape) or begin < 0 or end < begin:
@@ -210,7 +220,7 @@ def load_config(folder: Path) -> dict:
         raise QError(f"{folder}: no config.json (not a Hugging Face model folder)")
     try:
         config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise QError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise QError(f"{path}: expected a JSON object")
@@ -225,8 +235,12 @@ def list_shards(folder: Path) -> tuple[list[Path], Path | None]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = list(dict.fromkeys(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise QError(f"{index}: unreadable index ({e!r})") from None
+        for n in names:  # plain names inside the folder: an index must not make us open any other file
+            inside = isinstance(n, str) and n and "\\" not in n and not PurePosixPath(n).is_absolute()
+            if not inside or ".." in PurePosixPath(n).parts:
+                raise QError(f"{index}: shard name {n!r} is not a file inside {folder}")
         shards = [folder / n for n in names]
         for s in shards:
             if not s.is_file():
@@ -363,7 +377,7 @@ class ShardedWriter:
         self.shard_size = int(shard_size)
         self.force = force
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.tmp = self.out.parent / f"{self.out.name}.tmp-{os.getpid()}"
+        self.tmp = temp_folder(self.out)
         self.file_hashes: dict[str, str] = {}
         self.weight_map: dict[str, int] = {}  # tensor name -> shard number (1-based)
         self.total_size = 0
@@ -373,12 +387,7 @@ class ShardedWriter:
 
     def __enter__(self) -> Self:
         check_output_folder(self.out, self.force)
-        try:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir(parents=True)
-        except OSError as e:
-            raise QError(f"{self.out}: cannot write here ({e.strerror or e})") from None
+        make_temp_folder(self.out)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

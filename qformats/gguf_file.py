@@ -28,6 +28,13 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
+_MAX_ARRAY_DEPTH = 4  # arrays of arrays: none in practice; bounded so a hostile file cannot exhaust the stack
+# The fewest bytes one item can take in the file: a count claiming more items than the remaining bytes
+# could hold is refused before any list is allocated, so memory stays bounded by the file size.
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
+_MIN_ITEM_BYTES = {_STRING: 8, _ARRAY: 4 + 8}
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class GGUFFile:
         if version not in (2, 3):
             raise QError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3)")
         self._pos = 24
+        self._check_count(n_kv, _MIN_KV_BYTES, "metadata key/value pairs")
+        self._check_count(n_tensors, _MIN_TENSOR_INFO_BYTES, "tensors")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
@@ -69,11 +78,16 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
+            n_dims = self._unpack("<I")
+            if n_dims > _MAX_DIMS:
+                raise QError(f"{self.path}: tensor {name} declares {n_dims} dimensions (at most {_MAX_DIMS})")
+            dims = [self._unpack("<Q") for _ in range(n_dims)]
             type_id, offset = self._unpack("<I"), self._unpack("<Q")
             infos.append((name, tuple(reversed(dims)), type_id, offset))
 
         alignment = self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise QError(f"{self.path}: general.alignment is {alignment!r}; it must be a power of two")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensor] = {}
         for name, shape, type_id, offset in infos:
@@ -93,6 +107,11 @@ class GGUFFile:
                 )
             self.tensors[name] = GGUFTensor(name, shape, ggml_type, start, nbytes)
 
+    def _check_count(self, count: int, item_bytes: int, what: str) -> None:
+        if count * item_bytes > len(self._map) - self._pos:
+            raise QError(f"{self.path}: the header declares {count} {what}, more than the file's "
+                         f"{len(self._map)} bytes can hold (truncated or corrupt)")  # fmt: skip
+
     def _unpack(self, fmt: str) -> Any:
         (value,) = struct.unpack_from(fmt, self._map, self._pos)
         self._pos += struct.calcsize(fmt)
@@ -106,18 +125,21 @@ class GGUFFile:
         self._pos += n
         return raw.decode("utf-8")
 
-    def _value(self, value_type: int) -> Any:
+    def _value(self, value_type: int, depth: int = 0) -> Any:
         if value_type in _SCALARS:
             return self._unpack(_SCALARS[value_type])
         if value_type == _STRING:
             return self._string()
         if value_type == _ARRAY:
+            if depth >= _MAX_ARRAY_DEPTH:
+                raise QError(f"{self.path}: metadata arrays nested more than {_MAX_ARRAY_DEPTH} deep")
             item_type, count = self._unpack("<I"), self._unpack("<Q")
             if item_type in _NUMPY:  # numbers in one read: a vocabulary's token types are 49k of them
                 values = np.frombuffer(self._map, dtype=_NUMPY[item_type], count=count, offset=self._pos)
                 self._pos += values.nbytes
                 return values.tolist()
-            return [self._value(item_type) for _ in range(count)]
+            self._check_count(count, _MIN_ITEM_BYTES.get(item_type, 1), "array items")
+            return [self._value(item_type, depth + 1) for _ in range(count)]
         raise ValueError(f"unknown metadata value type {value_type}")
 
     def field(self, key: str) -> Any:
@@ -125,6 +147,20 @@ class GGUFFile:
         if key not in self.metadata:
             raise QError(f"{self.path}: metadata field {key} is missing")
         return self.metadata[key]
+
+    def count(self, key: str, default: int | None = None) -> int:
+        """A required (or defaulted) metadata value that must be a whole number of at least 1: sizes, counts."""
+        value = self.metadata.get(key, default) if default is not None else self.field(key)
+        if type(value) is not int or value < 1:
+            raise QError(f"{self.path}: metadata field {key} is {value!r}; expected a whole number of at least 1")
+        return value
+
+    def positive(self, key: str, default: float | None = None) -> float:
+        """A required (or defaulted) metadata value that must be a finite number above 0: epsilons, bases."""
+        value = self.metadata.get(key, default) if default is not None else self.field(key)
+        if type(value) not in (int, float) or not 0 < value < float("inf"):
+            raise QError(f"{self.path}: metadata field {key} is {value!r}; expected a positive number")
+        return value
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored, uint8 of shape `[*shape[:-1], bytes per row]` (a view of the map)."""

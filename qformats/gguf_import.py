@@ -25,6 +25,7 @@ from qformats.checkpoint import ShardedWriter, check_output_folder
 from qformats.errors import QError
 from qformats.gguf_file import GGUFFile
 from qformats.gguf_tokenizer import tokenizer_files
+from qformats.output_folder import check_out_apart_from_sources
 
 SUPPORTED_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
@@ -77,35 +78,42 @@ def _llama_config(gguf: GGUFFile, dtype: torch.dtype) -> dict[str, Any]:
     if "llama.expert_count" in gguf.metadata:
         raise QError(f"{gguf.path}: llama.expert_count is set; mixture-of-experts models are not supported")
 
-    hidden = gguf.field("llama.embedding_length")
-    n_head = gguf.field("llama.attention.head_count")
-    head_dim = gguf.metadata.get("llama.attention.key_length", hidden // n_head)
-    rotary = gguf.metadata.get("llama.rope.dimension_count", head_dim)
+    hidden = gguf.count("llama.embedding_length")
+    n_head = gguf.count("llama.attention.head_count")
+    head_dim = gguf.count("llama.attention.key_length", max(hidden // n_head, 1))
+    if head_dim % 2:
+        raise QError(f"{gguf.path}: attention heads have {head_dim} dimensions; rotary embeddings need an even number")
+    n_kv_head = gguf.count("llama.attention.head_count_kv", n_head)
+    layers = gguf.count("llama.block_count")
+    if layers > len(gguf.tensors):  # each layer has tensors: a larger count is a lie, not a model to plan for
+        raise QError(f"{gguf.path}: llama.block_count is {layers} but the file holds {len(gguf.tensors)} tensors")
+    rotary = gguf.count("llama.rope.dimension_count", head_dim)
     if rotary != head_dim:
         raise QError(f"{gguf.path}: llama.rope.dimension_count is {rotary} but heads have {head_dim} dimensions")
     if gguf.metadata.get("llama.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in gguf.tensors:
         raise QError(f"{gguf.path}: RoPE scaling (llama.rope.scaling.* / rope_freqs.weight) is not supported")
-    vocab = gguf.metadata.get("llama.vocab_size") or len(gguf.field("tokenizer.ggml.tokens"))
-    theta = _fp32_shortest(gguf.metadata.get("llama.rope.freq_base", 10000.0))
+    tokens = gguf.field("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise QError(f"{gguf.path}: metadata field tokenizer.ggml.tokens is not an array")
+    vocab = gguf.count("llama.vocab_size", len(tokens) or None)
+    theta = _fp32_shortest(gguf.positive("llama.rope.freq_base", 10000.0))
     special = {
-        f"{name}_token_id": gguf.metadata[f"tokenizer.ggml.{name}_token_id"]
-        for name in ("bos", "eos")
-        if f"tokenizer.ggml.{name}_token_id" in gguf.metadata
+        f"{name}_token_id": gguf.metadata[f"tokenizer.ggml.{field}_token_id"]
+        for name, field in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+        if f"tokenizer.ggml.{field}_token_id" in gguf.metadata
     }
-    if "tokenizer.ggml.padding_token_id" in gguf.metadata:
-        special["pad_token_id"] = gguf.metadata["tokenizer.ggml.padding_token_id"]
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": gguf.field("llama.feed_forward_length"),
-        "num_hidden_layers": gguf.field("llama.block_count"),
+        "intermediate_size": gguf.count("llama.feed_forward_length"),
+        "num_hidden_layers": layers,
         "num_attention_heads": n_head,
-        "num_key_value_heads": gguf.metadata.get("llama.attention.head_count_kv", n_head),
+        "num_key_value_heads": n_kv_head,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": gguf.field("llama.context_length"),
-        "rms_norm_eps": _fp32_shortest(gguf.field("llama.attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": gguf.count("llama.context_length"),
+        "rms_norm_eps": _fp32_shortest(gguf.positive("llama.attention.layer_norm_rms_epsilon")),
         # transformers 5 reads rope_parameters, 4.x reads rope_theta: write both.
         "rope_theta": theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
@@ -197,8 +205,7 @@ def import_gguf(
     if not gguf_path.is_file():
         raise QError(f"{gguf_path}: no such file")
     check_output_folder(out_dir, overwrite)
-    if out_dir.resolve() in gguf_path.resolve().parents:
-        raise QError(f"{out_dir}: holds the source file {gguf_path.name}; choose another output folder")
+    check_out_apart_from_sources(out_dir, [gguf_path])
     gguf = GGUFFile(gguf_path)
     config = _llama_config(gguf, dtype)
     plan = _tensor_plan(gguf, config)

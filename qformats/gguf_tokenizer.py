@@ -48,6 +48,29 @@ def _pre_tokenizer(pre: str | None, source: Path) -> pre_tokenizers.PreTokenizer
     )
 
 
+# Each tokenizer field and what it must hold: llama.cpp's types, checked before anything indexes with them.
+_LIST_FIELDS = {"tokenizer.ggml.tokens": str, "tokenizer.ggml.merges": str, "tokenizer.ggml.token_type": int}
+_ID_FIELDS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
+
+
+def check_tokenizer_types(meta: dict[str, Any], source: Path) -> None:
+    """QError naming the first `tokenizer.*` field whose value has the wrong type (or a required one missing)."""
+    for field, item in _LIST_FIELDS.items():
+        value = meta.get(field)
+        if value is None and field != "tokenizer.ggml.token_type":
+            raise QError(f"{source}: metadata field {field} is missing")
+        if value is not None and not (isinstance(value, list) and all(type(v) is item for v in value)):
+            raise QError(f"{source}: metadata field {field} must be an array of {item.__name__}")
+    for field in _ID_FIELDS:
+        value = meta.get(f"tokenizer.ggml.{field}")
+        if value is not None and (type(value) is not int or not 0 <= value < len(meta["tokenizer.ggml.tokens"])):
+            raise QError(f"{source}: metadata field tokenizer.ggml.{field} is {value!r}; expected a token id "
+                         f"in the vocabulary of {len(meta['tokenizer.ggml.tokens'])}")  # fmt: skip
+    for field, kind in (("tokenizer.ggml.pre", str), ("tokenizer.chat_template", str)):
+        if field in meta and type(meta[field]) is not kind:
+            raise QError(f"{source}: metadata field {field} must be a string")
+
+
 def build_tokenizer(meta: dict[str, Any], source: Path) -> Tokenizer:
     """The byte-level BPE tokenizer a GGUF describes; `meta` maps metadata keys to their values."""
     model = meta.get("tokenizer.ggml.model")
@@ -55,9 +78,7 @@ def build_tokenizer(meta: dict[str, Any], source: Path) -> Tokenizer:
         raise QError(
             f"{source}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') tokenizers are supported"
         )
-    for field in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        if field not in meta:
-            raise QError(f"{source}: metadata field {field} is missing")
+    check_tokenizer_types(meta, source)
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
@@ -73,7 +94,10 @@ def build_tokenizer(meta: dict[str, Any], source: Path) -> Tokenizer:
             raise QError(f"{source}: tokenizer.ggml.merges has a malformed entry {merge!r}")
         merges.append((pair[0], pair[1]))
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for merges outside the vocabulary)
+        raise QError(f"{source}: the tokenizer metadata does not make a BPE tokenizer ({e})") from None
     tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), source)
     tokenizer.decoder = decoders.ByteLevel()
 

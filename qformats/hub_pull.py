@@ -201,6 +201,8 @@ def _snapshot(repo_id: str, *, revision, token, allow_patterns) -> Pulled:
     except Exception as e:
         if _is_hub_error(e):
             raise QError(explain_hub_error(e, repo_id, revision, token_given=token is not None)) from e
+        if isinstance(e, ValueError):  # huggingface_hub refuses what the repo lists, e.g. a file named `../x`
+            raise QError(f"{repo_id}: cannot download this repo ({' '.join(str(e).split())})") from None
         raise
     new = {k: v for k, v in _blobs(storage).items() if k not in before}
     return Pulled(path=Path(path), repo_id=repo_id, commit=Path(path).name, downloaded_files=len(new),

@@ -57,7 +57,7 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
             raise ValueError(f"format {manifest.get('format')!r}")
-    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError) as e:
         raise QError(f"{path}: unreadable manifest ({e})") from None
     return manifest
 

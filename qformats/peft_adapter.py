@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qformats.errors import QError
+from qformats.output_folder import make_temp_folder
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -205,9 +206,7 @@ def write_adapter(path: str | Path, adapter: PeftAdapter, *, force: bool = False
     path = Path(path)
     if path.exists() and not force:
         raise QError(f"{path} already exists: choose another output folder or pass --force to replace it")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = make_temp_folder(path)
     try:
         save_adapter_files(tmp, adapter)
         if finalize is not None:

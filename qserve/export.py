@@ -31,6 +31,7 @@ from tqdm import tqdm
 from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, open_checkpoint, parse_size, sha256_file
 from qformats.errors import QError
 from qformats.manifest import MANIFEST_FILE, build_manifest
+from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import adapter_folder, read_adapter
 from qkernels.cpu_quantize import quantize_nf4  # the fused C++ quantizer on CPU, byte-identical to qformats
 from qkernels.ops import dequantize
@@ -91,6 +92,8 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
     """Write base (+ adapter, merged) to `out` as an HF checkpoint; see the module doc."""
     start = time.perf_counter()
     model_dir = resolve_model_dir(model, revision)
+    adapter_dir = adapter_folder(adapter) if adapter is not None else None
+    check_out_apart_from_sources(out, [model_dir, adapter_dir, eval_text])
     ckpt = open_checkpoint(model_dir)
     config = dict(ckpt.config)
     out_dtype = parse_dtype(dtype) or _checkpoint_dtype(config)
@@ -101,7 +104,7 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
                      "(export it, then run `qconvert quantize` on the result)")  # fmt: skip
     merged: list[str] = []
     if adapter is not None:
-        peft = read_adapter(adapter_folder(adapter))
+        peft = read_adapter(adapter_dir)
         if lm.args.tie_word_embeddings and "lm_head" in peft.weights:
             raise QError(f"{adapter}: the adapter changes lm_head, which this model ties to its embeddings; "
                          "a merged export cannot hold both")  # fmt: skip

@@ -1,7 +1,9 @@
 """qconvert finetune: the step equals PEFT's, adapters load in PEFT, resume / ctrl-C / DDP are exact, bad input."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +20,11 @@ from tiny_models import save_tiny, save_tiny_tokenizer
 
 from qconvert.cli import main as qconvert_main
 from qconvert.data.check_answer_format import FORMAT, answers, format_rate, held_out_questions
-from qconvert.finetune import FinetuneConfig, finetune
+from qconvert.finetune import FinetuneConfig, _Run, finetune
 from qconvert.lm_loss import causal_lm_loss
 from qconvert.quantize import quantize_checkpoint
 from qconvert.sft_data import IGNORE, collate, load_sft_jsonl
+from qformats.errors import QError
 from qserve.loader import load_model
 from qserve.lora import ALL_LINEAR, apply_lora, load_lora, lora_parameters
 from qserve.tokenizer import Tokenizer
@@ -255,6 +258,78 @@ def test_bad_input_is_one_line(tiny, tmp_path):
     assert r.exit_code == 1 and "all 24 examples are longer than --max-seq-len 8" in r.output
     r = cli(*base, str(tiny / "data.jsonl"), str(tmp_path / "o4"), "--resume", "--quiet")
     assert r.exit_code == 1 and "no checkpoint" in r.output
+
+
+@pytest.mark.parametrize(("option", "value"), [("--lr", "nan"), ("--alpha", "nan"), ("--alpha", "inf"),
+                                               ("--weight-decay", "nan"), ("--max-grad-norm", "inf"),
+                                               ("--eval-fraction", "nan"), ("--epochs", "inf")])  # fmt: skip
+def test_non_finite_hyperparameters_are_refused(tiny, tmp_path, option, value):
+    """--lr nan used to train and write 420 NaN tensors with exit 0."""
+    r = cli(str(tiny / "nf4"), str(tiny / "data.jsonl"), str(tmp_path / "out"), option, value, "--steps", "2", "--quiet")
+    assert r.exit_code == 1 and f"error: {option} must be a finite number, not {value}" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_target_modules_regex_is_one_line(tiny, tmp_path):
+    r = cli(str(tiny / "nf4"), str(tiny / "data.jsonl"), str(tmp_path / "out"), "--target-modules", "(", "--quiet")
+    assert r.exit_code == 1 and "--target-modules '(' is not a valid regular expression" in r.output
+
+
+def test_non_finite_loss_stops_keeping_the_checkpoints(tiny, tmp_path):
+    """lr 1e30 makes the loss NaN at step 3: stop there, write no adapter, keep step 1 and 2's checkpoints."""
+    with pytest.raises(QError, match=r"^step 3: the loss became nan; stopped without writing .*out: start again "
+                                     r"with a lower --lr or --alpha; the checkpoints so far are kept \(newest: "
+                                     r".*out-checkpoints/step-0000002\)$"):  # fmt: skip
+        finetune(cfg(tiny, tmp_path / "out", lr=1e30, steps=4, save_every=1))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    kept = sorted(p.name for p in (tmp_path / "out-checkpoints").iterdir())
+    assert kept == ["step-0000001", "step-0000002"]
+    for folder in kept:
+        assert all(t.isfinite().all() for t in adapter(tmp_path / "out-checkpoints" / folder).values())
+    # A gradient that overflows at the first step: no checkpoint yet, and the CLI exits 1 with one line.
+    r = cli(str(tiny / "nf4"), str(tiny / "data.jsonl"), str(tmp_path / "o2"), "--alpha", "1e38", "--rank", "4",
+            "--steps", "2", "--quiet")  # fmt: skip
+    assert r.exit_code == 1 and "step 1: the gradient norm became inf" in r.output and not (tmp_path / "o2").exists()
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(tiny, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    finetune(cfg(tiny, whole, steps=5, dropout=0.0))
+    original = _Run._train_step
+
+    def crash_at_step_4(self):  # as a crash would: checkpoints of steps 1-3 are on disk
+        if self.step == 3:
+            raise QError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(_Run, "_train_step", crash_at_step_4)
+    run = cfg(tiny, tmp_path / "run", steps=5, dropout=0.0, save_every=1, keep_checkpoints=3)
+    with pytest.raises(QError, match="simulated crash"):
+        finetune(run)
+    monkeypatch.setattr(_Run, "_train_step", original)
+    weights = tmp_path / "run-checkpoints" / "step-0000003" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # the disk filled up while it was written
+    notes = []
+    resumed = finetune(dataclasses.replace(run, resume=True), echo=notes.append)
+    assert notes[0].startswith("note: checkpoint step-0000003 is damaged (") and notes[0].endswith(
+        "(truncated shard)); falling back to an older one"), notes  # fmt: skip
+    assert notes[1] == f"resuming from {tmp_path / 'run-checkpoints' / 'step-0000002'} (step 2 of 5)", notes
+    assert resumed.steps == 5
+    assert_adapters_close(tmp_path / "run", whole, 1e-5)
+
+
+def test_finetune_force_never_deletes_a_source_inside_out(tiny, tmp_path):
+    """OUT (replaced with --force) holding the data file: refused before anything is deleted or trained."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(tiny / "data.jsonl", out / "data.jsonl")
+    r = cli(str(tiny / "nf4"), str(out / "data.jsonl"), str(out), "--steps", "1", "--force", "--quiet")
+    assert r.exit_code == 1 and "holds the source file" in r.output and (out / "data.jsonl").is_file()
+    # The checkpoint folder is replaced too: it may not hold the model.
+    shutil.copytree(tiny / "nf4", tmp_path / "ck" / "nf4")
+    r = cli(str(tmp_path / "ck" / "nf4"), str(tiny / "data.jsonl"), str(tmp_path / "o2"), "--checkpoint-dir",
+            str(tmp_path / "ck"), "--steps", "1", "--force", "--quiet")  # fmt: skip
+    assert r.exit_code == 1 and "holds the source folder" in r.output and (tmp_path / "ck" / "nf4").is_dir()
 
 
 def test_float_base_trains_plain_lora_with_a_note(tiny, tmp_path):
