@@ -46,7 +46,7 @@ def _rank_columns(rank_ptr, slot, R, HAS_RANK: tl.constexpr, BLOCK_R: tl.constex
     return offs_r, offs_r < rank
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_hs"])  # T * r_max: one compiled kernel for every batch size
 def _shrink_kernel(x_ptr, a_ptr, idx_ptr, rank_ptr, h_ptr, K, R, k_per_split, stride_xt, stride_an, stride_ar,
                    stride_hs, stride_ht, HAS_RANK: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_K: tl.constexpr):  # fmt: skip
@@ -71,7 +71,7 @@ def _shrink_kernel(x_ptr, a_ptr, idx_ptr, rank_ptr, h_ptr, K, R, k_per_split, st
         tl.store(h_ptr + split * stride_hs + t * stride_ht + offs_r, h, mask=offs_r < R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "stride_hs"])  # vary with the batch size
 def _expand_kernel(y_ptr, h_ptr, b_ptr, idx_ptr, scale_ptr, rank_ptr, N, R, splits, stride_yt, stride_hs,
                    stride_ht, stride_bn, stride_bo, HAS_SCALE: tl.constexpr, HAS_RANK: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE_RNE: tl.constexpr):  # fmt: skip

@@ -59,16 +59,18 @@ def assert_close(y, ref, x, w, dtype, roundings=1):
 
 
 @pytest.mark.parametrize("n,k,blocksize,dq", [(37, 70, 64, True), (16, 128, 128, False), (5, 33, 64, True),
-                                              (300, 256, 64, True), (9, 96, 128, True)])  # fmt: skip
+                                              (300, 256, 64, True), (9, 96, 128, True), (5, 96, 32, True),
+                                              (6, 2048, 4096, True), (3, 2048, 4096, False)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dequantize_is_bit_identical(n, k, blocksize, dq, dtype):
     w = make_weight(n, k, blocksize, dq, seed=n + k)
     assert torch.equal(triton_nf4.dequantize(w, dtype), dequantize_nf4(w, dtype))
 
 
-# (M, N, K, blocksize, double quant, bias, LoRA rank, split-K): odd M, N and K that are not
-# multiples of the tiles, blocks straddling rows (K % blocksize != 0), >256 blocks (several
-# nested scales), every epilogue, with and without split-K.
+# (M, N, K, blocksize, double quant, bias, LoRA rank, split-K): odd M and N, K not a multiple of
+# the tile, >256 blocks (several nested scales), every epilogue (ranks above 16 take two LoRA
+# chunks), with and without split-K, blocksizes below, at and above the K tile. Blocks straddling
+# rows (K % blocksize != 0) take the dequantize path inside fused_matmul.
 CASES = [
     (1, 37, 70, 64, True, False, 0, 1),
     (3, 37, 70, 64, True, True, 0, 2),
@@ -76,6 +78,11 @@ CASES = [
     (5, 48, 130, 64, False, True, 3, 4),
     (1, 130, 256, 128, False, False, 8, 2),
     (7, 33, 512, 64, True, True, 16, 3),
+    (1, 37, 192, 64, True, False, 0, 1),
+    (3, 37, 320, 64, True, True, 20, 2),
+    (16, 20, 384, 128, True, False, 4, 1),
+    (5, 48, 96, 32, False, True, 3, 4),
+    (2, 19, 512, 256, True, True, 33, 2),
 ]
 
 
@@ -92,6 +99,23 @@ def test_fused_matmul(m, n, k, blocksize, dq, has_bias, rank, split, dtype):
         lora_b = (torch.randn(n, rank, generator=g) / 10).to(dtype)
     y = triton_nf4.fused_matmul(x, w, bias, xa, lora_b, 0.5, config={**SMALL_TILES, "SPLIT_K": split})
     assert_close(y, reference(x, w, bias, xa, lora_b, 0.5), x, w, dtype)
+
+
+@pytest.mark.parametrize("blocksize,dq", [(32, True), (64, True), (64, False), (256, True)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_matmul_default_config(blocksize, dq, dtype):
+    """The tiles fused_config ships (BLOCK_K 128 or 64, so 1, 2 or 4 scale blocks a tile row)."""
+    g = torch.Generator().manual_seed(blocksize)
+    w = make_weight(70, 512, blocksize, dq, seed=3)
+    x = torch.randn(3, 512, generator=g).to(dtype)
+    y = triton_nf4.fused_matmul(x, w)
+    assert_close(y, reference(x, w), x, w, dtype)
+
+
+def test_fused_matmul_rows_without_whole_blocks_take_dequantize():
+    w = make_weight(21, 70, 64)
+    x = torch.randn(3, 70, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert torch.equal(triton_nf4.fused_matmul(x, w), triton_nf4.dequant_matmul(x, w))
 
 
 def test_fused_matmul_fp32_x_and_strided_rows():
