@@ -201,6 +201,8 @@ def load_runtime_adapter(engine: Engine, policy: ServerPolicy, name: str, source
     """/v1/load_lora_adapter: under the adapter root (when set) and the limits; a 400 whose message says why
     only for paths under the root: elsewhere the reply is the same whether the path exists or not."""
     root = policy.adapter_root
+    if "\0" in source:
+        raise bad_field("lora_path", "lora_path holds a NUL character")
     if root is not None:
         real_root = os.path.realpath(root)
         real = os.path.realpath(os.path.join(real_root, source))
@@ -209,7 +211,7 @@ def load_runtime_adapter(engine: Engine, policy: ServerPolicy, name: str, source
         source = real
     try:
         load_adapter(engine, name, source, policy.max_lora_rank, policy.max_lora_bytes)
-    except QError as e:
+    except (QError, OSError) as e:
         log.warning("loading adapter %r from %r failed: %s", name, source, e)
         if root is None:
             raise bad_field("lora_path", f"could not load an adapter from lora_path {show(source)} (the server log "
@@ -253,15 +255,18 @@ def sampling_params(body: dict, prompt_len: int, max_model_len: int, chat: bool)
             raise bad_field(key, f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {show(v)}")
         return float(v)
 
+    for key in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
+        v = body.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise bad_field(key, f"{key} must be a positive integer, got {show(v)}")
     max_tokens = body.get("max_completion_tokens") if chat and body.get("max_tokens") is None else body.get("max_tokens")
     if max_tokens is None:
         max_tokens = max(1, max_model_len - prompt_len)  # as vLLM: up to the end of the context
-    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise bad_field("max_tokens", f"max_tokens must be a positive integer, got {show(max_tokens)}")
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or n != 1):
         raise bad_field("n", f"n must be 1 (one completion per request), got {show(n)}")
-    stop = body.get("stop") or []
+    stop = body.get("stop")
+    stop = [] if stop is None or stop == "" else stop
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise bad_field("stop", "stop must be a string or a list of up to 4 strings")
@@ -290,7 +295,8 @@ async def generate(request: Request, state: ServerState, body: dict, ids: list[i
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_field("stream", "stream must be true or false")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise bad_field("stream_options", "stream_options must be an object like {\"include_usage\": true}")
     include_usage = stream and options.get("include_usage", False)
