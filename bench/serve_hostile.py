@@ -3,9 +3,9 @@
 Starts `qserve serve` on 127.0.0.1 (SmolLM2 NF4 and three rank-16 adapters, as bench/serve.py, with
 runtime adapter loading on under an adapter root), then:
 1. solo: every normal request once, alone, one after the other: the reference answers;
-2. clean: `--clients` clients for `--seconds`, each sending normal requests only (greedy, `ignore_eos`,
-   `--tokens` tokens, a prompt and model from the solo set) back to back;
-3. hostile: as many clients for as long, a fixed share each of: normal requests; streams dropped after
+2. clean: the normal clients of the hostile mix alone (20 of 32) for `--seconds`, each sending normal
+   requests (greedy, `ignore_eos`, `--tokens` tokens, a prompt and model from the solo set) back to back;
+3. hostile: `--clients` clients for as long, a fixed share each of: normal requests; streams dropped after
    two chunks; bodies over the 4 MB limit; malformed bodies (not JSON, wrong types, extreme values, deep
    nesting, lone surrogates, text/plain); adapter loads, a request on it, unloads (and loads of a NaN one).
 Reports requests served and 2xx/4xx/5xx per kind, p99 latency of normal requests (clean vs hostile),
@@ -116,9 +116,10 @@ async def client_loop(kind: str, i: int, url: str, deadline: float, load: Load, 
 
 async def run(url: str, clients: int, seconds: float, tokens: int, solo: dict, hostile: bool, seed: int) -> Load:
     load = Load(solo)
-    kinds = [KINDS[i % len(KINDS)] if hostile else "normal" for i in range(clients)]
+    kinds = [KINDS[i % len(KINDS)] for i in range(clients)]
     deadline = time.perf_counter() + seconds
-    loops = [client_loop(k, i, url, deadline, load, tokens, random.Random(seed + i)) for i, k in enumerate(kinds)]
+    loops = [client_loop(k, i, url, deadline, load, tokens, random.Random(seed + i)) for i, k in enumerate(kinds)
+             if hostile or k == "normal"]  # fmt: skip
     await asyncio.wait_for(asyncio.gather(*loops), timeout=seconds + 300)
     return load
 
@@ -155,14 +156,17 @@ def run_hostile(args, prepare, start_server, free_port) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    print(f"| run | normal served | normal p99 s | answers = solo | requests by kind: status |")
-    print("| --- | ---: | ---: | --- | --- |")
+    print("| run | requests answered | normal served | normal p50 / p99 s | answers = solo | by kind: status |")
+    print("| --- | ---: | ---: | ---: | --- | --- |")
     for name, load in (("clean", clean), ("hostile", hostile)):
         tally = ", ".join(f"{k} {s}: {n}" for (k, s), n in sorted(load.status.items()))
         same = "all" if load.mismatches == 0 else f"{load.mismatches} differ"
-        print(f"| {name} | {load.normal} | {p99(load.latencies):.2f} | {same} | {tally} |")
+        p50 = sorted(load.latencies)[len(load.latencies) // 2] if load.latencies else float("nan")
+        print(f"| {name} | {sum(load.status.values())} | {load.normal} | {p50:.2f} / {p99(load.latencies):.2f} | "
+              f"{same} | {tally} |")  # fmt: skip
     fives = sum(n for (_, s), n in hostile.status.items() if s == "5xx")
-    print(f"\n{args.clients} clients x {args.seconds:.0f} s per run, {args.tokens}-token greedy answers on "
+    print(f"\n{args.clients} clients (hostile run; its {sum(KINDS[i % len(KINDS)] == 'normal' for i in range(args.clients))} normal ones in the clean "
+          f"run) x {args.seconds:.0f} s per run, {args.tokens}-token greedy answers on "
           f"{len(jobs)} (model, prompt) pairs; server RSS {rss_before / 2**20:.0f} MB before, {rss_clean / 2**20:.0f} "
           f"after the clean run, {rss_after / 2**20:.0f} after the hostile run; 5xx in the hostile run: {fives}; "
           f"/health after: {health}; solo answers after the runs unchanged: {after == solo}")  # fmt: skip
