@@ -16,7 +16,6 @@ stops at the deadline and every request has a timeout, so the run ends by itself
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ def nan_adapter(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
     tensors = load_file(src / "adapter_model.safetensors")
-    first = sorted(tensors)[0]
+    first = min(tensors)
     tensors[first] = torch.full_like(tensors[first], float("nan"))
     save_file(tensors, dst / "adapter_model.safetensors")
 

@@ -330,7 +330,7 @@ class Engine:
                 done.put((False, e))
         try:
             self._free_retired()
-        except Exception:  # noqa: BLE001 (the weights stay until the next try; no request is at fault)
+        except Exception:
             log.exception("freeing unloaded adapters failed")
         self._step(joiners)
 

@@ -25,7 +25,6 @@ from qformats.errors import QError
 from qserve.model import CausalLM
 from qserve.tokenizer import StreamDecoder, Tokenizer
 
-
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed seed, as OpenAI and vLLM take it
 
 

@@ -31,6 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from qformats.errors import QError
 
+
 class TextTooLong(QError):
     """A text too long for the token budget, found out before tokenizing it."""
 

@@ -38,7 +38,11 @@ LONG_PROMPT = "Tell me a very long story about the lazy dog and the quick brown 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
+    return tiny_with_adapters(tmp_path_factory.mktemp("hostile"))
+
+
+def tiny_with_adapters(root):
+    """The served model and, under `root / "adapters"`: good (r 4), big (r 16), nan (good with one NaN tensor)."""
     hf, folder = tiny_served_model(root / "base", seed=3)
     adapters = root / "adapters"
     make_peft_adapter(hf, adapters / "good", seed=11, r=4)
@@ -52,7 +56,7 @@ def nan_copy(src, dst):
     dst.mkdir(parents=True)
     (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
     tensors = load_file(src / "adapter_model.safetensors")
-    first = sorted(tensors)[0]
+    first = min(tensors)
     tensors[first] = torch.full_like(tensors[first], float("nan"))
     save_file(tensors, dst / "adapter_model.safetensors")
     return first

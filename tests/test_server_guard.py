@@ -13,11 +13,10 @@ import time
 
 import httpx
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_engine import wait_for
-from test_hostile_server import BASE, nan_copy, post, solo_answers, tiny  # noqa: F401 (tiny: a fixture)
+from test_hostile_server import BASE, nan_copy, post, solo_answers, tiny_with_adapters
 from test_server import LiveServer
 
 import qserve.tokenizer as tokenizer_module
@@ -34,6 +33,11 @@ from qserve.server import build_server
 from qserve.tokenizer import CHAT_ROLES, Tokenizer
 
 JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_with_adapters(tmp_path_factory.mktemp("guard"))
 
 
 @contextlib.contextmanager
