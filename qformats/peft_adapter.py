@@ -8,7 +8,8 @@ bitsandbytes) and vLLM:
   `alpha_pattern` override r and alpha per module (PEFT's key matching: the module name ends
   with the pattern key at a dot boundary, as a regular expression).
 What vLLM and our runtime cannot use is refused with a QError naming the field: DoRA, trained
-biases, `modules_to_save`, `fan_in_fan_out`, other PEFT types.
+biases, `modules_to_save`, `fan_in_fan_out`, other PEFT types; so is a tensor holding NaN or inf
+(it would turn every answer through the adapter into nothing), whoever reads: the server, export, push.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ class AdapterConfig:
         r, alpha = cfg["r"], cfg["lora_alpha"]
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise bad("r", f"must be a positive integer, not {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise bad("lora_alpha", f"must be a number, not {alpha!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise bad("lora_alpha", f"must be a finite number, not {alpha!r}")
         targets = cfg["target_modules"]
         if isinstance(targets, list):
             if not targets or not all(isinstance(t, str) for t in targets):
@@ -108,8 +109,11 @@ class AdapterConfig:
         patterns = {}
         for key in ("rank_pattern", "alpha_pattern"):
             value = cfg.get(key) or {}
-            if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
-                raise bad(key, "must map module patterns to numbers")
+            if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and math.isfinite(v) for v in value.values()):  # fmt: skip
+                raise bad(key, "must map module patterns to finite numbers")
+            if key == "rank_pattern" and not all(isinstance(v, int) and v >= 1 for v in value.values()):
+                raise bad(key, "must map module patterns to positive integer ranks")
             patterns[key] = value
         return cls(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=float(dropout),
                    use_rslora=bool(cfg.get("use_rslora", False)),
@@ -143,8 +147,12 @@ def adapter_folder(source: str | Path, revision: str | None = None) -> Path:
     return resolve_source(source, revision=revision, allow_patterns=ADAPTER_FILES)
 
 
-def read_adapter(path: str | Path, device: str | torch.device = "cpu") -> PeftAdapter:
-    """Read and validate a PEFT LoRA folder; QError naming the file, field or tensor at fault."""
+def read_adapter(path: str | Path, device: str | torch.device = "cpu", *, max_rank: int | None = None,
+                 max_bytes: int | None = None) -> PeftAdapter:  # fmt: skip
+    """Read and validate a PEFT LoRA folder; QError naming the file, field or tensor at fault.
+
+    max_rank / max_bytes: refuse a larger rank (any module's) or weights file before reading its tensors.
+    """
     path = Path(path)
     cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_path.is_file():
@@ -156,9 +164,15 @@ def read_adapter(path: str | Path, device: str | torch.device = "cpu") -> PeftAd
     if not isinstance(raw, dict):
         raise QError(f"{cfg_path}: expected a JSON object")
     config = AdapterConfig.from_json(raw, str(cfg_path))
+    rank = max([config.r, *config.rank_pattern.values()])
+    if max_rank is not None and rank > max_rank:
+        raise QError(f"{cfg_path}: rank {rank} exceeds the limit of {max_rank}")
     if not weights_path.is_file():
         hint = " (adapter_model.bin is a pickle: convert it to safetensors)" if (path / "adapter_model.bin").exists() else ""
         raise QError(f"{path}: no {WEIGHTS_NAME}{hint}")
+    size = weights_path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise QError(f"{weights_path}: {size / 2**20:.1f} MiB exceeds the limit of {max_bytes / 2**20:.1f} MiB")
     try:
         tensors = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -187,6 +201,9 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig, name:
                          f"rank {r} of adapter_config.json (expected [{r}, in] and [out, {r}])")  # fmt: skip
         if not a.is_floating_point() or not b.is_floating_point():
             raise QError(f"{name}: {module}: LoRA weights must be floating point, not {a.dtype}")
+        for half, t in (("A", a), ("B", b)):
+            if not torch.isfinite(t).all():
+                raise QError(f"{name}: tensor {module}.lora_{half}.weight has non-finite values (NaN or inf)")
         weights[module] = (a, b)
     return weights
 

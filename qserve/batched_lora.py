@@ -48,9 +48,11 @@ class LoRAAdapter:
     config: AdapterConfig
 
     @classmethod
-    def from_folder(cls, path: str | Path, name: str | None = None) -> LoRAAdapter:
+    def from_folder(cls, path: str | Path, name: str | None = None, *, max_rank: int | None = None,
+                    max_bytes: int | None = None) -> LoRAAdapter:  # fmt: skip
         """Read a PEFT LoRA adapter folder; QError naming the file or field if it is not one we can serve."""
-        adapter = read_adapter(path)  # validated: LoRA only, no DoRA, no biases, no modules_to_save
+        # validated: LoRA only, no DoRA, no biases, no modules_to_save, finite tensors, within the limits
+        adapter = read_adapter(path, max_rank=max_rank, max_bytes=max_bytes)
         weights = {m: (a.float(), b.float()) for m, (a, b) in adapter.weights.items()}
         scale = {m: adapter.scale(m) for m in weights}
         rank = max(a.shape[0] for a, _ in weights.values())

@@ -50,6 +50,9 @@ def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_
     from qserve.model import ModelArgs
     from qserve.tokenizer import Tokenizer
 
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop=stop)  # fmt: skip
+    params.check()  # a bad seed is one line before any loading, not a traceback after it
     model_dir = resolve_model_dir(model_path, revision)
     tokenizer = Tokenizer.from_dir(model_dir)
     if chat:
@@ -62,8 +65,6 @@ def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_
     check_prompt_length(len(prompt_ids), context)
     model = load_model(model_dir, dtype=parse_dtype(dtype), device=device, progress=True)
     generator = Generator(model, tokenizer, compile=compile_)
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop=stop)  # fmt: skip
     start = time.perf_counter()
     for delta in generator.stream(prompt_ids, params):
         sys.stdout.write(delta)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import click
 
@@ -72,8 +72,23 @@ def adapter_map(specs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--dry-run", is_flag=True,
               help="Check everything and print what would run (the vllm serve command, or the native server's "
                    "models), then exit.")  # fmt: skip
+@click.option("--api-key", envvar="QSERVE_API_KEY", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every /v1 route (native engine).")  # fmt: skip
+@click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body read; larger ones get HTTP 413.")  # fmt: skip
+@click.option("--enable-lora-loading", is_flag=True,
+              help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter (off: any client could load files).")  # fmt: skip
+@click.option("--adapter-root", default=None, type=click.Path(exists=True, file_okay=False),
+              help="With --enable-lora-loading: load only folders under this one (lora_path relative to it).")  # fmt: skip
+@click.option("--max-lora-rank", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Largest rank of an adapter loaded at run time.")  # fmt: skip
+@click.option("--max-lora-mb", default=512.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest adapter_model.safetensors loaded at run time.")  # fmt: skip
+@click.option("--max-loras", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Most adapters loaded at once; a run-time load beyond it gets HTTP 400.")  # fmt: skip
 def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, max_model_len, dtype, device,
-          revision, engine_kind, tensor_parallel_size, pipeline_parallel_size, dry_run):  # fmt: skip
+          revision, engine_kind, tensor_parallel_size, pipeline_parallel_size, dry_run, api_key, max_body_mb,
+          enable_lora_loading, adapter_root, max_lora_rank, max_lora_mb, max_loras):  # fmt: skip
     """Serve a base model and LoRA adapters over an OpenAI-compatible HTTP API.
 
     Each request's `model` field picks the base (its served name) or an adapter (its NAME).
@@ -103,12 +118,19 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
     if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
         raise QError("--tensor-parallel-size / --pipeline-parallel-size apply to --engine vllm; the native engine "
                      "runs on one device")  # fmt: skip
+    if adapter_root and not enable_lora_loading:
+        raise QError("--adapter-root applies to adapters loaded at run time: add --enable-lora-loading")
     from qserve.loader import parse_dtype
+    from qserve.request_guard import ServerPolicy
     from qserve.server import build_server, run_server
 
+    policy = ServerPolicy(api_key=api_key or None, max_body_bytes=int(max_body_mb * 2**20),
+                          enable_lora_loading=enable_lora_loading, adapter_root=Path(adapter_root) if adapter_root else None,
+                          max_lora_rank=max_lora_rank, max_lora_bytes=int(max_lora_mb * 2**20), max_loras=max_loras)  # fmt: skip
     app, engine = build_server(model, named, served_model_name=served_model_name, max_batch=max_batch,
                                max_queue=max_queue, max_model_len=max_model_len,
-                               dtype=parse_dtype(dtype), device=device, revision=revision, progress=True)  # fmt: skip
+                               dtype=parse_dtype(dtype), device=device, revision=revision, progress=True,
+                               policy=policy)  # fmt: skip
     state = app.state.qserve
     names = ", ".join([state.model_name, *engine.adapter_ids])
     click.echo(f"models: {names}; max batch {max_batch}, queue {max_queue}, context {engine.max_model_len}", err=True)

@@ -12,11 +12,14 @@ and runs on one background thread. Each loop iteration is one step:
    own slot, with its own adapter (`MultiLoRA.use`), and samples with its own parameters and seed.
 
 Rows leave as soon as they finish (stop token, stop string, max_tokens) or are cancelled; their slot
-is reused by the next step's newcomers. A request's output does not depend on what else is in the
+is reused by the next step's newcomers, after the positions its last occupant wrote are zeroed: a
+masked cache entry still reaches attention arithmetic (0 x NaN = NaN), so nothing a request leaves
+behind, whatever it holds, may stay for the next one. A row's right padding repeats its own last
+prompt token, so the padding's cache entries come from that request's own input and adapter too. A request's output does not depend on what else is in the
 batch (greedy equals the request served alone; a seed gives the same sample stream).
 
-Failures stay inside the request that caused them: an exception while sampling, decoding text or
-delivering an event fails that request only; an exception in a batched forward re-runs the rows
+Failures stay inside the request that caused them: an exception while admitting it (its seed, its
+stop set), sampling, decoding text or delivering an event fails that request only; an exception in a batched forward re-runs the rows
 one by one (the cache writes are idempotent) and fails only the rows that fail alone.
 
 Requests talk back through `emit(Event)`, called on the engine thread (the server forwards events
@@ -163,6 +166,7 @@ class Engine:
         self._retired: set[int] = set()  # unloaded ids whose weights wait for their last request
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
+        self._slot_written = [0] * max_batch  # per slot: cache positions [0, n) hold something to clear
         self.metrics = EngineMetrics()
         self._lock = threading.Condition()
         self._commands: list[tuple[Callable[[], object], queue.SimpleQueue]] = []
@@ -192,14 +196,7 @@ class Engine:
         if adapter is not None and adapter not in self.adapter_ids:
             raise UnknownAdapter(f"no adapter named {adapter!r} is loaded")
         params.check()
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
-            raise QError("the prompt is empty")
-        vocab = self.model.args.vocab_size
-        if not all(0 <= i < vocab for i in ids):
-            raise QError(f"prompt token id {next(i for i in ids if not 0 <= i < vocab)} is outside the vocabulary "
-                         f"(0..{vocab - 1})")  # fmt: skip
-        n, limit = len(ids), self.max_model_len
+        n, limit = len(prompt_ids), self.max_model_len
         if n >= limit:
             raise ContextTooLong(f"the prompt is {n} tokens, but the maximum context length is {limit} tokens "
                                  f"(at most {limit - 1} leave room for an answer)")  # fmt: skip
@@ -207,6 +204,13 @@ class Engine:
             raise ContextTooLong(f"the maximum context length is {limit} tokens, but {n + params.max_new_tokens} were "
                                  f"requested ({n} in the prompt, {params.max_new_tokens} to generate); "
                                  f"lower max_tokens to {limit - n} or less")  # fmt: skip
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise QError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        if not all(0 <= i < vocab for i in ids):
+            raise QError(f"prompt token id {next(i for i in ids if not 0 <= i < vocab)} is outside the vocabulary "
+                         f"(0..{vocab - 1})")  # fmt: skip
         req = Request(ids, params, adapter, emit)
         with self._lock:
             if adapter is not None:
@@ -248,11 +252,15 @@ class Engine:
                 return Completion(text="".join(chunks), token_ids=ids, finish_reason=ev.finish_reason,
                                   prompt_tokens=len(req.prompt_ids), seconds=time.perf_counter() - start)  # fmt: skip
 
-    def load_adapter(self, name: str, path: str) -> LoRAAdapter:
-        """Read a PEFT adapter folder (on this thread) and install it between two steps under `name`."""
+    def load_adapter(self, name: str, path: str, *, max_rank: int | None = None,
+                     max_bytes: int | None = None) -> LoRAAdapter:  # fmt: skip
+        """Read a PEFT adapter folder (on this thread) and install it between two steps under `name`.
+
+        max_rank / max_bytes: refuse a larger adapter before reading its weights (qformats.peft_adapter).
+        """
         if name in self.adapter_ids:
             raise QError(f"an adapter named {name!r} is already loaded")
-        adapter = LoRAAdapter.from_folder(path, name)
+        adapter = LoRAAdapter.from_folder(path, name, max_rank=max_rank, max_bytes=max_bytes)
         self.lora.check(adapter)
 
         def install():
@@ -320,7 +328,10 @@ class Engine:
                 done.put((True, fn()))
             except Exception as e:  # noqa: BLE001 (handed back to the caller)
                 done.put((False, e))
-        self._free_retired()
+        try:
+            self._free_retired()
+        except Exception:
+            log.exception("freeing unloaded adapters failed")
         self._step(joiners)
 
     def _admit(self) -> list[Request]:
@@ -333,13 +344,17 @@ class Engine:
             if joiners and padded > self.prefill_tokens:
                 break
             req = self.waiting.popleft()
+            try:
+                req.row = DecodeRow(self.tokenizer, req.params, self._stop_ids(req.params))
+                req.generator = torch.Generator(self.device)
+                if req.params.seed is not None:
+                    req.generator.manual_seed(req.params.seed)
+                else:
+                    req.generator.seed()
+            except Exception as e:  # noqa: BLE001 (fails this request only; it holds no slot yet)
+                self._fail(req, e)
+                continue
             req.slot = free.pop(0)
-            req.row = DecodeRow(self.tokenizer, req.params, self._stop_ids(req.params))
-            req.generator = torch.Generator(self.device)
-            if req.params.seed is not None:
-                req.generator.manual_seed(req.params.seed)
-            else:
-                req.generator.seed()
             self.running[req.slot] = req
             joiners.append(req)
         return joiners
@@ -359,6 +374,9 @@ class Engine:
     @torch.inference_mode()
     def _step(self, joiners: list[Request]) -> None:
         if joiners:
+            for req in joiners:
+                self.model.clear_cache(req.slot, self._slot_written[req.slot])
+                self._slot_written[req.slot] = max(len(r.prompt_ids) for r in joiners)  # with the right padding
             logits = self._forward_isolated(joiners, self._prefill_forward)
             for req, row_logits in logits.items():
                 req.pos = len(req.prompt_ids)
@@ -367,6 +385,8 @@ class Engine:
             decoding = sorted((r for r in self.running.values() if not r.done and not r.cancelled), key=lambda r: r.slot)
         if decoding:
             self.metrics.batch_size = len(decoding)
+            for req in decoding:
+                self._slot_written[req.slot] = max(self._slot_written[req.slot], req.pos + 1)
             logits = self._forward_isolated(decoding, self._decode_forward)
             for req, row_logits in logits.items():
                 req.pos += 1
@@ -376,11 +396,10 @@ class Engine:
     def _prefill_forward(self, reqs: list[Request]) -> torch.Tensor:
         lens = [len(r.prompt_ids) for r in reqs]
         t = max(lens)
-        tokens = torch.zeros(len(reqs), t, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            tokens[i, : lens[i]] = torch.tensor(r.prompt_ids)
+        tokens = torch.tensor([r.prompt_ids + r.prompt_ids[-1:] * (t - n) for r, n in zip(reqs, lens)])
         dev = self.device
-        # Right padding lands in cache positions that each row overwrites before it ever attends there.
+        # Right padding (the row's own last token: see the module doc) lands in cache positions that each
+        # row overwrites before it ever attends there.
         with self.lora.use([r.adapter_id for r in reqs]):
             hidden = self.model.model(tokens.to(dev), torch.arange(t, device=dev).expand(len(reqs), t),
                                       torch.tensor([r.slot for r in reqs], device=dev), kv_len=t)  # fmt: skip

@@ -25,6 +25,8 @@ from qformats.errors import QError
 from qserve.model import CausalLM
 from qserve.tokenizer import StreamDecoder, Tokenizer
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed seed, as OpenAI and vLLM take it
+
 
 @dataclass
 class SamplingParams:
@@ -45,6 +47,8 @@ class SamplingParams:
             raise QError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise QError(f"top-k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise QError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (64-bit signed), got {self.seed}")
 
 
 @dataclass
@@ -182,6 +186,8 @@ class Generator:
         else:
             generator.seed()
         pos = torch.tensor(lens, device=dev)
+        for row in range(b):  # nothing an earlier call left in the cache may reach this one
+            self.model.clear_cache(row, t + steps)
         # Right-padded prefill: padding lands in cache positions a row overwrites before it attends there.
         logits = self.model(tokens, torch.arange(t, device=dev).expand(b, t), logits_at=pos - 1, kv_len=t)[:, -1]
         for _ in range(steps):

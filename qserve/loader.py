@@ -4,7 +4,8 @@ The model is built on the meta device (no memory), then filled shard by shard, o
 time: float tensors are cast to the compute dtype, NF4 weights become `NF4Linear` modules holding
 the stored tensors as they are. Peak memory is therefore about the final model size (near its
 4-bit size for NF4) plus one tensor. Every tensor is checked against the config before use: a
-missing, unexpected or wrongly shaped tensor is a QError naming it.
+missing, unexpected or wrongly shaped tensor is a QError naming it; so is a float tensor (or an NF4
+scale) holding NaN or inf, which would silently turn every answer into nothing.
 
 Compute dtype (`dtype=None`): on CPU float32 (fp16 matmuls are slow on CPUs, and bf16 is only fast
 on some); on CUDA the checkpoint's dtype, or `bnb_4bit_compute_dtype` for NF4 checkpoints.
@@ -13,6 +14,7 @@ on some); on CUDA the checkpoint's dtype, or `bnb_4bit_compute_dtype` for NF4 ch
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -120,6 +122,8 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, dev
     bar = tqdm(total=len(found), desc="loading", unit="tensor", disable=None if progress else True, leave=False)  # None: off when not a TTY
     for name, t in iter_checkpoint_tensors(ckpt):
         bar.update()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QError(f"{found[name][0]}: tensor {name!r} has non-finite values (NaN or inf)")
         group = _nf4_group(name, pending)
         if group is not None:
             pending[group][name] = t.to(device)
@@ -175,6 +179,8 @@ def _set_param(root: nn.Module, name: str, t: torch.Tensor) -> None:
 
 def _install_nf4(root: nn.Module, weight_name: str, tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
     w = NF4Weight.from_tensors(weight_name, tensors)
+    if w.offset is not None and not math.isfinite(w.offset):
+        raise QError(f"{model_dir}: 4-bit tensor {weight_name!r} has a non-finite nested_offset ({w.offset})")
     module_name = weight_name.rsplit(".", 1)[0]
     old = root.get_submodule(module_name)
     if tuple(w.shape) != (old.out_features, old.in_features):

@@ -14,8 +14,9 @@ Two ways to call `CausalLM.forward`:
 - With the static KV cache (`setup_cache(max_batch, max_seq)` first): `input_pos[B, T]` holds the
   absolute position of every token, per row, so rows of one batch can be at different lengths.
   Row b reads and writes cache slot `slots[b]` (default: slot b). A query at position p attends to
-  cache positions 0..p of its slot; entries beyond p are masked, so a slot is reused by simply
-  prefilling a new sequence into it from position 0, while other slots keep decoding.
+  cache positions 0..p of its slot. Entries beyond p are masked, but an additive mask does not
+  protect against what they hold (0 x NaN = NaN, NaN + finfo.min = NaN): whoever reuses a slot for
+  a new sequence clears what the last one wrote there first (`clear_cache`), then prefills from 0.
   `prefill(tokens, slot)` and `decode(tokens, slots, positions)` are the serving-engine shorthands.
 """
 
@@ -264,6 +265,11 @@ class KVCache(nn.Module):
         # (ms per layer), which dominated the serving engine's decode step (qserve/engine.py).
         return keys.index_select(0, slots), values.index_select(0, slots)
 
+    def clear(self, slot: int, end: int) -> None:
+        """Zero positions [0, end) of one slot: masked-out zeros contribute exactly nothing to attention."""
+        self.k[slot, :, :end].zero_()
+        self.v[slot, :, :end].zero_()
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
@@ -445,6 +451,12 @@ class CausalLM(nn.Module):
             a = layer.self_attn
             a.kv_cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim, dtype, device)
         self.max_batch, self.max_seq = max_batch, max_seq
+
+    def clear_cache(self, slot: int, end: int | None = None) -> None:
+        """Zero cache positions [0, end) of `slot` (all of it by default) before a new sequence uses it, so
+        nothing the previous one left there (NaN from a broken adapter included) can reach the new one."""
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache.clear(slot, self.max_seq if end is None else end)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 slots: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -8,46 +8,41 @@ Routes, with OpenAI's (and vLLM's) request and response shapes:
   `stream_options.include_usage` adds a last chunk with the token counts), `usage` in every answer;
   the request's `model` picks the base (its served name) or an adapter (its name);
 - `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}` and `POST /v1/unload_lora_adapter`
-  `{"lora_name"}`, as vLLM names them (path: a folder or a Hub id);
+  `{"lora_name"}`, as vLLM names them (path: a folder or a Hub id), only with `--enable-lora-loading`
+  (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING), only from folders under `--adapter-root` when one is given,
+  within the rank, size and count limits; replies never say whether a path outside the root exists;
 - `GET /health`, `GET /metrics` (Prometheus text format).
 
-Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: unknown model 404, bad
-fields or a prompt that does not fit the context 400, a full queue 429, a failure inside the request
-500 - and the server goes on serving. A client that disconnects cancels its request at once.
+Before any work: the API key, the content type and the body size (qserve.request_guard). Errors are
+OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: no or a wrong API key 401, unknown
+model 404, a body over the limit 413, a POST that is not JSON 415, bad fields or a prompt that does
+not fit the context 400, a full queue 429, a failure inside the request 500 - and the server goes on
+serving. Prompts are tokenized (and chat templates rendered) off the event loop, after a length check
+that costs nothing. A client that disconnects cancels its request at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qformats.errors import QError
 from qserve.engine import ContextTooLong, Engine, Event, QueueFull, UnknownAdapter
-from qserve.generate import SamplingParams
-from qserve.tokenizer import Tokenizer
+from qserve.generate import SEED_MAX, SEED_MIN, SamplingParams
+from qserve.request_guard import APIError, ServerPolicy, bad_field, read_json, show
+from qserve.tokenizer import CHAT_ROLES, TextTooLong, Tokenizer
 
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def bad_field(param: str, message: str) -> APIError:
-    return APIError(400, message, code="invalid_value", param=param)
+log = logging.getLogger("qserve.server")
 
 
 @dataclass
@@ -55,20 +50,27 @@ class ServerState:
     engine: Engine
     tokenizer: Tokenizer
     model_name: str  # the base model's served name
-    model_path: str
+    policy: ServerPolicy = field(default_factory=ServerPolicy)
     created: int = field(default_factory=lambda: int(time.time()))
     http_errors: dict[int, int] = field(default_factory=dict)
+    adapter_loading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one runtime load at a time
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, model_path: str = "") -> FastAPI:
+def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, policy: ServerPolicy | None = None) -> FastAPI:
     """The FastAPI app; the engine must be started (and is stopped by whoever started it)."""
-    state = ServerState(engine, tokenizer, model_name, model_path or model_name)
-    app = FastAPI(title="qserve", description="OpenAI-compatible API over NF4 models and LoRA adapters")
+    state = ServerState(engine, tokenizer, model_name, policy or ServerPolicy())
+
+    async def guard(request: Request) -> None:
+        state.policy.check_headers(request)
+
+    app = FastAPI(title="qserve", description="OpenAI-compatible API over NF4 models and LoRA adapters",
+                  dependencies=[Depends(guard)])  # fmt: skip
     app.state.qserve = state
+    max_tokens = engine.max_model_len  # a prompt's token budget, for the length check before tokenizing
 
     def error(e: APIError) -> JSONResponse:
         state.http_errors[e.status] = state.http_errors.get(e.status, 0) + 1
-        return e.response()
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -93,21 +95,31 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, model_path
 
     @app.get("/v1/models")
     async def models():
+        # `root` is the served name, never a path: the server's folders are none of the client's business.
         base = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "qserve",
-                "root": state.model_path, "parent": None, "max_model_len": engine.max_model_len}  # fmt: skip
+                "root": state.model_name, "parent": None, "max_model_len": engine.max_model_len}  # fmt: skip
         data = [base] + [{"id": name, "object": "model", "created": state.created, "owned_by": "qserve",
-                          "root": a.path, "parent": state.model_name} for name, a in engine.adapters().items()]  # fmt: skip
+                          "root": name, "parent": state.model_name} for name in engine.adapters()]  # fmt: skip
         return {"object": "list", "data": data}
+
+    async def encode(what: str, fn, *args):
+        """Tokenize on a worker thread (a long prompt must not stall every other stream); too long: 400."""
+        try:
+            return await asyncio.to_thread(fn, *args, max_tokens=max_tokens)
+        except TextTooLong as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param=what) from None
+        except QError as e:
+            raise bad_field(what, str(e)) from None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, state.policy)
         adapter = pick_model(state, body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
+            ids = await encode("prompt", tokenizer.encode, prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
             ids = prompt
         else:
@@ -119,43 +131,54 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, model_path
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, state.policy)
         adapter = pick_model(state, body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_field("messages", "messages must be a non-empty list of {role, content} objects")
         clean = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise bad_field(f"messages[{i}]", f"messages[{i}] must be an object with a string role")
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                raise bad_field(f"messages[{i}]", f"messages[{i}] must be an object with a role, one of "
+                                                  f"{', '.join(CHAT_ROLES)}")  # fmt: skip
             clean.append({**m, "content": message_text(m.get("content"), i)})
         for key in ("tools", "logprobs", "top_logprobs", "response_format"):
             if body.get(key) not in (None, False):
                 raise bad_field(key, f"{key} is not supported by this server")
-        try:
-            ids = tokenizer.encode_chat(clean)
-        except QError as e:
-            raise bad_field("messages", str(e)) from None
+        if sum(len(m["content"]) for m in clean) > max_tokens * tokenizer.longest_token_chars:
+            raise APIError(400, f"the messages are longer than the {max_tokens} tokens of the context can hold",
+                           code="context_length_exceeded", param="messages")  # fmt: skip
+        ids = await encode("messages", tokenizer.encode_chat, clean)
         return await generate(request, state, body, ids, adapter, chat=True)
+
+    def check_lora_loading() -> None:
+        if not state.policy.enable_lora_loading:
+            raise APIError(404, "loading and unloading adapters at run time is off: start the server with "
+                                "--enable-lora-loading", "not_found_error", "lora_loading_disabled")  # fmt: skip
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
-        body = await read_json(request)
+        check_lora_loading()
+        body = await read_json(request, state.policy)
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise bad_field("lora_name", "give both lora_name and lora_path (a folder or Hub id) as strings")
-        if name == state.model_name or name in engine.adapter_ids:
-            raise bad_field("lora_name", f"the name {name!r} is already in use")
-        try:
-            await asyncio.to_thread(load_adapter, engine, name, path)
-        except QError as e:
-            raise bad_field("lora_path", str(e)) from None
+        async with state.adapter_loading:
+            if name == state.model_name or name in engine.adapter_ids:
+                raise bad_field("lora_name", f"the name {show(name)} is already in use")
+            if len(engine.adapter_ids) >= state.policy.max_loras:
+                raise bad_field("lora_name", f"{len(engine.adapter_ids)} adapters are loaded, the server's limit "
+                                             "(--max-loras): unload one first")  # fmt: skip
+            await asyncio.to_thread(load_runtime_adapter, engine, state.policy, name, path)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
-        body = await read_json(request)
+        check_lora_loading()
+        body = await read_json(request, state.policy)
         name = body.get("lora_name")
+        if not isinstance(name, str):
+            raise bad_field("lora_name", "lora_name must be a string")
         try:
             engine.unload_adapter(name)
         except UnknownAdapter as e:
@@ -165,22 +188,35 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, model_path
     return app
 
 
-def load_adapter(engine: Engine, name: str, source: str) -> None:
+def load_adapter(engine: Engine, name: str, source: str, max_rank: int | None = None,
+                 max_bytes: int | None = None) -> None:  # fmt: skip
     """Load a PEFT adapter folder or Hub id under `name` (Hub ids go through qformats.hub_pull)."""
     from qformats.hub_pull import resolve_source
 
-    engine.load_adapter(name, str(resolve_source(source, allow_patterns=["*.json", "*.safetensors", "*.md"])))
+    folder = resolve_source(source, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    engine.load_adapter(name, str(folder), max_rank=max_rank, max_bytes=max_bytes)
 
 
-async def read_json(request: Request) -> dict:
-    raw = await request.body()
+def load_runtime_adapter(engine: Engine, policy: ServerPolicy, name: str, source: str) -> None:
+    """/v1/load_lora_adapter: under the adapter root (when set) and the limits; a 400 whose message says why
+    only for paths under the root: elsewhere the reply is the same whether the path exists or not."""
+    root = policy.adapter_root
+    if "\0" in source:
+        raise bad_field("lora_path", "lora_path holds a NUL character")
+    if root is not None:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(os.path.join(real_root, source))
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise bad_field("lora_path", f"lora_path {show(source)} is not a folder under the server's adapter root")
+        source = real
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return body
+        load_adapter(engine, name, source, policy.max_lora_rank, policy.max_lora_bytes)
+    except (QError, OSError) as e:
+        log.warning("loading adapter %r from %r failed: %s", name, source, e)
+        if root is None:
+            raise bad_field("lora_path", f"could not load an adapter from lora_path {show(source)} (the server log "
+                                         "says why; with --adapter-root the reply does)") from None  # fmt: skip
+        raise bad_field("lora_path", str(e).replace(real_root + os.sep, "")) from None
 
 
 def pick_model(state: ServerState, body: dict) -> str | None:
@@ -190,7 +226,9 @@ def pick_model(state: ServerState, body: dict) -> str | None:
         return None
     if isinstance(name, str) and name in state.engine.adapter_ids:
         return name
-    raise APIError(404, f"The model `{name}` does not exist. Available: {state.model_name}"
+    if not isinstance(name, str):
+        raise bad_field("model", f"model must be a string, got {show(name)}")
+    raise APIError(404, f"The model `{show(name)}` does not exist. Available: {state.model_name}"
                    + "".join(f", {a}" for a in state.engine.adapter_ids), "not_found_error", "model_not_found",
                    "model")  # fmt: skip
 
@@ -200,8 +238,9 @@ def message_text(content, i: int) -> str:
         return content
     if content is None:
         return ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text", ""), str) for p in content):  # fmt: skip
+        return "".join(p.get("text", "") for p in content)
     raise bad_field(f"messages[{i}].content", f"messages[{i}].content must be a string or a list of text parts")
 
 
@@ -213,27 +252,31 @@ def sampling_params(body: dict, prompt_len: int, max_model_len: int, chat: bool)
         if v is None:
             return default
         if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v > hi or v < lo or (lo_open and v == lo):
-            raise bad_field(key, f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}")
+            raise bad_field(key, f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {show(v)}")
         return float(v)
 
+    for key in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
+        v = body.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise bad_field(key, f"{key} must be a positive integer, got {show(v)}")
     max_tokens = body.get("max_completion_tokens") if chat and body.get("max_tokens") is None else body.get("max_tokens")
     if max_tokens is None:
         max_tokens = max(1, max_model_len - prompt_len)  # as vLLM: up to the end of the context
-    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise bad_field("max_tokens", f"max_tokens must be a positive integer, got {max_tokens!r}")
     n = body.get("n", 1)
-    if n not in (None, 1):
-        raise bad_field("n", f"n must be 1 (one completion per request), got {n!r}")
-    stop = body.get("stop") or []
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise bad_field("n", f"n must be 1 (one completion per request), got {show(n)}")
+    stop = body.get("stop")
+    stop = [] if stop is None or stop == "" else stop
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise bad_field("stop", "stop must be a string or a list of up to 4 strings")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad_field("seed", f"seed must be an integer, got {seed!r}")
-    top_k = body.get("top_k") or 0
-    if not isinstance(top_k, int) or top_k < -1:
-        raise bad_field("top_k", f"top_k must be an integer >= -1, got {top_k!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
+        raise bad_field("seed", f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {show(seed)}")
+    top_k = body.get("top_k")
+    top_k = 0 if top_k is None else top_k
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1:
+        raise bad_field("top_k", f"top_k must be an integer >= -1, got {show(top_k)}")
     for key in ("frequency_penalty", "presence_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise bad_field(key, f"{key} is not supported by this server (leave it 0)")
@@ -252,8 +295,11 @@ async def generate(request: Request, state: ServerState, body: dict, ids: list[i
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_field("stream", "stream must be true or false")
-    options = body.get("stream_options") or {}
-    include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+    options = body.get("stream_options")
+    options = {} if options is None else options
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise bad_field("stream_options", "stream_options must be an object like {\"include_usage\": true}")
+    include_usage = stream and options.get("include_usage", False)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     try:
@@ -268,7 +314,7 @@ async def generate(request: Request, state: ServerState, body: dict, ids: list[i
         raise APIError(400, str(e), code="invalid_value") from None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": body.get("model", state.model_name)}  # fmt: skip
+            "model": adapter or state.model_name}  # fmt: skip
 
     if not stream:
         watcher = asyncio.create_task(cancel_on_disconnect(request, engine, req))
@@ -370,8 +416,12 @@ def render_metrics(state: ServerState) -> str:
 
 def build_server(model: str, adapters: dict[str, str] | None = None, *, served_model_name: str | None = None,
                  max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None, dtype=None,
-                 device: str = "cpu", revision: str | None = None, progress: bool = False) -> tuple[FastAPI, Engine]:  # fmt: skip
-    """Load the base (folder or Hub id) and adapters ({name: folder or Hub id}); the engine is started."""
+                 device: str = "cpu", revision: str | None = None, progress: bool = False,
+                 policy: ServerPolicy | None = None) -> tuple[FastAPI, Engine]:  # fmt: skip
+    """Load the base (folder or Hub id) and adapters ({name: folder or Hub id}); the engine is started.
+
+    policy: API key, body limit, runtime adapter loading and its limits (default: no key, loading off).
+    """
     from qserve.loader import load_model, resolve_model_dir
 
     model_dir = resolve_model_dir(model, revision)
@@ -383,7 +433,7 @@ def build_server(model: str, adapters: dict[str, str] | None = None, *, served_m
         if adapter_name == name:
             raise QError(f"adapter name {adapter_name!r} is the base model's name: pick another (NAME=PATH)")
         load_adapter(engine, adapter_name, source)
-    return create_app(engine, tokenizer, name, str(model_dir)), engine.start()
+    return create_app(engine, tokenizer, name, policy), engine.start()
 
 
 def run_server(app: FastAPI, engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -6,11 +6,19 @@ chat template), chat_template.jinja / chat_template.json (where newer transforme
 template), generation_config.json and config.json (EOS ids: every one of them stops generation).
 The chat template is rendered the way transformers renders it (sandboxed, trim_blocks,
 lstrip_blocks, its `tojson`, `raise_exception`, `strftime_now`), so prompts are identical.
+A template comes with the model, not from us: it renders under a time limit (checked at every
+`range` step and output chunk), an output size limit, and a size limit on `*` of strings and lists,
+so a huge loop is a QError rather than a frozen server.
+
+`CHAT_ROLES` is the one list of chat roles: the server accepts these and finetune data may use them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +31,15 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from qformats.errors import QError
 
+
+class TextTooLong(QError):
+    """A text too long for the token budget, found out before tokenizing it."""
+
+
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+TEMPLATE_SECONDS = 2.0  # longest a chat template may take to render one prompt
+TEMPLATE_MAX_CHARS = 2**24  # longest prompt text it may produce (also the limit on `*` of strings/lists)
 
 
 class Tokenizer:
@@ -71,8 +87,19 @@ class Tokenizer:
         text = self.special_tokens.get(name)
         return self.tokenizer.token_to_id(text) if text else None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; `add_special_tokens` lets the post-processor add BOS as transformers does."""
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token stands for: a text longer than n times this is more than n tokens."""
+        return max(1, max(len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)))
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` lets the post-processor add BOS as transformers does.
+
+        max_tokens: raise TextTooLong, without tokenizing, for a text too long to be that few tokens.
+        """
+        if max_tokens is not None and len(text) > max_tokens * self.longest_token_chars:
+            raise TextTooLong(f"the prompt is {len(text)} characters, more than the {max_tokens} tokens of the "
+                              f"context can hold")  # fmt: skip
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -84,15 +111,28 @@ class Tokenizer:
         if not self.chat_template:
             raise QError("this model has no chat template (tokenizer_config.json has no chat_template); "
                          "prompt it without --chat")  # fmt: skip
+        template = _compile(self.chat_template)
+        _render_deadline.at = time.monotonic() + TEMPLATE_SECONDS
         try:
-            return _compile(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                       **self.special_tokens, **kwargs)  # fmt: skip
-        except jinja2.TemplateError as e:
+            parts, size = [], 0
+            for part in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          **self.special_tokens, **kwargs):  # fmt: skip
+                size += len(part)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise jinja2.TemplateError(f"the rendered prompt exceeds {TEMPLATE_MAX_CHARS} characters")
+                _check_deadline()
+                parts.append(part)
+            return "".join(parts)
+        except (jinja2.TemplateError, OverflowError) as e:
             raise QError(f"chat template: {e}") from None
+        finally:
+            _render_deadline.at = None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    max_tokens: int | None = None) -> list[int]:  # fmt: skip
         # The template writes every special token itself (BOS included), so none are added here.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self.encode(text, add_special_tokens=False, max_tokens=max_tokens)
 
 
 def _read_json(path: Path) -> dict:
@@ -160,13 +200,47 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+_render_deadline = threading.local()  # per thread: the server renders prompts on worker threads
+
+
+def _check_deadline() -> None:
+    at = getattr(_render_deadline, "at", None)
+    if at is not None and time.monotonic() > at:
+        raise jinja2.TemplateError(f"rendering took longer than {TEMPLATE_SECONDS:g} s")
+
+
+def _timed_range(*args):
+    """The sandbox's `range` (at most 100000 items), checking the render deadline at every step."""
+    from jinja2.sandbox import safe_range
+
+    for i in safe_range(*args):
+        _check_deadline()
+        yield i
+
+
+class _TemplateEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, plus a size limit on `*` and `**` (`'x' * 10**9` would take gigabytes)."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator: str, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise jinja2.TemplateError(f"exponent {right} is too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                    raise jinja2.TemplateError(f"a sequence repeated {n} times exceeds {TEMPLATE_MAX_CHARS} items")
+        return super().call_binop(context, operator, left, right)
+
+
 _COMPILED: dict[str, jinja2.Template] = {}
 
 
 def _compile(template: str) -> jinja2.Template:
     if template not in _COMPILED:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[_GenerationTag, jinja2.ext.loopcontrols])  # fmt: skip
+        env = _TemplateEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                   extensions=[_GenerationTag, jinja2.ext.loopcontrols])  # fmt: skip
+        env.globals["range"] = _timed_range
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

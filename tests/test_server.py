@@ -25,6 +25,7 @@ from qserve.cli_serve import parse_adapter_spec
 from qserve.engine import Engine
 from qserve.generate import Generator, SamplingParams
 from qserve.loader import load_model
+from qserve.request_guard import ServerPolicy
 from qserve.server import build_server
 from qserve.tokenizer import Tokenizer
 
@@ -65,7 +66,8 @@ def tiny(tmp_path_factory):
 def live(tiny):
     folder, root = tiny
     app, engine = build_server(str(folder), {n: str(root / n) for n in ("a1", "a2", "a3")}, served_model_name=BASE,
-                               max_batch=8, max_queue=32, max_model_len=192)  # fmt: skip
+                               max_batch=8, max_queue=32, max_model_len=192,
+                               policy=ServerPolicy(enable_lora_loading=True))  # fmt: skip
     server = LiveServer(app, engine)
     yield server
     server.close()
@@ -227,7 +229,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live):
         c.chat.completions.create(model="a9", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=BASE, messages=[])
-    r = httpx.post(live.url + "/v1/completions", content=b'{"model": "tiny", "prompt": ', timeout=10)
+    r = httpx.post(live.url + "/v1/completions", content=b'{"model": "tiny", "prompt": ', timeout=10,
+                   headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(live.url + "/v1/completions", json=["not", "an", "object"], timeout=10)
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
