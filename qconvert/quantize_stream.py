@@ -189,9 +189,6 @@ class _Pipe:
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
 
-    def queue(self, maxsize: int = 0) -> queue.Queue:
-        return queue.Queue(maxsize)
-
     def put(self, q: queue.Queue, item) -> None:
         while True:
             if self.failed.is_set():
@@ -295,7 +292,7 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, h
     `pipelined=False` runs the same stages one after the other on this thread (the reference the
     tests compare the pipeline with)."""
     pipe = _Pipe()
-    free = pipe.queue()
+    free: queue.Queue = queue.Queue()  # the reader's two buffers, back when their bytes are done with
     largest = max([j.info.nbytes for j in jobs if j.kind == "nf4"] + [1])
     for _ in range(2):
         free.put(torch.empty(largest, dtype=torch.uint8))
@@ -304,7 +301,7 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, h
     write = stage.handle
     threads = []
     if pipelined:
-        read_q, write_q = pipe.queue(maxsize=2), pipe.queue(maxsize=2)
+        read_q, write_q = queue.Queue(maxsize=2), queue.Queue(maxsize=2)
 
         def reader() -> None:
             for item in items:
