@@ -2,9 +2,11 @@
 
 The output is the bitsandbytes/transformers layout of DESIGN.md: every 2-D `.weight` of a linear
 layer inside the decoder layers becomes NF4 (packed codes, absmax, quant maps, JSON quant state);
-embeddings, `lm_head`, norms, biases and anything 1-D stay in the source dtype. Memory holds one
-source tensor and its quantized form at a time (the writer streams to disk), so peak RSS is about
-the largest tensor plus the interpreter, far below one shard. On CPU the codec runs as the fused
+embeddings, `lm_head`, norms, biases and anything 1-D stay in the source dtype. How the bytes move
+(qconvert/quantize_stream.py, docs/quantize.md): a scan makes each output shard's header known
+before its data, then a reader thread, the kernel and a writer thread stream every tensor once into
+the final shard files, hashing as they go, in about two tensors of memory, far below one shard.
+Non-finite source tensors are refused by name unless allowed. On CPU the codec runs as the fused
 C++ kernel of qkernels/cpu_quantize.py (byte-identical to qformats' torch reference, which runs
 instead on CUDA or when the extension cannot be built).
 """
