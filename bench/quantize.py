@@ -1,6 +1,7 @@
 """NF4+DQ quantize throughput and memory: ours against bitsandbytes, measured in the same run.
 
     .venv/bin/python bench/quantize.py [--runs 3] [--skip-big] [--skip-model]
+    .venv/bin/python bench/quantize.py --model [--model-only]
 
 Rows (elements per second, best of --runs; wall-clock and the process CPU time, which leaves out
 the time a busy machine gives to other processes):
@@ -16,6 +17,16 @@ the time a busy machine gives to other processes):
                                 imports on a busy machine) and peak RSS (the child's own VmHWM at
                                 exit, cross-checked by psutil polling) against the largest source
                                 shard, and above a process that only imports torch and the quantizer.
+  --model                       the whole command on a random Llama with TinyLlama-1.1B's shapes (one
+                                2.2 GB fp16 shard) and on a deeper one of 3.1 GB in 1 GB shards (500 MB
+                                output shards), both generated once into bench-out/ (never committed):
+                                wall time, MB/s of source and peak RSS of `qconvert quantize` against a
+                                plain bitsandbytes script (`quantize_4bit` on every linear, then
+                                `save_file`) and against the floor measured in the same run: reading
+                                the source once + writing the output's bytes once + the C++ kernel
+                                over every linear, one after the other. Our wall time includes starting
+                                Python and importing torch; the bare import is shown, and subtracted
+                                in the last column.
 Prints a markdown table with the machine. Absolute figures on a shared machine are noisy; the
 ratios are what the README quotes.
 """
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +50,7 @@ import torch
 
 from qformats.checkpoint import ShardedWriter, iter_checkpoint_tensors, open_checkpoint
 from qformats.gguf_import import import_gguf, smollm2_gguf
+from qformats.manifest import verify_manifest
 from qformats.nf4 import quantize_nf4 as quantize_nf4_reference
 from qkernels import cpu
 from qkernels.cpu_quantize import quantize_nf4
@@ -144,11 +157,126 @@ def command_rows(label: str, src: Path, work: Path, bare: int) -> list[str]:
     return [row]
 
 
+BENCH_OUT = Path(__file__).resolve().parents[1] / "bench-out"
+# TinyLlama-1.1B's shapes; 22 layers make its 2.2 GB, 32 the 3.1 GB multi-shard model.
+TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4,
+                 "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False}  # fmt: skip
+BNB_SCRIPT = """
+import json, sys
+from pathlib import Path
+import bitsandbytes.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+files = sorted(src.glob("*.safetensors"))
+result = {}
+for path in files:
+    with safe_open(path, "pt") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if ".layers." in name and name.endswith("proj.weight"):
+                q, state = F.quantize_4bit(t, blocksize=64, quant_type="nf4", compress_statistics=True)
+                result[name] = q
+                result.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
+            else:
+                result[name] = t
+out.mkdir(parents=True, exist_ok=True)
+save_file(result, out / "model.safetensors", metadata={"format": "pt"})
+"""
+
+
+def random_llama(folder: Path, layers: int, shard_size: int) -> Path:
+    """A random fp16 Llama with TinyLlama-1.1B's shapes, written a tensor at a time (kept if present)."""
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=layers, torch_dtype="float16", **TINYLLAMA)
+    h, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // 32)
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "mlp.down_proj.weight": (h, f),
+                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                   p + "post_attention_layernorm.weight": (h,), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.o_proj.weight": (h, h), p + "self_attn.q_proj.weight": (h, h),
+                   p + "self_attn.v_proj.weight": (kv, h)}  # fmt: skip
+    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (cfg.vocab_size, h)}
+    g = torch.Generator().manual_seed(0)
+    with ShardedWriter(folder, shard_size=shard_size) as writer:
+        for name, shape in shapes.items():
+            writer.add({name: (torch.randn(shape, generator=g) * 0.02).half()})
+        writer.finish_shards()
+        writer.write_json("config.json", cfg.to_dict())
+        writer.commit()
+    return folder
+
+
+def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> tuple[float, float, float]:
+    """(read, write, kernel) seconds: the source files read once, `out_bytes` written once (in 16 MB
+    writes, no sync, as the quantizer writes), and the C++ kernel over every linear weight (the
+    faster of torch's thread count and one thread)."""
+    buf = bytearray(16 * 1024 * 1024)
+    t0 = time.perf_counter()
+    for path in sorted(src.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with open(scratch, "wb", buffering=0) as f:
+        f.writelines(memoryview(buf)[: min(len(buf), out_bytes - at)] for at in range(0, out_bytes, len(buf)))
+    write = time.perf_counter() - t0
+    scratch.unlink()
+    kernels = {None: 0.0, 1: 0.0}  # torch's threads and one thread: the floor takes the faster
+    for name, t in iter_checkpoint_tensors(src):
+        if ".layers." in name and name.endswith("proj.weight"):
+            for threads in kernels:
+                t0 = time.perf_counter()
+                quantize_nf4(t, blocksize=64, double_quant=True, threads=threads)
+                kernels[threads] += time.perf_counter() - t0
+    return read, write, min(kernels.values())
+
+
+MODEL_HEADER = ("| model | source | `qconvert quantize` | MB/s of source | peak RSS (largest tensor, bare import) "
+                "| bnb script | bnb peak RSS | **speedup over bnb** | floor: read + write + kernel "
+                "| **ours / floor** | ours - bare import / floor |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def model_rows(bare_wall: float, bare_rss: int) -> list[str]:
+    rows = []
+    for label, layers, shard, out_shard in [("1.1B, 1 shard", 22, 5 * 10**9, "5GB"),
+                                             ("1.5B, 1 GB shards", 32, 10**9, "500MB")]:  # fmt: skip
+        src = random_llama(BENCH_OUT / f"llama-{layers}l-fp16", layers, shard)
+        ckpt = open_checkpoint(src)
+        source = sum(s.path.stat().st_size for s in ckpt.shards)
+        largest = max(i.nbytes for i in ckpt.tensors.values())
+        out, ref = BENCH_OUT / "nf4", BENCH_OUT / "bnb"
+        wall, peak = peak_rss_of("from qconvert.cli import main\nmain(sys.argv[1:])", "quantize", str(src), str(out),
+                                 "--quiet", "--force", "--shard-size", out_shard)  # fmt: skip
+        verify_manifest(out)
+        out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        b_wall, b_peak = peak_rss_of(BNB_SCRIPT, str(src), str(ref))
+        read, write, kernel = floor_seconds(src, out_bytes, BENCH_OUT / "floor.bin")
+        floor = read + write + kernel
+        rows.append(f"| {label} | {source / 1e9:.2f} GB | {wall:.1f} s | {source / 1e6 / wall:.0f} | "
+                    f"{peak / 1e6:.0f} MB ({largest / 1e6:.0f}, {bare_rss / 1e6:.0f}) | {b_wall:.1f} s | "
+                    f"{b_peak / 1e6:.0f} MB | **{b_wall / wall:.1f}x** | {read:.1f} + {write:.1f} + {kernel:.1f} "
+                    f"= {floor:.1f} s | **{wall / floor:.2f}x** | {(wall - bare_wall) / floor:.2f}x |")  # fmt: skip
+        print(rows[-1], flush=True)
+        for folder in (out, ref):
+            shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-big", action="store_true", help="skip the 8192x28672 tensor (~2 GB of bnb temporaries)")
     ap.add_argument("--skip-model", action="store_true", help="skip SmolLM2 (codec and qconvert quantize rows)")
+    ap.add_argument("--model", action="store_true", help="the whole command on 1.1B and 1.5B random Llamas")
+    ap.add_argument("--model-only", action="store_true", help="with --model: only those rows")
     args = ap.parse_args()
     if not cpu.extension_available():
         raise SystemExit(f"the C++ quantizer is not available ({cpu._ext_state.get('error')}): nothing to measure")
@@ -163,6 +291,14 @@ def main() -> None:
          "| speedup over bnb (wall) | speedup (CPU time) |"),
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
+    if args.model:
+        _, bare = peak_rss_of("import torch, qconvert.quantize")
+        bare_wall, _ = peak_rss_of("import torch, qconvert.quantize")  # the second: imports from a warm cache
+        print(f"{header[0]}\n\n{MODEL_HEADER}", flush=True)
+        model = model_rows(bare_wall, bare)
+        if args.model_only:
+            print("\n## Markdown\n\n" + header[0] + "\n\n" + MODEL_HEADER + "\n" + "\n".join(model))
+            return
     print("\n".join(header), flush=True)
     rows = []
     torch.manual_seed(0)
@@ -189,6 +325,8 @@ def main() -> None:
 
     print("\n## Markdown\n")
     print("\n".join(header + rows))
+    if args.model:
+        print("\n" + MODEL_HEADER + "\n" + "\n".join(model))
     if memory:
         print(MEMORY_HEADER)
         print("\n".join(memory))

@@ -2,9 +2,11 @@
 
 The output is the bitsandbytes/transformers layout of DESIGN.md: every 2-D `.weight` of a linear
 layer inside the decoder layers becomes NF4 (packed codes, absmax, quant maps, JSON quant state);
-embeddings, `lm_head`, norms, biases and anything 1-D stay in the source dtype. Memory holds one
-source tensor and its quantized form at a time (the writer streams to disk), so peak RSS is about
-the largest tensor plus the interpreter, far below one shard. On CPU the codec runs as the fused
+embeddings, `lm_head`, norms, biases and anything 1-D stay in the source dtype. How the bytes move
+(qconvert/quantize_stream.py, docs/quantize.md): a scan makes each output shard's header known
+before its data, then a reader thread, the kernel and a writer thread stream every tensor once into
+the final shard files, hashing as they go, in about two tensors of memory, far below one shard.
+Non-finite source tensors are refused by name unless allowed. On CPU the codec runs as the fused
 C++ kernel of qkernels/cpu_quantize.py (byte-identical to qformats' torch reference, which runs
 instead on CUDA or when the extension cannot be built).
 """
@@ -20,13 +22,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qconvert.quantize_stream import Job, Settings
+from qconvert.quantize_stream import run as run_stream
 from qformats.checkpoint import (
     CONFIG_FILE,
     Checkpoint,
     ShardedWriter,
     TensorInfo,
     copy_extra_files,
-    iter_checkpoint_tensors,
     open_checkpoint,
     parse_size,
     sha256_file,
@@ -35,7 +38,6 @@ from qformats.errors import QError
 from qformats.manifest import MANIFEST_FILE, build_manifest
 from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize
 from qformats.output_folder import check_out_apart_from_sources
-from qkernels.cpu_quantize import quantize_nf4
 from qserve.device import resolve_device
 
 # A tensor inside a numbered decoder layer: `model.layers.3.`, `transformer.h.3.`, `blocks.3.`.
@@ -169,11 +171,15 @@ def quantize_checkpoint(
     force: bool = False,
     revision: str | None = None,
     progress: bool = True,
+    allow_nonfinite: bool = False,
+    pipelined: bool = True,
 ) -> QuantizeSummary:
     """Quantize the checkpoint at SRC (a folder or Hub repo id) into the folder OUT.
 
     OUT appears only when everything is written (it is built in `OUT.tmp-<pid>`); a non-empty OUT
-    is refused unless `force`. `compute_dtype` defaults to the source dtype.
+    is refused unless `force`. `compute_dtype` defaults to the source dtype. A source tensor with a
+    NaN or inf is refused by name unless `allow_nonfinite`. `pipelined=False` runs the reader, the
+    kernel and the writer one after the other on this thread (same output; for tests).
     """
     from qformats.hub_pull import pull
 
@@ -197,27 +203,14 @@ def quantize_checkpoint(
     dtype_name = str(dtype).removeprefix("torch.")
     infos = ckpt.tensors
 
+    settings = Settings(blocksize=blocksize, double_quant=double_quant, device=dev, allow_nonfinite=allow_nonfinite)
+    jobs = [Job(info, kinds[name]) for name, info in infos.items()]
     hashers: dict[Path, object] = {}
-    quantized, kept = [], []
-    bytes_after = quantized_params = 0
     total = sum(i.nbytes for i in infos.values())
     with ShardedWriter(out, shard_size=shard_bytes, force=force) as writer, tqdm(
         total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, dynamic_ncols=True
     ) as bar:  # fmt: skip
-        for name, tensor in iter_checkpoint_tensors(ckpt, hashers):
-            bar.set_postfix_str(name, refresh=False)
-            if kinds[name] == "nf4":
-                w = quantize_nf4(tensor.to(dev, non_blocking=True), blocksize=blocksize, double_quant=double_quant)
-                group = {k: v.cpu() for k, v in w.to_tensors(name).items()}
-                quantized.append(name)
-                quantized_params += tensor.numel()
-            else:
-                group = {name: tensor}
-                kept.append(name)
-            bytes_after += sum(t.numel() * t.element_size() for t in group.values())
-            writer.add(group)
-            bar.update(infos[name].nbytes)
-            del tensor, group
+        run_stream(ckpt, jobs, settings, writer, hashers, bar.update, pipelined=pipelined)
         shards = writer.finish_shards()
 
         config = dict(ckpt.config)
@@ -237,7 +230,9 @@ def quantize_checkpoint(
         writer.write_json(MANIFEST_FILE, manifest)
         writer.commit()
 
+    quantized = [j.info.name for j in jobs if j.kind == "nf4"]
     return QuantizeSummary(out=out, parameters=sum(i.numel for i in infos.values()),
-                           quantized_parameters=quantized_params, quantized_tensors=quantized, kept_tensors=kept,
-                           skip_modules=skipped, bytes_before=total, bytes_after=bytes_after,
+                           quantized_parameters=sum(infos[n].numel for n in quantized), quantized_tensors=quantized,
+                           kept_tensors=[j.info.name for j in jobs if j.kind == "kept"], skip_modules=skipped,
+                           bytes_before=total, bytes_after=writer.total_size,
                            seconds=time.perf_counter() - t0, shards=shards)  # fmt: skip

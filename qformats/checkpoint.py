@@ -7,8 +7,10 @@ not define is a QError naming the file and tensor. `iter_checkpoint_tensors(fold
 `(name, tensor)` shard by shard, reading each tensor with plain `readinto` (no mmap), so memory holds one
 tensor, not one shard, and a sha256 of each source file can be computed on the way.
 
-Writing: `ShardedWriter` fills shards up to `shard_size` bytes, streams tensor data straight to disk (a
-data file per shard, prefixed with its header when the shard closes), names the result
+Writing: `ShardedWriter` fills shards up to `shard_size` bytes. A writer that knows each shard's
+header before its data (`open_shard`, as the quantizer does) streams the data straight into the
+final file, hashed as it is written; `add`, for writers that learn tensors one at a time, streams
+them to a data file per shard, prefixed with its header when the shard closes. It names the result
 `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json` (or `model.safetensors` alone), all
 inside `OUT.tmp-<pid>` (qformats.output_folder), renamed to OUT only by `commit()`. Any error removes the
 temp folder and leaves OUT as it was.
@@ -54,6 +56,7 @@ TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _COPY_CHUNK = 16 * 1024 * 1024
+_IOV_MAX = 1024  # buffers per writev call (Linux's limit)
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,71 @@ def parse_size(text: str | float) -> int:
     return value
 
 
+def add_header_entry(entries: dict[str, dict], name: str, dtype: torch.dtype, shape: Iterable[int], at: int) -> int:
+    """Append a tensor's safetensors header entry, its data starting at byte `at` of the data;
+    returns where the next tensor's data starts."""
+    shape = [int(s) for s in shape]
+    end = at + math.prod(shape) * dtype.itemsize
+    entries[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": shape, "data_offsets": [at, end]}
+    return end
+
+
+def safetensors_header(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
+    """The bytes a safetensors file starts with: the header's length, then the header (entries in order)."""
+    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(header)) + header
+
+
+def starts_new_shard(shard_bytes: int, group_bytes: int, shard_size: int) -> bool:
+    """Whether a group of tensors goes to a new shard: the current one has data and would outgrow `shard_size`."""
+    return shard_bytes > 0 and shard_bytes + group_bytes > shard_size
+
+
+class ShardStream:
+    """An output shard whose header is known before its data: the header is written first, then the
+    tensors' bytes straight after in `write` calls, each byte hashed as it is written."""
+
+    def __init__(self, path: Path, entries: dict[str, dict], metadata: dict[str, str]):
+        self.path = path
+        self.entries = entries
+        self.size = max((e["data_offsets"][1] for e in entries.values()), default=0)
+        self.written = 0
+        self.hasher = hashlib.sha256()
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in close(); raw: each write is one syscall)
+        self._write([memoryview(safetensors_header(entries, metadata))])
+        self.written = 0
+
+    def write(self, buffers: list) -> None:
+        """Append the bytes of `buffers` (bytes-like or CPU tensors, in header order) in one writev."""
+        views = [memoryview(b.reshape(-1).view(torch.uint8).numpy() if isinstance(b, torch.Tensor) else b).cast("B")
+                 for b in buffers]  # fmt: skip
+        views = [v for v in views if v.nbytes]
+        if self.written + sum(v.nbytes for v in views) > self.size:
+            raise QError(f"{self.path}: more data than its header describes (internal error)")
+        self._write(views)
+
+    def _write(self, views: list) -> None:
+        for v in views:
+            self.hasher.update(v)
+        while views:
+            n = os.writev(self.file.fileno(), views[:_IOV_MAX])
+            self.written += n
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+    def close(self) -> str:
+        """Close the file, checking it holds exactly what its header describes; returns its sha256."""
+        self.file.close()
+        if self.written != self.size:
+            raise QError(f"{self.path}: {self.written} bytes of data written, its header describes {self.size} "
+                         "(internal error)")  # fmt: skip
+        return self.hasher.hexdigest()
+
+
 class _ShardFile:
     """An output shard being filled: tensor bytes go to a data file; the header comes at close."""
 
@@ -341,21 +409,16 @@ class _ShardFile:
             raise QError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         self.data.write(raw)
-        n = t.numel() * t.element_size()
-        self.entries[name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [self.size, self.size + n]}  # fmt: skip
-        self.size += n
+        self.size = add_header_entry(self.entries, name, t.dtype, t.shape, self.size)
 
     def close(self, metadata: dict[str, str]) -> str:
         """Write `header + data` to the shard path; returns its sha256."""
         self.data.close()
-        header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes with spaces
         h = hashlib.sha256()
         with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
-            for chunk in (struct.pack("<Q", len(header)), header):
-                out.write(chunk)
-                h.update(chunk)
+            chunk = safetensors_header(self.entries, metadata)
+            out.write(chunk)
+            h.update(chunk)
             while chunk := data.read(_COPY_CHUNK):
                 out.write(chunk)
                 h.update(chunk)
@@ -382,7 +445,8 @@ class ShardedWriter:
         self.weight_map: dict[str, int] = {}  # tensor name -> shard number (1-based)
         self.total_size = 0
         self._closed_shards: list[Path] = []
-        self._shard: _ShardFile | None = None
+        self._shard: _ShardFile | None = None  # the shard `add` is filling
+        self._stream: ShardStream | None = None  # the shard `open_shard` started
         self._committed = False
 
     def __enter__(self) -> Self:
@@ -393,12 +457,14 @@ class ShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._shard is not None:
             self._shard.data.close()
+        if self._stream is not None:
+            self._stream.file.close()
         if not self._committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self._shard is not None and self._shard.size and self._shard.size + nbytes > self.shard_size:
+        if self._shard is not None and starts_new_shard(self._shard.size, nbytes, self.shard_size):
             self._close_shard()
         if self._shard is None:
             n = len(self._closed_shards) + 1
@@ -409,6 +475,26 @@ class ShardedWriter:
             self._shard.add(name, t)
             self.weight_map[name] = len(self._closed_shards) + 1
         self.total_size += nbytes
+
+    def open_shard(self, entries: dict[str, dict]) -> ShardStream:
+        """Start the next shard with its header known (`add_header_entry` entries): write its data
+        with `ShardStream.write`, in header order, then `close_shard` it. Not mixed with `add`."""
+        if self._shard is not None or self._stream is not None:
+            raise QError("a shard is already open (internal error)")
+        n = len(self._closed_shards) + 1
+        for name in entries:
+            if name in self.weight_map:
+                raise QError(f"{name}: written twice")
+            self.weight_map[name] = n
+        self._stream = ShardStream(self.tmp / f"shard-{n:05d}.safetensors", entries, self.metadata)
+        self.total_size += self._stream.size
+        return self._stream
+
+    def close_shard(self) -> None:
+        """Finish the shard `open_shard` started (QError unless it holds exactly what its header says)."""
+        stream, self._stream = self._stream, None
+        self.file_hashes[stream.path.name] = stream.close()
+        self._closed_shards.append(stream.path)
 
     def _close_shard(self) -> None:
         digest = self._shard.close(self.metadata)

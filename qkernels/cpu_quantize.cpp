@@ -277,6 +277,54 @@ int64_t quantize_nf4(const at::Tensor& flat, const at::Tensor& midpoints, int64_
   return nan_blocks.load();
 }
 
+// flat: contiguous 1-D fp16/bf16/fp32; absmax: fp32 [ceil(n/bs)]: the block absmax alone, the same
+// values quantize_nf4 computes (a partial last block zero-padded). The quantizer's pre-pass over
+// the source (its double-quant offsets, non-finite weights) needs only these; skipping the codes
+// makes it memory-bound. Returns the number of blocks whose absmax is not finite (a NaN or inf in
+// the block).
+int64_t block_absmax(const at::Tensor& flat, int64_t blocksize, at::Tensor absmax, int64_t grain_elements) {
+  const int64_t n = flat.numel();
+  const int64_t n_blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(flat.is_contiguous() && flat.dim() == 1, "block_absmax: the tensor must be contiguous 1-D");
+  TORCH_CHECK(blocksize >= 32 && blocksize <= kMaxBlock && (blocksize & (blocksize - 1)) == 0,
+              "block_absmax: blocksize must be a power of two from 32 to 4096, got ", blocksize);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() == n_blocks,
+              "block_absmax: absmax must be contiguous float32 with one entry per block");
+  const at::ScalarType st = flat.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat,
+              "block_absmax: the tensor must be float16, bfloat16 or float32, got ", st);
+  float* am = absmax.data_ptr<float>();
+  const void* src = flat.data_ptr();
+  std::atomic<int64_t> nonfinite_blocks{0};
+  parallel_blocks(n_blocks, blocksize, grain_elements, [&](int64_t b0, int64_t b1) {
+    int64_t nonfinite = 0;
+    auto run = [&](auto type, const auto* x) {
+      using T = decltype(type);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+#ifdef QK_QUANT_AVX2
+        if (len == blocksize) {
+          am[b] = T::to_float(block_max_bits(x + start, blocksize, T{}));
+        } else {
+          am[b] = T::to_float(block_max_bits_scalar<T>(x + start, len));
+        }
+#else
+        am[b] = T::to_float(block_max_bits_scalar<T>(x + start, len));
+#endif
+        nonfinite += !std::isfinite(am[b]);
+      }
+    };
+    if (st == at::kHalf)
+      run(F16{}, static_cast<const uint16_t*>(src));
+    else if (st == at::kBFloat16)
+      run(BF16{}, static_cast<const uint16_t*>(src));
+    else
+      run(F32{}, static_cast<const uint32_t*>(src));
+    nonfinite_blocks += nonfinite;
+  });
+  return nonfinite_blocks.load();
+}
+
 // Number of the 255 sorted midpoints strictly below v: a branchless binary search over them
 // padded to 256 with +inf (never below v, as NaN was replaced by 0).
 inline uint8_t nearest_code(float v, const float* mids256) {
@@ -333,9 +381,11 @@ TORCH_LIBRARY_FRAGMENT(qkernels_cpu, m) {
   m.def(
       "quantize_absmax_dq(Tensor absmax, float offset, Tensor midpoints, int nested_blocksize, Tensor(a!) codes, "
       "Tensor(b!) nested, int grain_elements) -> ()");
+  m.def("block_absmax(Tensor flat, int blocksize, Tensor(a!) absmax, int grain_elements) -> int");
 }
 
 TORCH_LIBRARY_IMPL(qkernels_cpu, CPU, m) {
   m.impl("quantize_nf4", &quantize_nf4);
   m.impl("quantize_absmax_dq", &quantize_absmax_dq);
+  m.impl("block_absmax", &block_absmax);
 }

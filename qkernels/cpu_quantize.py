@@ -17,7 +17,9 @@ weight) are double-quantized by qformats' own `quantize_absmax_dq`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -47,35 +49,71 @@ def fast_path_available(weight: torch.Tensor) -> bool:
             and cpu.extension_available())  # fmt: skip
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
-    """`qformats.nf4.quantize_nf4`, identical output, through the fused C++ kernel when it can run."""
+@contextlib.contextmanager
+def _threads_at_most(threads: int | None) -> Iterator[int]:
+    """The grain (elements per thread) to pass the C++ kernels so that they run on at most `threads`
+    of torch's threads (None: all). One thread is a grain no weight reaches; a count in between sets
+    torch's own for the call (about a millisecond, so only big machines pay it)."""
+    saved = torch.get_num_threads()
+    if threads is None or threads >= saved:
+        yield PARALLEL_MIN_ELEMENTS
+    elif threads <= 1:
+        yield 1 << 62
+    else:
+        torch.set_num_threads(threads)
+        try:
+            yield PARALLEL_MIN_ELEMENTS
+        finally:
+            torch.set_num_threads(saved)
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 threads: int | None = None) -> NF4Weight:  # fmt: skip
+    """`qformats.nf4.quantize_nf4`, identical output, through the fused C++ kernel when it can run.
+
+    `threads` caps the kernel's threads (its output does not depend on them); the offset's mean
+    runs at torch's thread count whatever it is, since that decides its last bit."""
     if not fast_path_available(weight) or blocksize not in _BLOCKSIZES:
         return quantize_nf4_reference(weight, blocksize=blocksize, double_quant=double_quant)
     flat = weight.detach().reshape(-1).contiguous()
     n = flat.numel()
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     packed = torch.empty(-(-n // 2), dtype=torch.uint8)
-    nan_blocks = torch.ops.qkernels_cpu.quantize_nf4(flat, _NF4_MIDPOINTS, blocksize, absmax, packed,
-                                                     PARALLEL_MIN_ELEMENTS)  # fmt: skip
+    with _threads_at_most(threads) as grain:
+        nan_blocks = torch.ops.qkernels_cpu.quantize_nf4(flat, _NF4_MIDPOINTS, blocksize, absmax, packed, grain)
     if nan_blocks:
         return quantize_nf4_reference(weight, blocksize=blocksize, double_quant=double_quant)
     w = NF4Weight(packed=packed.unsqueeze(1), absmax=absmax, quant_map=NF4_CODE.clone(), shape=tuple(weight.shape),
                   dtype=weight.dtype, blocksize=blocksize)  # fmt: skip
     if double_quant:
-        w.absmax, w.nested_absmax, w.offset = _double_quantize(absmax)
+        w.absmax, w.nested_absmax, w.offset = _double_quantize(absmax, threads)
         w.nested_quant_map = DYNAMIC_MAP_SIGNED.clone()
     return w
 
 
-def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def block_absmax(flat: torch.Tensor, blocksize: int, out: torch.Tensor, threads: int | None = None) -> int:
+    """The fp32 block absmax that `quantize_nf4` computes, into `out`, without the codes (memory-bound):
+    `flat` is a contiguous 1-D slice of whole blocks (the last may be partial) with
+    `fast_path_available(flat)`. Returns how many blocks hold a NaN or an inf."""
+    with _threads_at_most(threads) as grain:
+        return torch.ops.qkernels_cpu.block_absmax(flat, blocksize, out, grain)
+
+
+def double_quant_offset(absmax: torch.Tensor) -> float:
+    """The double-quant offset of a weight's fp32 block absmax, as `quantize_nf4` stores it."""
+    return absmax.mean().item()  # the reference's own call (see the module docstring)
+
+
+def _double_quantize(absmax: torch.Tensor, threads: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """`qformats.nf4.quantize_absmax_dq(absmax)`, identical output: (uint8 codes, nested_absmax, offset)."""
-    offset = absmax.mean().item()  # the reference's own call (see the module docstring)
+    offset = double_quant_offset(absmax)
     if not math.isfinite(offset):
         return quantize_absmax_dq(absmax)
     codes = torch.empty(absmax.numel(), dtype=torch.uint8)
     nested = torch.empty(-(-absmax.numel() // NESTED_BLOCKSIZE), dtype=torch.float32)
-    torch.ops.qkernels_cpu.quantize_absmax_dq(absmax, offset, _DYNAMIC_CELLS.midpoints, NESTED_BLOCKSIZE, codes,
-                                              nested, PARALLEL_MIN_ELEMENTS)  # fmt: skip
+    with _threads_at_most(threads) as grain:
+        torch.ops.qkernels_cpu.quantize_absmax_dq(absmax, offset, _DYNAMIC_CELLS.midpoints, NESTED_BLOCKSIZE,
+                                                  codes, nested, grain)  # fmt: skip
     return codes, nested, offset
 
 

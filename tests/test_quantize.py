@@ -276,16 +276,16 @@ def test_disk_full_midway(tmp_path, src, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous result")
-    real_add = qformats.checkpoint._ShardFile.add
+    real_write = qformats.checkpoint.ShardStream.write  # every tensor byte goes through it (the writer thread)
     calls = []
 
-    def add_then_fail(self, name, tensor):
-        calls.append(name)
+    def write_then_fail(self, buffers):
+        calls.append(len(buffers))
         if len(calls) == 12:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.data_path))
-        return real_add(self, name, tensor)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_write(self, buffers)
 
-    monkeypatch.setattr(qformats.checkpoint._ShardFile, "add", add_then_fail)
+    monkeypatch.setattr(qformats.checkpoint.ShardStream, "write", write_then_fail)
     assert_fails([src, "--force"], "no space left on device", out, {"old.txt": b"previous result"})
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_quantize import tiny_llama
 
-import qconvert.quantize
+import qconvert.quantize_stream
 from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
 from qformats.nf4 import _NF4_MIDPOINTS, NF4Weight
@@ -185,7 +185,8 @@ def test_quantize_checkpoint_identical_with_and_without_fast_path(tmp_path, monk
     monkeypatch.setattr(cpu_quantize, "quantize_nf4_reference", no_reference)
     quantize_checkpoint(src, tmp_path / "fast", progress=False)
     monkeypatch.undo()
-    monkeypatch.setattr(qconvert.quantize, "quantize_nf4", reference)
+    monkeypatch.setattr(qconvert.quantize_stream, "quantize_nf4",
+                        lambda w, blocksize, double_quant, threads: reference(w, blocksize, double_quant))  # fmt: skip
     quantize_checkpoint(src, tmp_path / "ref", progress=False)
     fast_files, ref_files = _checkpoint_bytes(tmp_path / "fast"), _checkpoint_bytes(tmp_path / "ref")
     assert fast_files.keys() == ref_files.keys()

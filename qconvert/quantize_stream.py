@@ -1,0 +1,343 @@
+"""How `qconvert quantize` moves bytes: a scan that makes each output shard's header known before
+its data, then reading, quantizing and writing in a pipeline (a reader thread, the kernel on the
+calling thread, a writer thread), every byte written once, straight into the final shard file.
+
+Why a scan: every output tensor's size follows from its source shape but one, the quant state JSON
+of a double-quantized weight, which prints `nested_offset` (the mean of the block absmax) with as
+many digits as it needs. Its length, so every later offset in the shard's header, depends on the
+data; writing the header first means knowing those means first. For each output shard the scan
+reads its source tensors in chunks and computes only their block absmax (the C++ `block_absmax`,
+memory-bound), and from it the means; it also refuses non-finite tensors, before anything is
+written. The main pass then reads the same bytes again, from the page cache when one shard's
+source fits in memory. Source bytes are hashed as the main pass reads them, output bytes as the
+writer writes them.
+
+Memory: the reader fills one of two buffers the size of the largest quantized source tensor (kept
+tensors pass through in chunks of that size) and the kernel's outputs wait in a queue of two, so
+memory holds about two tensors whatever the shard size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from qformats.checkpoint import Checkpoint, ShardedWriter, TensorInfo, add_header_entry, starts_new_shard
+from qformats.errors import QError
+from qformats.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from qkernels import cpu_quantize
+from qkernels.cpu_quantize import block_absmax, double_quant_offset, quantize_nf4
+
+_SCAN_CHUNK = 16 * 1024 * 1024  # bytes the scan reads at a time: a multiple of every block of any dtype
+_CHECK_BLOCK = 4096  # block of the finiteness check on kept tensors (any size works; large is cheap)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Job:
+    """One source tensor: what becomes of it ("nf4" or "kept") and, once scanned, its output tensors."""
+
+    info: TensorInfo
+    kind: str
+    outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.outputs.values())
+
+
+@dataclass
+class Settings:
+    blocksize: int
+    double_quant: bool
+    device: torch.device
+    allow_nonfinite: bool
+    # The kernel's threads: torch's, less the reader's and the writer's (hashing keeps each busy).
+    # Oversubscribed OpenMP threads spin: on a busy 2-core machine, 2 threads took 2x the CPU time of 1.
+    kernel_threads: int = field(default_factory=lambda: max(1, torch.get_num_threads() - 2))
+
+
+def planned_nf4_outputs(name: str, info: TensorInfo, s: Settings, offset: float | None) -> dict:
+    """The (dtype, shape) of every stored tensor of weight `name`, in stored order: those of
+    `NF4Weight.to_tensors` on a weight of this shape (meta tensors; `validate` checks the sizes)."""
+    n_blocks = -(-info.numel // s.blocksize)
+
+    def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    w = NF4Weight(packed=meta(-(-info.numel // 2), 1, dtype=torch.uint8),
+                  absmax=meta(n_blocks, dtype=torch.uint8 if s.double_quant else torch.float32),
+                  quant_map=meta(16, dtype=torch.float32), shape=info.shape, dtype=info.dtype,
+                  blocksize=s.blocksize)  # fmt: skip
+    if s.double_quant:
+        w.nested_absmax = meta(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32)
+        w.nested_quant_map = meta(256, dtype=torch.float32)
+        w.offset = offset
+    w.validate(name)
+    return {k: (t.dtype, tuple(t.shape)) for k, t in w.to_tensors(name).items()}
+
+
+def _read_into(f, view: memoryview, info: TensorInfo, at: int) -> None:
+    """Fill `view` from the open source file at absolute byte `at` (inside tensor `info`)."""
+    f.seek(at)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise QError(f"{info.file}: tensor {info.name!r} is cut short at byte {at + got} (truncated shard)")
+        got += n
+
+
+def _scan_chunks(f, info: TensorInfo, buf: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first element, 1-D chunk) of a tensor, read into `buf` a chunk at a time."""
+    item = info.dtype.itemsize
+    step = buf.numel() // item
+    for first in range(0, info.numel, step):
+        n = min(step, info.numel - first)
+        view = buf[: n * item]
+        _read_into(f, memoryview(view.numpy()), info, info.start + first * item)
+        yield first, view.view(info.dtype)
+
+
+def scan(f, job: Job, s: Settings, buf: torch.Tensor) -> float | None:
+    """Read one source tensor once: refuse it if non-finite (unless allowed); for a weight to
+    quantize with double quantization, return the offset its quant state will store."""
+    info, nf4 = job.info, job.kind == "nf4"
+    fast = info.dtype in _FLOATS and cpu_quantize.fast_path_available(torch.empty(1, dtype=info.dtype))
+    if nf4 and not (fast and s.device.type == "cpu" and s.blocksize in cpu_quantize._BLOCKSIZES):
+        # Off the C++ path the offset is the whole quantizer's (rare: no extension, or CUDA).
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        _read_into(f, memoryview(buf.numpy()), info, info.start)
+        weight = buf.view(info.dtype).view(info.shape)
+        if not s.allow_nonfinite and not torch.isfinite(weight).all():
+            raise _nonfinite(info)
+        return quantize_nf4(weight.to(s.device), s.blocksize, s.double_quant).offset
+    if not nf4 and (s.allow_nonfinite or not info.dtype.is_floating_point or not info.numel):
+        return None
+    if not fast:  # a kept float tensor of another dtype (F64, F8)
+        for _, chunk in _scan_chunks(f, info, buf):
+            if not torch.isfinite(chunk.float()).all():
+                raise _nonfinite(info)
+        return None
+    blocksize = s.blocksize if nf4 else _CHECK_BLOCK
+    absmax = torch.empty(-(-info.numel // blocksize), dtype=torch.float32)
+    nonfinite = 0
+    for first, chunk in _scan_chunks(f, info, buf):
+        b0 = first // blocksize
+        nonfinite += block_absmax(chunk, blocksize, absmax[b0 : b0 + -(-chunk.numel() // blocksize)],
+                                  s.kernel_threads)  # fmt: skip
+    if nonfinite and not s.allow_nonfinite:
+        raise _nonfinite(info)
+    return double_quant_offset(absmax) if nf4 and s.double_quant else None
+
+
+def _nonfinite(info: TensorInfo) -> QError:
+    return QError(f"{info.file}: tensor {info.name!r} has non-finite values (NaN or inf); "
+                  "--allow-nonfinite quantizes it anyway")  # fmt: skip
+
+
+def plan_shards(ckpt: Checkpoint, jobs: list[Job], s: Settings, shard_size: int) -> Iterator[list[Job]]:
+    """Scan the jobs in order and yield them grouped in output shards (the `ShardedWriter` rule), each
+    shard's jobs with their outputs known; the scan of a shard runs when the previous one is taken."""
+    buf = torch.empty(_SCAN_CHUNK, dtype=torch.uint8)
+    files = {shard.path: open(shard.path, "rb") for shard in ckpt.shards}  # noqa: SIM115 (closed below)
+    try:
+        shard: list[Job] = []
+        size = 0
+        for job in jobs:
+            if job.kind == "nf4":
+                offset = scan(files[job.info.file], job, s, buf)
+                job.outputs = planned_nf4_outputs(job.info.name, job.info, s, offset)
+            else:
+                scan(files[job.info.file], job, s, buf)
+                job.outputs = {job.info.name: (job.info.dtype, job.info.shape)}
+            if starts_new_shard(size, job.output_bytes, shard_size):
+                yield shard
+                shard, size = [], 0
+            shard.append(job)
+            size += job.output_bytes
+        if shard:
+            yield shard
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def header_entries(shard: list[Job]) -> dict[str, dict]:
+    entries: dict[str, dict] = {}
+    at = 0
+    for job in shard:
+        for name, (dtype, shape) in job.outputs.items():
+            at = add_header_entry(entries, name, dtype, shape, at)
+    return entries
+
+
+class _Failed(Exception):
+    """Another stage of the pipeline failed; it raises the real error."""
+
+
+class _Pipe:
+    """Queues between the stages that give up when any stage has failed."""
+
+    def __init__(self) -> None:
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def put(self, q: queue.Queue, item) -> None:
+        while True:
+            if self.failed.is_set():
+                raise _Failed
+            try:
+                return q.put(item, timeout=0.05)
+            except queue.Full:
+                pass
+
+    def get(self, q: queue.Queue):
+        while True:
+            if self.failed.is_set():
+                raise _Failed
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+    def thread(self, fn: Callable[[], None], name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                fn()
+            except _Failed:
+                pass
+            except BaseException as e:  # noqa: BLE001 (handed to the calling thread, which raises it)
+                self.errors.append(e)
+                self.failed.set()
+
+        t = threading.Thread(target=run, name=name, daemon=True)
+        t.start()
+        return t
+
+
+def read_items(ckpt: Checkpoint, jobs: list[Job], take_buffer: Callable[[], torch.Tensor], hashers: dict
+               ) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor | None, bool]]:  # fmt: skip
+    """Read every source tensor in file order into buffers from `take_buffer` (a kept tensor in
+    chunks of a buffer's size), hashing each source file as it is read (`hashers` gets its sha256
+    object). Yields `(job, bytes read, the buffer holding them, whether the job's last chunk)`."""
+    by_file: dict = {}
+    for job in jobs:
+        by_file.setdefault(job.info.file, []).append(job)
+    for shard in ckpt.shards:
+        hasher = hashers[shard.path] = hashlib.sha256()
+        with open(shard.path, "rb") as f:
+            hasher.update(f.read(shard.header_bytes))
+            for job in by_file.get(shard.path, []):
+                info = job.info
+                if not info.nbytes:
+                    yield job, torch.empty(0, dtype=torch.uint8), None, True
+                    continue
+                at = info.start
+                while at < info.end:
+                    buf = take_buffer()
+                    view = buf[: min(buf.numel(), info.end - at)]
+                    if job.kind == "nf4" and view.numel() != info.nbytes:
+                        raise QError(f"{info.name}: larger than the read buffer (internal error)")
+                    _read_into(f, memoryview(view.numpy()), info, at)
+                    hasher.update(memoryview(view.numpy()))
+                    at += view.numel()
+                    yield job, view, buf, at == info.end
+
+
+def quantize_item(job: Job, data: torch.Tensor, s: Settings) -> list[torch.Tensor]:
+    """The output buffers of one read item: a kept chunk as it is, a weight quantized (checked
+    against the plan the header was written from)."""
+    if job.kind == "kept":
+        return [data]
+    weight = data.view(job.info.dtype).view(job.info.shape)
+    tensors = quantize_nf4(weight.to(s.device, non_blocking=True), blocksize=s.blocksize,
+                           double_quant=s.double_quant, threads=s.kernel_threads).to_tensors(job.info.name)  # fmt: skip
+    got = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+    if got != job.outputs:
+        raise QError(f"{job.info.name}: quantized tensors {got} differ from the planned {job.outputs} (internal error)")
+    return [t.cpu() for t in tensors.values()]
+
+
+class WriteStage:
+    """Writes items in order: ("open", header entries), ("data", buffers, source buffer to free or
+    None), ("close",)."""
+
+    def __init__(self, writer: ShardedWriter, free: queue.Queue):
+        self.writer, self.free = writer, free
+        self.stream = None
+
+    def handle(self, item: tuple) -> None:
+        if item[0] == "open":
+            self.stream = self.writer.open_shard(item[1])
+        elif item[0] == "data":
+            self.stream.write(item[1])
+            if item[2] is not None:
+                self.free.put(item[2])
+        else:
+            self.writer.close_shard()
+
+
+def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, hashers: dict,
+        progress: Callable[[int], None], pipelined: bool = True) -> None:  # fmt: skip
+    """Quantize `jobs` into `writer`, shard by shard; `hashers` receives the sha256 of every source
+    file; `progress(n)` hears of n more source bytes done.
+
+    `pipelined=False` runs the same stages one after the other on this thread (the reference the
+    tests compare the pipeline with)."""
+    pipe = _Pipe()
+    free: queue.Queue = queue.Queue()  # the reader's two buffers, back when their bytes are done with
+    largest = max([j.info.nbytes for j in jobs if j.kind == "nf4"] + [1])
+    for _ in range(2):
+        free.put(torch.empty(largest, dtype=torch.uint8))
+    stage = WriteStage(writer, free)
+    items = read_items(ckpt, jobs, lambda: pipe.get(free), hashers)
+    write = stage.handle
+    threads = []
+    if pipelined:
+        read_q, write_q = queue.Queue(maxsize=2), queue.Queue(maxsize=2)
+
+        def reader() -> None:
+            for item in items:
+                pipe.put(read_q, item)
+            pipe.put(read_q, None)
+
+        def writer_loop() -> None:
+            while (item := pipe.get(write_q)) is not None:
+                stage.handle(item)
+
+        threads = [pipe.thread(reader, "qconvert-read"), pipe.thread(writer_loop, "qconvert-write")]
+        items = iter(lambda: pipe.get(read_q), None)
+        write = lambda item: pipe.put(write_q, item)
+    try:
+        for shard in plan_shards(ckpt, jobs, s, writer.shard_size):
+            write(("open", header_entries(shard)))
+            for _ in shard:
+                last = False
+                while not last:
+                    job, data, buf, last = next(items)
+                    buffers = quantize_item(job, data, s)
+                    if job.kind == "nf4":  # the source bytes are done with
+                        free.put(buf)
+                        buf = None
+                    write(("data", buffers, buf))
+                    progress(data.numel())
+            write(("close",))
+        if pipelined:
+            write(None)
+    except _Failed:
+        pass  # a thread failed: its error is raised below
+    except BaseException:
+        pipe.failed.set()
+        raise
+    finally:
+        for t in threads:
+            t.join()
+    if pipe.errors:
+        raise pipe.errors[0]
