@@ -1,9 +1,9 @@
 """Quantize an HF safetensors checkpoint to NF4 (+ double-quantized scales), streaming tensor by tensor.
 
-The output is the bitsandbytes/transformers layout of DESIGN.md: every 2-D `.weight` of a linear
+The output is the bitsandbytes/transformers layout of docs/format.md: every 2-D `.weight` of a linear
 layer inside the decoder layers becomes NF4 (packed codes, absmax, quant maps, JSON quant state);
 embeddings, `lm_head`, norms, biases and anything 1-D stay in the source dtype. How the bytes move
-(qconvert/quantize_stream.py, docs/quantize.md): a scan makes each output shard's header known
+(qconvert/quantize_stream.py, docs/checkpoints.md): a scan makes each output shard's header known
 before its data, then a reader thread, the kernel and a writer thread stream every tensor once into
 the final shard files, hashing as they go, in about two tensors of memory, far below one shard.
 Non-finite source tensors are refused by name unless allowed. On CPU the codec runs as the fused

@@ -1,6 +1,6 @@
 """`qserve --engine vllm`: check a base model and adapters against vLLM's limits, then run `vllm serve`.
 
-The same artifacts the native engine serves go to vLLM unchanged (DESIGN.md, "Interop contracts"):
+The same artifacts the native engine serves go to vLLM unchanged (docs/format.md, "Interop contracts"):
 - a pre-quantized bitsandbytes checkpoint needs `bnb_4bit_quant_storage: uint8` and a float16 or
   bfloat16 model dtype, and is served with `--quantization bitsandbytes --load-format bitsandbytes`;
   vLLM refuses tensor parallelism for it, so several GPUs mean `--pipeline-parallel-size`;
