@@ -109,7 +109,8 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
 
         cmd = vllm_command(model, named, host=host, port=port, max_batch=max_batch, max_model_len=max_model_len,
                            served_model_name=served_model_name, tensor_parallel_size=tensor_parallel_size,
-                           pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, revision=revision)  # fmt: skip
+                           pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, revision=revision,
+                           api_key=api_key or None)  # fmt: skip
         if dry_run:
             click.echo(cmd.shell())
             return

@@ -36,9 +36,12 @@ _HALF_DTYPES = {"float16", "bfloat16"}
 @dataclass
 class VllmCommand:
     argv: list[str]
+    # Passed in the environment, never on argv (a process listing would show it) nor printed.
+    api_key: str | None = None
 
     def shell(self) -> str:
-        return shlex.join(self.argv)
+        """The command line to paste; with an API key, vLLM's variable is named but not its value."""
+        return ("VLLM_API_KEY=... " if self.api_key else "") + shlex.join(self.argv)
 
 
 def _read_json(path: Path) -> dict:
@@ -118,8 +121,11 @@ def lora_rank_flag(rank: int) -> int | None:
 def vllm_command(model: str, adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000,
                  max_batch: int | None = None, max_model_len: int | None = None,
                  served_model_name: str | None = None, tensor_parallel_size: int = 1,
-                 pipeline_parallel_size: int = 1, dtype: str = "auto", revision: str | None = None) -> VllmCommand:  # fmt: skip
-    """Check everything, then build the `vllm serve` argv (nothing runs here)."""
+                 pipeline_parallel_size: int = 1, dtype: str = "auto", revision: str | None = None,
+                 api_key: str | None = None) -> VllmCommand:  # fmt: skip
+    """Check everything, then build the `vllm serve` argv (nothing runs here).
+
+    api_key: required as a Bearer token on vLLM's /v1 routes too (its VLLM_API_KEY), as on ours."""
     base_dir, base_arg = resolve_source(model, revision=revision, allow_patterns=["*.json"]), _vllm_arg(model)
     bnb = check_base(base_dir, dtype, tensor_parallel_size)
     argv = ["vllm", "serve", base_arg, "--host", host, "--port", str(port)]
@@ -148,7 +154,7 @@ def vllm_command(model: str, adapters: dict[str, str], *, host: str = "127.0.0.1
         rank = lora_rank_flag(max(ranks))
         if rank is not None:
             argv += ["--max-lora-rank", str(rank)]
-    return VllmCommand(argv)
+    return VllmCommand(argv, api_key=api_key)
 
 
 def vllm_installed() -> bool:
@@ -162,4 +168,5 @@ def run_vllm(cmd: VllmCommand) -> None:
                      "--dry-run prints the command to run there")  # fmt: skip
     exe = shutil.which("vllm")
     argv = cmd.argv if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main", *cmd.argv[1:]]
-    os.execvp(argv[0], argv)
+    env = dict(os.environ, VLLM_API_KEY=cmd.api_key) if cmd.api_key else os.environ
+    os.execvpe(argv[0], argv, env)

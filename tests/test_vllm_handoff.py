@@ -15,6 +15,7 @@ from tiny_models import save_tiny, save_tiny_tokenizer
 
 from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
+from qserve import vllm_handoff
 from qserve.cli import main as qserve_cli
 from qserve.cli_serve import parse_adapter_spec
 from qserve.vllm_handoff import lora_rank_flag, vllm_command
@@ -98,6 +99,21 @@ def test_cli_dry_run_and_missing_vllm(artifacts):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "vllm is not installed" in result.stderr
     result = runner.invoke(qserve_cli, ["serve", *args, "--tensor-parallel-size", "2", "--dry-run"])
     assert result.exit_code == 1 and result.stderr.startswith("error: --tensor-parallel-size 2")
+
+
+def test_api_key_reaches_vllm_in_its_environment_only(artifacts, monkeypatch):
+    """--api-key (or QSERVE_API_KEY) guards vLLM's routes too: passed as VLLM_API_KEY, never on argv or printed."""
+    args = ["--model", str(artifacts / "nf4"), "--engine", "vllm", "--api-key", "s3cret-key"]
+    result = CliRunner().invoke(qserve_cli, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("VLLM_API_KEY=... vllm serve ") and "s3cret-key" not in result.output
+    ran = {}
+    monkeypatch.setattr(vllm_handoff, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_handoff.shutil, "which", lambda name: "/usr/bin/vllm")
+    monkeypatch.setattr(vllm_handoff.os, "execvpe", lambda exe, argv, env: ran.update(argv=argv, env=env))
+    result = CliRunner(env={"QSERVE_API_KEY": "from-env"}).invoke(qserve_cli, args[:-2])
+    assert result.exit_code == 0, result.output
+    assert ran["env"]["VLLM_API_KEY"] == "from-env" and not any("from-env" in a for a in ran["argv"])
 
 
 def test_native_dry_run_names_adapters_after_their_folder(artifacts):
