@@ -204,7 +204,8 @@ class MultiLoRALinear(nn.Module):
         # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
         with _one_thread(x.device):
             h = F.linear(x, a)
-            return self._add(y, h if mask is None else h * mask, b)
+            # Select, don't multiply: 0 * inf or 0 * NaN in another row's rank columns would reach this row.
+            return self._add(y, h if mask is None else torch.where(mask != 0, h, 0), b)
 
     def add_gathered(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y += each row's LoRA term through the batched-LoRA op (Triton on GPU), in place; y contiguous."""

@@ -126,3 +126,21 @@ def test_op_registration_traces():
     result = torch.library.opcheck(torch.ops.qkernels.batched_lora_add_.default, args,
                                    test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_a_non_finite_bottleneck_in_one_row_stays_in_that_row():
+    """Masked rank columns are zeroed by selection, not multiplied by 0: an adapter whose x A^T overflows
+    (or holds NaN past the load checks) spoils only the rows that use it in a mixed batch."""
+    rows, masked, _ = two_layers((4, 6))
+    x = torch.randn(4, 37)
+    rows.set([1, 2, BASE, 1], torch.device("cpu"))
+    with torch.no_grad():
+        clean = masked(x)
+        a, _b = masked.adapters[2]
+        a[0, 0] = float("nan")
+        a[1, 1] = float("inf")
+        masked.stacked.clear()  # the stacks are copies made at the first mixed forward
+        poisoned = masked(x)
+    assert not torch.isfinite(poisoned[1]).all()
+    for row in (0, 2, 3):
+        assert torch.equal(poisoned[row], clean[row]), row
