@@ -45,7 +45,8 @@ FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MK
 # threads to be scheduled), while MKL keeps such GEMVs on one thread too. Set 0 to always split.
 PARALLEL_MIN_WEIGHTS = 1 << 20
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
-_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_quantize.cpp", "cpu_caching_allocator.cpp", "cpu_lora_dropout.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_linear16.cpp", "cpu_quantize.cpp",
+                                                  "cpu_caching_allocator.cpp", "cpu_lora_dropout.cpp")]
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
 # element, slower than dequantize + BLAS, so other CPUs and shapes take that path instead.
 _SIMD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -56,8 +57,13 @@ _scratch = threading.local()
 
 
 def _build_flags() -> list[str]:
-    # AVX2+FMA code when torch itself runs AVX2 kernels here; otherwise the portable scalar code.
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    # AVX2+FMA code when torch itself runs AVX2 kernels here (AVX-512 where it runs those: the NF4
+    # decode kernel's 16-entry lookup is then one vpermps); otherwise the portable scalar code.
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap == "AVX512":
+        return ["-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
+                "-ffp-contract=off", "-fopenmp"]  # fmt: skip
+    if cap == "AVX2":
         return ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
     return ["-O3", "-ffp-contract=off", "-fopenmp"]
 
@@ -196,14 +202,19 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _dequant_matmul(xf: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """fp32 x [M, K] @ W.T through a scratch buffer of at most _CHUNK_ELEMS weights."""
     N, K = w.shape
+    return _chunked_matmul(xf, N, K, lambda n0, r, buf: dequantize_rows(w, n0, r, buf))
+
+
+def _chunked_matmul(xf: torch.Tensor, N: int, K: int, rows_fp32) -> torch.Tensor:
+    """fp32 x [M, K] @ W.T for a W [N, K] that `rows_fp32(n0, r, buf)` writes as fp32 rows into buf."""
     rows = max(1, _CHUNK_ELEMS // K)
     if rows >= N:
-        return linear_fp32(xf, dequantize_rows(w, 0, N, _scratch_buffer(N * K)))
+        return linear_fp32(xf, rows_fp32(0, N, _scratch_buffer(N * K)))
     yt = torch.empty(N, xf.shape[0], dtype=torch.float32)  # y transposed: each chunk is contiguous rows
     buf = _scratch_buffer(rows * K)
     for n0 in range(0, N, rows):
         r = min(rows, N - n0)
-        torch.mm(dequantize_rows(w, n0, r, buf), xf.t(), out=yt[n0 : n0 + r])
+        torch.mm(rows_fp32(n0, r, buf), xf.t(), out=yt[n0 : n0 + r])
     return yt.t().contiguous()
 
 
@@ -231,3 +242,19 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+
+def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 `x @ w.T` for fp32 x [..., K] and a 16-bit (fp16/bf16) w [N, K], without an fp32 copy of w.
+
+    Up to FUSED_MAX_M rows: the C++ GEMV (cpu_linear16.cpp) widens each weight in registers, so a
+    decode step reads 2 bytes per weight; more rows: w widened chunk by chunk into the scratch
+    buffer and multiplied by BLAS. Equal to `x @ w.float().T` up to the order of the fp32 sums.
+    """
+    N, K = w.shape
+    x2 = x.reshape(-1, K).float()
+    if x2.shape[0] <= FUSED_MAX_M and extension_available():
+        y = torch.ops.qkernels_cpu.linear16(x2, w.contiguous(), PARALLEL_MIN_WEIGHTS)
+    else:
+        y = _chunked_matmul(x2, N, K, lambda n0, r, buf: buf[: r * K].view(r, K).copy_(w[n0 : n0 + r]))
+    return y.view(*x.shape[:-1], N)

@@ -26,6 +26,9 @@
 #include <immintrin.h>
 #define QK_AVX2 1
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QK_AVX512 1
+#endif
 
 namespace {
 
@@ -200,6 +203,57 @@ void gemm_group(const float* xp, int64_t K, const uint8_t* packed, const CodePla
 }
 #endif
 
+#ifdef QK_AVX512
+// The AVX-512 form of gemm_rows: the 16 code values fit one zmm register, so a 16-entry lookup is
+// one vpermps on nibbles widened to dwords (it reads the low 4 bits of each index, so the low
+// nibble needs no mask). 16 packed bytes give the even elements (high nibbles) and the odd ones
+// (low nibbles) of 32 columns: xp holds x with every 32 columns as [x0 x2 .. x30 | x1 x3 .. x31].
+template <int MB>
+void gemm_rows512(const float* xp, int64_t K, const uint8_t* packed, __m512 table, const BlockScales& block_scales,
+                  int bshift, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const RowScales scales(block_scales, bshift, K, n0, n1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t base = n * K;
+    const uint8_t* row = packed + base / 2;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K;) {
+      const int64_t b = (base + k) >> bshift;
+      const int64_t end = std::min(K, ((b + 1) << bshift) - base);
+      const __m512 vs = _mm512_set1_ps(scales[b]);
+      if (MB == 1) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+        for (; k < end; k += 32) {
+          const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+          s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table), _mm512_loadu_ps(xp + k), s0);
+          s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(z, table), _mm512_loadu_ps(xp + k + 16), s1);
+        }
+        acc[0] = _mm512_fmadd_ps(_mm512_add_ps(s0, s1), vs, acc[0]);
+      } else {
+        for (; k < end; k += 32) {
+          const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+          const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table), vs);
+          const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(z, table), vs);
+          for (int m = 0; m < MB; ++m) {
+            acc[m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp + m * K + k), acc[m]);
+            acc[m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp + m * K + k + 16), acc[m]);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+template <int MB>
+void gemm_group512(const float* xp, int64_t K, const uint8_t* packed, __m512 table, const BlockScales& scales,
+                   int bshift, int64_t N, float* y, int64_t grain) {
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    gemm_rows512<MB>(xp, K, packed, table, scales, bshift, n0, n1, N, y);
+  });
+}
+#endif
+
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                 const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_map,
                 const at::Tensor& quant_map, double offset, int64_t blocksize, int64_t nested_blocksize,
@@ -219,6 +273,30 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   // matrix costs more than it saves, and on an oversubscribed machine a fork waits for every
   // thread to be scheduled.
   const int64_t grain = std::max<int64_t>(1, grain_weights / K);
+#ifdef QK_AVX512
+  if (K % 32 == 0) {
+    // x with every 32 columns as [even | odd], the order gemm_rows512 decodes.
+    std::vector<float> xperm(M * K);
+    for (int64_t i = 0; i < M * K; i += 32)
+      for (int t = 0; t < 16; ++t) {
+        xperm[i + t] = xp[i + 2 * t];
+        xperm[i + 16 + t] = xp[i + 2 * t + 1];
+      }
+    const __m512 table = _mm512_loadu_ps(qmap);
+    for (int64_t m = 0; m < M;) {
+      const int64_t left = M - m;
+      const float* xm = xperm.data() + m * K;
+      float* ym = yp + m * N;
+      const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      if (mb == 8) gemm_group512<8>(xm, K, p, table, scales, bshift, N, ym, grain);
+      else if (mb == 4) gemm_group512<4>(xm, K, p, table, scales, bshift, N, ym, grain);
+      else if (mb == 2) gemm_group512<2>(xm, K, p, table, scales, bshift, N, ym, grain);
+      else gemm_group512<1>(xm, K, p, table, scales, bshift, N, ym, grain);
+      m += mb;
+    }
+    return y;
+  }
+#endif
 #ifdef QK_AVX2
   if (K % 32 == 0) {
     // x with every 8 columns in decode32's order [0 2 4 6 1 3 5 7].

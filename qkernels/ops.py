@@ -280,3 +280,17 @@ def batched_lora_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lo
     else:
         _batched_lora_impl(y, x, lora_a, lora_b, idx, scale, rank)
     return y
+
+
+# ---- linear16 ---------------------------------------------------------------------------------
+
+
+def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ w.T` for a frozen fp16/bf16 weight w [N, K] and x in a wider dtype, computed and returned in x's dtype.
+
+    CPU, fp32 x, nothing to record for autograd: `qkernels.cpu.linear16` (w widened in registers,
+    fp32 sums). Elsewhere the torch reference `F.linear(x, w.to(x.dtype))`.
+    """
+    if x.is_cpu and x.dtype == torch.float32 and not _needs_op(x) and w.dtype in (torch.float16, torch.bfloat16):
+        return cpu.linear16(x, w)
+    return F.linear(x, w.to(x.dtype))

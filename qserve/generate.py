@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qformats.errors import QError
+from qserve.embeddings16 import hold_embeddings_16bit
 from qserve.model import CausalLM
 from qserve.tokenizer import StreamDecoder, Tokenizer
 
@@ -125,6 +126,7 @@ class Generator:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, compile: bool = False,
                  context: int | None = None):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
+        hold_embeddings_16bit(model)  # the output layer's bytes per token halved where that is exact
         self.context = context or model.args.max_position_embeddings
         self.compile = compile
         self._compiled_decode = None

@@ -392,7 +392,7 @@ class Decoder(nn.Module):
                 kv_len: int | None = None) -> torch.Tensor:  # fmt: skip
         """Hidden states [B, T, hidden] after the final norm; see `CausalLM.forward` for the arguments."""
         b, t = tokens.shape
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens).to(self.norm.weight.dtype)  # a no-op unless the table is 16-bit (embeddings16.py)
         if input_pos is not None:
             positions = input_pos
             s = kv_len or self.layers[0].self_attn.kv_cache.k.shape[2]
@@ -445,7 +445,7 @@ class CausalLM(nn.Module):
         if max_seq > self.args.max_position_embeddings:
             raise QError(f"a cache of {max_seq} positions exceeds the model's context of "
                          f"{self.args.max_position_embeddings}")  # fmt: skip
-        ref = self.model.embed_tokens.weight
+        ref = self.model.norm.weight  # the compute dtype (the embedding table may be held in 16 bits)
         dtype, device = dtype or ref.dtype, device or ref.device
         for layer in self.model.layers:
             a = layer.self_attn
