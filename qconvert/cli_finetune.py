@@ -56,13 +56,18 @@ FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # mirrors qconver
 @click.option("--checkpoint-dir", default=None, help="[default: OUT-checkpoints]")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint of this run.")
 @click.option("--force", is_flag=True, help="Replace OUT (and earlier checkpoints) if they exist.")
+@click.option("--base-model", metavar="OWNER/NAME",
+              help="Hub repo of the base, for adapter_config.json and the card when MODEL's lineage does not show it.")  # fmt: skip
+@click.option("--report-to", multiple=True, metavar="tensorboard",
+              help="Also write the metrics as TensorBoard event files (OUT/runs; live in the checkpoint folder). "
+                   "metrics.jsonl and the card's loss curve are always written.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @push_to_hub_option
 def finetune_cmd(model, data, out, eval_file, eval_fraction, fmt, max_seq_len, train_on_prompt, no_chat_template,
                  rank, alpha, dropout, target_modules, rslora, lr, schedule, warmup_ratio, max_grad_norm,
                  weight_decay, optimizer_bits, optimizer_budget, steps, epochs, batch_size, grad_accum, seed,
                  no_gradient_checkpointing, dtype, device, eval_every, save_every, keep_checkpoints, checkpoint_dir,
-                 resume, force, quiet, push_to_hub, push_private):  # fmt: skip
+                 resume, force, base_model, report_to, quiet, push_to_hub, push_private):  # fmt: skip
     """Train a LoRA adapter for MODEL on DATA (JSONL), written as a PEFT adapter folder OUT.
 
     MODEL is an NF4 checkpoint folder (from `qconvert quantize`), a bitsandbytes-4bit Hub repo, or
@@ -98,7 +103,8 @@ def finetune_cmd(model, data, out, eval_file, eval_fraction, fmt, max_seq_len, t
         steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         gradient_checkpointing=not no_gradient_checkpointing, dtype=dtype, device=device, eval_every=eval_every,
         save_every=save_every, keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir, resume=resume,
-        force=force, progress=not quiet,
+        force=force, progress=not quiet, base_model=base_model,
+        report_to=[name.strip() for group in report_to for name in group.split(",") if name.strip()],
     )  # fmt: skip
     result = finetune(cfg, echo=lambda msg: click.echo(msg, err=True))
     import os

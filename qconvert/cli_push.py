@@ -18,9 +18,11 @@ from qconvert.hub import push_after, push_folder
 @click.option("--revision", metavar="BRANCH", help="Push to this branch, created from main if missing.")
 @click.option("--commit-message", metavar="TEXT", help="Commit message (default: 'Upload <kind> with qconvert').")
 @click.option("--token", metavar="TOKEN", help="Hub token with write access (default: HF_TOKEN, else `hf auth login`).")
+@click.option("--base-model", metavar="OWNER/NAME",
+              help="Hub repo of the base model, for the card's base_model when the folder does not lead to one.")  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Verify, list files and sizes, print the card; no network, nothing written.")
 def push(path: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-         token: str | None, dry_run: bool) -> None:  # fmt: skip
+         token: str | None, base_model: str | None, dry_run: bool) -> None:  # fmt: skip
     """Verify PATH and upload it to the Hugging Face Hub as REPO_ID (owner/name, or name under your user).
 
     \b
@@ -32,8 +34,10 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
     A folder that fails verification (qconvert.json checksums, PEFT fields, safetensors headers)
     is refused. README.md is written or refreshed with the Hub's metadata (base_model, license,
     relation, tags) and snippets for transformers, vLLM and qserve; a hand-written README.md keeps
-    its text and only gains missing metadata. The repo is created if needed. HF_ENDPOINT selects
-    another Hub.
+    its text and only gains missing metadata. --base-model names the base when the folder's lineage
+    does not reach a Hub repo (without one the card has no base_model, and a warning says so).
+    Absolute local paths in JSON files are uploaded as Hub ids or folder names. The repo is created
+    if needed. HF_ENDPOINT selects another Hub.
 
     \b
     Examples:
@@ -42,7 +46,7 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
       qconvert push ./merged me/smollm2-merged --revision experiment-1
     """
     result = push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message,
-                         token=token, dry_run=dry_run, report=lambda line: click.echo(line, err=True))  # fmt: skip
+                         token=token, dry_run=dry_run, base_model=base_model, report=lambda line: click.echo(line, err=True))  # fmt: skip
     if dry_run:
         click.echo(f"dry run: would push {result.kind} folder {path} to {result.repo_id}"
                    + (f" (branch {result.revision})" if result.revision else ""))  # fmt: skip

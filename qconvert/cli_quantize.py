@@ -28,10 +28,12 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 @click.option("--revision", default=None, help="Branch, tag or commit when SRC is a Hub repo id.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Quantize source tensors holding NaN or inf (refused by default, naming the tensor).")  # fmt: skip
+@click.option("--base-model", metavar="OWNER/NAME",
+              help="Hub repo SRC was made from, recorded for model cards when SRC's lineage does not show it.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 @push_to_hub_option
 def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, shard_size, device, force,
-             revision, allow_nonfinite, quiet, push_to_hub, push_private):  # fmt: skip
+             revision, allow_nonfinite, base_model, quiet, push_to_hub, push_private):  # fmt: skip
     """Quantize the FP16/BF16 checkpoint SRC to NF4 with double-quantized scales, into folder OUT.
 
     SRC is a local Hugging Face folder (safetensors, single or sharded) or a Hub repo id such as
@@ -59,7 +61,7 @@ def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, 
     summary = quantize_checkpoint(src, out, blocksize=blocksize, double_quant=not no_double_quant,
                                   compute_dtype=compute_dtype, skip_modules=names, shard_size=shard_size,
                                   device=device, force=force, revision=revision, progress=not quiet,
-                                  allow_nonfinite=allow_nonfinite)  # fmt: skip
+                                  allow_nonfinite=allow_nonfinite, base_model=base_model)  # fmt: skip
     if not quiet:
         click.echo(summary.describe())
     push_if_asked(out, push_to_hub, push_private)

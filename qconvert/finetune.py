@@ -36,8 +36,10 @@ from qconvert import train_checkpoint as ckpt
 from qconvert.lm_loss import causal_lm_loss, count_trained
 from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
-from qconvert.train_card import write_card
+from qconvert.train_card import base_record, write_card
+from qconvert.train_metrics import TENSORBOARD_DIR, TensorBoardLog, check_report_to, metric_records, write_reports
 from qformats.errors import QError
+from qformats.lineage import check_base_model_id
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import use_caching_allocator
@@ -90,6 +92,8 @@ class FinetuneConfig:
     resume: bool = False
     force: bool = False
     progress: bool = True
+    base_model: str | None = None  # Hub repo id of the base where its lineage does not show one
+    report_to: list[str] = field(default_factory=list)  # "tensorboard"; metrics.jsonl is always written
 
 
 @dataclass
@@ -252,6 +256,8 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise QError("--dropout and --warmup-ratio must be in [0, 1)")
     if cfg.eval_file and cfg.eval_fraction:
         raise QError("give either --eval-file or --eval-fraction, not both")
+    check_base_model_id(cfg.base_model)
+    check_report_to(cfg.report_to)
 
 
 def _sha256(path: str | Path) -> str:
@@ -319,6 +325,7 @@ class _Run:
         if not any(isinstance(m, NF4Linear) for m in self.model.modules()):
             self.note(f"{cfg.model} is not an NF4 checkpoint: training plain LoRA over its {self.dtype} weights "
                       "(quantize it first with `qconvert quantize` for QLoRA's memory savings)")  # fmt: skip
+        self.base = base_record(cfg.model, model_dir, cfg.base_model)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_ids[0]
         load = {"fmt": cfg.format, "max_seq_len": cfg.max_seq_len, "train_on_prompt": cfg.train_on_prompt,
@@ -431,8 +438,10 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        seconds = time.perf_counter() - t0
         entry = {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
-                 "tokens": seen, "seconds": time.perf_counter() - t0, "trained_tokens": n_tokens}  # fmt: skip
+                 "tokens": seen, "seconds": seconds, "trained_tokens": n_tokens, "tokens_per_s": seen / max(seconds, 1e-9),
+                 "memory_bytes": _memory_bytes(self.device)}  # fmt: skip
         self.history.append(entry)
         return entry
 
@@ -493,6 +502,7 @@ class _Run:
         d.barrier()
         if d.main:
             save_adapter_files(tmp, self._adapter())
+            write_reports(tmp, metric_records(self.history, self.eval_before), [], plot=False)
             self.optimizer.save(tmp / "optimizer.safetensors")
             state = {"step": self.step, "epoch": self.epoch, "index": self.index, "total_steps": self.total,
                      "scheduler": self.scheduler.state_dict(), "history": self.history,
@@ -502,7 +512,18 @@ class _Run:
         return final
 
     def _adapter(self):
-        return to_peft_adapter(self.model, self.cfg.target_modules, self.cfg.dropout, base_model=str(self.cfg.model))
+        return to_peft_adapter(self.model, self.cfg.target_modules, self.cfg.dropout, base_model=self.base["base_model"])
+
+    def _live_log(self, first_step: int) -> TensorBoardLog | None:
+        """TensorBoard events while training, under the checkpoint folder; a resumed run hides what the
+        interrupted one logged after its checkpoint (purge_step) and logs those steps again."""
+        if "tensorboard" not in self.cfg.report_to or not self.dist.main:
+            return None
+        # Steps from the first one this run logs on are hidden from earlier runs (the checkpoint's are kept).
+        log = TensorBoardLog(self.ckpt_root / TENSORBOARD_DIR, purge_step=first_step + 1 if first_step else 0)
+        if first_step == 0 and self.eval_before is not None:
+            log.add(metric_records([], self.eval_before)[0])
+        return log
 
     def run(self) -> FinetuneResult:
         self._setup()
@@ -515,39 +536,60 @@ class _Run:
         bar = tqdm(total=self.total, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and self.dist.main))  # fmt: skip
         interrupted, checkpoint = False, None
-        with _StopRequest(self.echo) as stop:
-            while self.step < self.total:
-                entry = self._train_step()
-                bar.update()
-                bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
-                                tok_s=f"{entry['tokens'] / entry['seconds']:.0f}", mem=_memory(self.device))  # fmt: skip
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
-                    entry["eval_loss"] = self.evaluate()
-                    bar.write(f"step {self.step}: eval loss {entry['eval_loss']:.4f}")
-                flag = self.dist.sum_(torch.tensor([float(stop.requested)]))
-                if flag.item() > 0 and self.step < self.total:
-                    checkpoint, interrupted = self.save_checkpoint(), True
-                    break
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
-                    checkpoint = self.save_checkpoint()
-        bar.close()
-        seconds = time.perf_counter() - start
-        done = self.history[first_step:]
-        tokens_per_s = sum(h["tokens"] for h in done) / max(seconds, 1e-9)
-        result = FinetuneResult(None, self.step, self.total, self.history[-1]["loss"] if self.history else None,
-                                self.eval_before, None, seconds, tokens_per_s, interrupted, checkpoint,
-                                self.notes, self.history)  # fmt: skip
-        if interrupted:
+        live = self._live_log(first_step)
+        try:
+            with _StopRequest(self.echo) as stop:
+                while self.step < self.total:
+                    entry = self._train_step()
+                    bar.update()
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
+                                    tok_s=f"{entry['tokens_per_s']:.0f}", mem=_memory(self.device))  # fmt: skip
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
+                        entry["eval_loss"] = self.evaluate()
+                        bar.write(f"step {self.step}: eval loss {entry['eval_loss']:.4f}")
+                    if live is not None:
+                        live.add(metric_records([entry], None)[0])
+                    flag = self.dist.sum_(torch.tensor([float(stop.requested)]))
+                    if flag.item() > 0 and self.step < self.total:
+                        checkpoint, interrupted = self.save_checkpoint(), True
+                        break
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
+                        checkpoint = self.save_checkpoint()
+            bar.close()
+            seconds = time.perf_counter() - start
+            done = self.history[first_step:]
+            tokens_per_s = sum(h["tokens"] for h in done) / max(seconds, 1e-9)
+            result = FinetuneResult(None, self.step, self.total, self.history[-1]["loss"] if self.history else None,
+                                    self.eval_before, None, seconds, tokens_per_s, interrupted, checkpoint,
+                                    self.notes, self.history)  # fmt: skip
+            if interrupted:
+                return result
+            if not all(torch.isfinite(p).all() for p in self.params):
+                self._stop_non_finite(f"after step {self.step}: the adapter weights became non-finite")
+            result.eval_loss_after = self.evaluate()
+            if live is not None and result.eval_loss_after is not None:
+                live.add({"step": self.step, "eval_loss": result.eval_loss_after})
+            if self.dist.main:
+                records = metric_records(self.history, self.eval_before, result.eval_loss_after)
+
+                def finalize(folder: Path) -> None:
+                    write_reports(folder, records, cfg.report_to)
+                    write_card(folder, cfg, result, self.train, self.eval, self.dist.world, self.base)
+
+                write_adapter(self.output, self._adapter(), force=cfg.force, finalize=finalize)
+            self.dist.barrier()
+            result.output = self.output
             return result
-        if not all(torch.isfinite(p).all() for p in self.params):
-            self._stop_non_finite(f"after step {self.step}: the adapter weights became non-finite")
-        result.eval_loss_after = self.evaluate()
-        if self.dist.main:
-            write_adapter(self.output, self._adapter(), force=cfg.force,
-                          finalize=lambda folder: write_card(folder, cfg, result, self.train, self.eval, self.dist.world))  # fmt: skip
-        self.dist.barrier()
-        result.output = self.output
-        return result
+        finally:
+            if live is not None:
+                live.close()
+
+
+def _memory_bytes(device: torch.device) -> int:
+    """Peak device memory on a GPU, the process's resident memory on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(psutil.Process().memory_info().rss)
 
 
 def _memory(device: torch.device) -> str:

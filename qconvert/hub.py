@@ -11,15 +11,20 @@ their sizes and the card. `push_after` is the tail of `quantize`/`finetune`/`exp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qconvert.model_card import Artifact, card_text, read_artifact, refresh_card
 from qformats.errors import QError
 from qformats.hub_pull import explain_hub_error, hub_endpoint, hub_offline, is_repo_id
+from qformats.lineage import check_base_model_id, portable_name
+from qformats.manifest import MANIFEST_FILE
 
 # Never published: hidden files and folders, temporaries, caches, training checkpoints.
 IGNORE_PATTERNS = [".*", "*/.*", "*.tmp", "*.partial", "__pycache__/*", "*/__pycache__/*",
@@ -82,6 +87,48 @@ def _verify_adapter(art: Artifact) -> None:
     read_adapter(art.folder)
 
 
+# ---------------------------------------------------------------- what leaves the machine
+
+
+def _is_local_path(text: str) -> bool:
+    return text.startswith(("/", "~", "\\\\")) or bool(len(text) > 2 and text[1] == ":" and text[2] in "/\\")
+
+
+def _portable(value: Any, base_model: str | None, key: str | None = None) -> Any:
+    """`value` with every absolute local path replaced by the Hub id or the folder's name."""
+    if isinstance(value, dict):
+        return {k: _portable(v, base_model, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, base_model) for v in value]
+    if isinstance(value, str) and _is_local_path(value):
+        return base_model if key == "base_model_name_or_path" and base_model else portable_name(value)
+    return value
+
+
+def portable_json_files(art: Artifact, names: list[str]) -> dict[str, bytes]:
+    """New bytes for the JSON files among `names` that hold absolute local paths (a folder another tool
+    wrote, or an older qconvert): the paths become Hub ids or folder names, and qconvert.json's sha256s
+    follow the files rewritten. The local folder is left as it is."""
+    rewritten: dict[str, bytes] = {}
+    for name in names:
+        if not name.endswith(".json") or name == MANIFEST_FILE:
+            continue
+        try:
+            data = json.loads((art.folder / name).read_text())
+        except (OSError, ValueError, RecursionError):
+            continue  # not ours to judge: uploaded as it is
+        portable = _portable(data, art.base_model)
+        if portable != data:
+            rewritten[name] = (json.dumps(portable, indent=2) + "\n").encode()
+    if MANIFEST_FILE in names:
+        manifest = _portable(dict(art.manifest), art.base_model)
+        if isinstance(manifest.get("files"), dict):
+            manifest["files"] = {k: hashlib.sha256(rewritten[k]).hexdigest() if k in rewritten else v for k, v in manifest["files"].items()}
+        if manifest != art.manifest:
+            rewritten[MANIFEST_FILE] = (json.dumps(manifest, indent=2) + "\n").encode()
+    return rewritten
+
+
 # ---------------------------------------------------------------- push
 
 
@@ -99,13 +146,18 @@ def push_folder(
     token: str | None = None,
     dry_run: bool = False,
     report: Callable[[str], None] | None = _stderr,
+    base_model: str | None = None,
 ) -> PushResult:
-    """Verify `path`, write its card, upload it to `repo_id` (created if needed) on `revision` (created if needed)."""
+    """Verify `path`, write its card, upload it to `repo_id` (created if needed) on `revision` (created if needed).
+
+    `base_model` (a Hub repo id) names the base where the folder's lineage does not lead to one."""
     say = report or (lambda _line: None)
+    check_base_model_id(base_model)
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise QError(f"{path}: no such folder")
     art = read_artifact(folder)
+    art.base_model = base_model or art.base_model
     verify_artifact(art)
     if "/" in repo_id and not is_repo_id(repo_id) or "/" not in repo_id and not is_repo_id(f"user/{repo_id}"):
         raise QError(f"{repo_id!r} is not a valid Hub repo id (owner/name: letters, digits, '-', '_', '.')")
@@ -114,7 +166,8 @@ def push_folder(
     files = [f for f in list_upload_files(folder) if f[0] != "README.md"] + [("README.md", len(card.encode()))]
     files.sort()
     result = PushResult(repo_id=repo_id, files=files, card=card, kind=art.kind, revision=revision)
-    no_base = f"note: no Hub repo id found for the base model of {folder}, so the card has no base_model"
+    no_base = (f"warning: no Hub repo id found for the base model of {folder}, so the card has no base_model "
+               "(name it with --base-model OWNER/NAME)")
     if dry_run:
         if not art.base_model:
             say(no_base)
@@ -123,7 +176,7 @@ def push_folder(
         raise QError("HF_HUB_OFFLINE is set: unset it to push (or use --dry-run)")
 
     import httpx2
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(endpoint=hub_endpoint(), token=token)
@@ -135,16 +188,19 @@ def push_folder(
         result.card = card_text(art, target)
         refresh_card(art, target)
         files = result.files = list_upload_files(folder)
+        rewritten = portable_json_files(art, [name for name, _ in files])
+        files = result.files = [(name, len(rewritten[name]) if name in rewritten else size) for name, size in files]
         repo_url = api.create_repo(target, private=private, exist_ok=True)
         if revision:
             api.create_branch(target, branch=revision, exist_ok=True)
         say(f"uploading {_describe(files)} from {folder} to {repo_url}" + (f" (branch {revision})" if revision else ""))
-        info = api.upload_folder(
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=rewritten.get(name, folder / name))
+                      for name, _ in files]  # fmt: skip
+        info = api.create_commit(
             repo_id=target,
-            folder_path=folder,
+            operations=operations,
             revision=revision,
             commit_message=commit_message or f"Upload {_KIND_NAMES[art.kind]} with qconvert",
-            ignore_patterns=list(IGNORE_PATTERNS),
         )
     except Exception as e:
         if not _is_hub_error(e):

@@ -35,6 +35,7 @@ from qformats.checkpoint import (
     sha256_file,
 )
 from qformats.errors import QError
+from qformats.lineage import check_base_model_id, model_origin, portable_name
 from qformats.manifest import MANIFEST_FILE, build_manifest
 from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize
 from qformats.output_folder import check_out_apart_from_sources
@@ -173,6 +174,7 @@ def quantize_checkpoint(
     progress: bool = True,
     allow_nonfinite: bool = False,
     pipelined: bool = True,
+    base_model: str | None = None,
 ) -> QuantizeSummary:
     """Quantize the checkpoint at SRC (a folder or Hub repo id) into the folder OUT.
 
@@ -180,11 +182,14 @@ def quantize_checkpoint(
     is refused unless `force`. `compute_dtype` defaults to the source dtype. A source tensor with a
     NaN or inf is refused by name unless `allow_nonfinite`. `pipelined=False` runs the reader, the
     kernel and the writer one after the other on this thread (same output; for tests).
+    `base_model` (a Hub repo id) is recorded as the original where SRC's lineage does not lead to one;
+    qconvert.json names sources by Hub id or folder name, never by a local path.
     """
     from qformats.hub_pull import pull
 
     t0 = time.perf_counter()
     check_blocksize(blocksize)
+    check_base_model_id(base_model)
     shard_bytes = parse_size(shard_size)
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise QError(f"--compute-dtype {compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
@@ -224,7 +229,9 @@ def quantize_checkpoint(
         parameters = {"blocksize": blocksize, "double_quant": double_quant,
                       "compute_dtype": compute_dtype or dtype_name, "skip_modules": skip_modules,
                       "llm_int8_skip_modules": skipped, "shard_size": shard_bytes}  # fmt: skip
-        source = {"path": str(src), "repo_id": pulled.repo_id, "revision": revision, "commit": pulled.commit}
+        origin, license_ = model_origin(ckpt.folder)
+        source = {"path": portable_name(src, pulled.repo_id), "repo_id": pulled.repo_id, "revision": revision,
+                  "commit": pulled.commit, "base_model": base_model or origin, "license": license_}  # fmt: skip
         tensors = {n: {"shape": list(infos[n].shape), "dtype": infos[n].dtype_name, "kind": kinds[n]} for n in infos}
         manifest = build_manifest(parameters, source, source_files, tensors, dict(writer.file_hashes))
         writer.write_json(MANIFEST_FILE, manifest)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, open_checkpoint, parse_size, sha256_file
 from qformats.errors import QError
+from qformats.lineage import model_origin, portable_name
 from qformats.manifest import MANIFEST_FILE, build_manifest
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import adapter_folder, read_adapter
@@ -132,8 +133,9 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
         # Provenance: what this was made from (model cards follow it back to the original Hub id).
         parameters = {"operation": "export", "dtype": str(out_dtype).removeprefix("torch."), "requantize": requantize,
                       "merged_modules": merged}  # fmt: skip
-        source = {"path": str(model), "base_model": str(model), "revision": revision,
-                  "adapter": None if adapter is None else str(adapter)}  # fmt: skip
+        origin, license_ = model_origin(model_dir)
+        source = {"path": portable_name(model), "base_model": origin or portable_name(model), "revision": revision,
+                  "license": license_, "adapter": None if adapter is None else portable_name(adapter)}  # fmt: skip
         source_files = {p.name: sha256_file(p) for p in ckpt.source_files}
         writer.write_json(MANIFEST_FILE, build_manifest(parameters, source, source_files, {}, dict(writer.file_hashes)))
         writer.commit()

@@ -113,7 +113,9 @@ def test_export_without_adapter_dequantizes(base, tmp_path):
         assert rel_err(load_model(out)(tokens), load_model(base / "nf4", dtype=torch.float32)(tokens)) < 1e-5
     verify_manifest(out)  # qconvert.json: every output file's sha256, and where the export came from
     manifest = json.loads((out / "qconvert.json").read_text())
-    assert manifest["parameters"]["operation"] == "export" and manifest["source"]["base_model"] == str(base / "nf4")
+    assert manifest["parameters"]["operation"] == "export" and manifest["source"]["base_model"] == "nf4"
+    assert manifest["source"]["path"] == "nf4"  # no Hub lineage: the folder's name, never its local path
+    assert str(base) not in (out / "qconvert.json").read_text()
     assert manifest["source"]["adapter"] is None and "model.safetensors" in manifest["source"]["files"]
 
 
