@@ -106,21 +106,22 @@ def test_a_seed_out_of_int64_is_400_and_running_requests_finish(tiny):
         results = []
 
         def running(i):
-            r = post(server, "/v1/completions", {"model": BASE, "prompt": f"Story {i}", "max_tokens": 60,
+            # Long enough to be seen running together on a busy machine (the context is 192).
+            r = post(server, "/v1/completions", {"model": BASE, "prompt": f"Story {i}", "max_tokens": 170,
                                                  "temperature": 0, "ignore_eos": True})  # fmt: skip
             results.append((r.status_code, r.json()["usage"]["completion_tokens"] if r.status_code == 200 else r.text))
 
         threads = [threading.Thread(target=running, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        wait_for(lambda: len(server.engine.running) == 3)
+        wait_for(lambda: len(server.engine.running) == 3, seconds=120)
         for seed in (18446744073709551616, 2**63, -(2**63) - 1):
             body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "seed": seed, "max_tokens": 4}
             r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=20)
             assert error_of(r, 400)["param"] == "seed"
         for t in threads:
             t.join(60)
-        assert results == [(200, 60)] * 3
+        assert results == [(200, 170)] * 3
 
 
 def test_a_failure_in_one_requests_admission_fails_that_request_only(tiny):
