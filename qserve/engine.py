@@ -43,6 +43,7 @@ from torch import nn
 from qformats.errors import QError
 from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA
 from qserve.generate import Completion, DecodeRow, SamplingParams, sample
+from qserve.logprobs import TokenLogprob, token_logprobs
 from qserve.model import CausalLM
 from qserve.tokenizer import Tokenizer
 
@@ -74,6 +75,9 @@ class Event:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked (params.logprobs)
+    # On the request's first event, when it asked (params.prompt_logprobs): None for the first prompt token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def final(self) -> bool:
@@ -143,6 +147,7 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     done: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # computed at prefill, sent with the first event
 
 
 class Engine:
@@ -380,7 +385,11 @@ class Engine:
             logits = self._forward_isolated(joiners, self._prefill_forward)
             for req, row_logits in logits.items():
                 req.pos = len(req.prompt_ids)
-                self._advance(req, row_logits)
+                if req.params.max_new_tokens == 0:  # scoring only: the prompt's log-probabilities are the answer
+                    with self._lock:
+                        self._finish(req, Event(finish_reason="length", prompt_logprobs=req.prompt_logprobs))
+                else:
+                    self._advance(req, row_logits)
         with self._lock:
             decoding = sorted((r for r in self.running.values() if not r.done and not r.cancelled), key=lambda r: r.slot)
         if decoding:
@@ -403,6 +412,11 @@ class Engine:
         with self.lora.use([r.adapter_id for r in reqs]):
             hidden = self.model.model(tokens.to(dev), torch.arange(t, device=dev).expand(len(reqs), t),
                                       torch.tensor([r.slot for r in reqs], device=dev), kv_len=t)  # fmt: skip
+            for i, (r, n) in enumerate(zip(reqs, lens)):
+                if r.params.prompt_logprobs is not None:  # position j's logits score prompt token j + 1
+                    scored = token_logprobs(self._logits(hidden[i, : n - 1]), r.prompt_ids[1:],
+                                            r.params.prompt_logprobs) if n > 1 else []  # fmt: skip
+                    r.prompt_logprobs = [None, *scored]
             return self._logits(hidden[torch.arange(len(reqs), device=dev), torch.tensor(lens, device=dev) - 1])
 
     def _decode_forward(self, reqs: list[Request]) -> torch.Tensor:
@@ -451,6 +465,9 @@ class Engine:
         """Sample this row's next token, emit its text, finish it if done; errors fail this row only."""
         try:
             token = int(sample(logits[None], req.params, req.generator)[0])
+            k = req.params.logprobs
+            scored = None if k is None else token_logprobs(logits[None], [token], k)
+            prompt_scored, req.prompt_logprobs = req.prompt_logprobs, None  # once, with the first event
             now = time.perf_counter()
             if req.first_token_at is None:
                 req.first_token_at = now
@@ -463,9 +480,10 @@ class Engine:
             self.metrics.generated_tokens += 1
             if req.row.done or req.pos >= self.max_model_len:  # (submit keeps pos below the limit)
                 with self._lock:
-                    self._finish(req, Event(text=delta, token_ids=[token], finish_reason=req.row.reason))
+                    self._finish(req, Event(text=delta, token_ids=[token], finish_reason=req.row.reason,
+                                            logprobs=scored, prompt_logprobs=prompt_scored))  # fmt: skip
             elif not req.cancelled:
-                req.emit(Event(text=delta, token_ids=[token]))
+                req.emit(Event(text=delta, token_ids=[token], logprobs=scored, prompt_logprobs=prompt_scored))
         except Exception as e:  # noqa: BLE001 (fails this request only)
             self._fail(req, e)
 
