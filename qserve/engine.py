@@ -22,6 +22,10 @@ Failures stay inside the request that caused them: an exception while admitting 
 stop set), sampling, decoding text or delivering an event fails that request only; an exception in a batched forward re-runs the rows
 one by one (the cache writes are idempotent) and fails only the rows that fail alone.
 
+A request may ask for log-probabilities (qserve.logprobs): of its prompt tokens, from the prefill's
+hidden states of every prompt position, and of each token it samples; `max_new_tokens` 0 with prompt
+log-probabilities is a scoring request that finishes at its prefill.
+
 Requests talk back through `emit(Event)`, called on the engine thread (the server forwards events
 to its event loop). `Engine.generate` is the blocking form for tests, benchmarks and scripts.
 """
