@@ -15,7 +15,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from qformats.errors import QError
 from qserve.engine import ContextTooLong, Engine, Event, QueueFull, UnknownAdapter
 from qserve.generate import SEED_MAX, SEED_MIN, SamplingParams
-from qserve.logprobs import MAX_TOP_LOGPROBS, chat_logprobs, completion_logprobs
+from qserve.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, chat_logprobs, completion_logprobs
 from qserve.request_guard import APIError, bad_field, show
 from qserve.tokenizer import Tokenizer
 
@@ -106,15 +106,12 @@ class Choice:
     prompt_text: str | None  # the prompt as the client sent it (None: token ids)
     prompt_ids: list[int]
     text: str = ""
-    token_ids: list = None
-    entries: list = None  # TokenLogprob of prompt (echo) then generated tokens
+    token_ids: list[int] = field(default_factory=list)
+    entries: list[TokenLogprob | None] = field(default_factory=list)  # prompt's (echo), then generated tokens'
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     started: bool = False
-
-    def __post_init__(self):
-        self.token_ids, self.entries = [], []
 
 
 async def generate(request: Request, engine: Engine, tokenizer: Tokenizer, model: str, body: dict,

@@ -157,6 +157,8 @@ class Request:
 class Engine:
     """Continuous batching over one `CausalLM` and any number of LoRA adapters (see module doc)."""
 
+    prompt_logprob_chunk = 256  # prompt positions whose logits exist at once when scoring
+
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, *, max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, prefill_tokens: int = 2048):  # fmt: skip
         if max_batch < 1 or max_queue < 0:
@@ -417,11 +419,20 @@ class Engine:
             hidden = self.model.model(tokens.to(dev), torch.arange(t, device=dev).expand(len(reqs), t),
                                       torch.tensor([r.slot for r in reqs], device=dev), kv_len=t)  # fmt: skip
             for i, (r, n) in enumerate(zip(reqs, lens)):
-                if r.params.prompt_logprobs is not None:  # position j's logits score prompt token j + 1
-                    scored = token_logprobs(self._logits(hidden[i, : n - 1]), r.prompt_ids[1:],
-                                            r.params.prompt_logprobs) if n > 1 else []  # fmt: skip
-                    r.prompt_logprobs = [None, *scored]
+                if r.params.prompt_logprobs is not None:
+                    r.prompt_logprobs = [None, *self._prompt_logprobs(hidden[i, : n - 1], r)]
             return self._logits(hidden[torch.arange(len(reqs), device=dev), torch.tensor(lens, device=dev) - 1])
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req: Request) -> list[TokenLogprob]:
+        """Position j's logits score prompt token j + 1; `prompt_logprob_chunk` positions at a time, so a long
+        prompt never holds its whole [tokens, vocab] logits at once."""
+        out: list[TokenLogprob] = []
+        step = self.prompt_logprob_chunk
+        for start in range(0, hidden.shape[0], step):
+            chunk = hidden[start : start + step]
+            out += token_logprobs(self._logits(chunk), req.prompt_ids[start + 1 : start + 1 + chunk.shape[0]],
+                                  req.params.prompt_logprobs)  # fmt: skip
+        return out
 
     def _decode_forward(self, reqs: list[Request]) -> torch.Tensor:
         dev = self.device

@@ -96,6 +96,16 @@ def test_echo_scoring_equals_transformers_bnb_and_peft(live, peers, model):
         assert (peer_logprobs(peers["lora"], ids) - peer_logprobs(peers[BASE], ids)).abs().max() > 0.05
 
 
+def test_long_prompts_are_scored_in_chunks_with_the_same_values(live, monkeypatch):
+    ids = token_ids(40, seed=9)
+    whole = live.client.completions.create(model=BASE, prompt=ids, echo=True, logprobs=2, max_tokens=0)
+    monkeypatch.setattr(live.engine, "prompt_logprob_chunk", 7)
+    chunked = live.client.completions.create(model=BASE, prompt=ids, echo=True, logprobs=2, max_tokens=0)
+    a, b = whole.choices[0].logprobs, chunked.choices[0].logprobs
+    assert max(abs(x - y) for x, y in zip(a.token_logprobs[1:], b.token_logprobs[1:])) < 1e-5  # fp32 rounding
+    assert a.tokens == b.tokens and len(b.token_logprobs) == 40
+
+
 @pytest.mark.parametrize("model", [BASE, "lora"])
 def test_greedy_generation_logprobs_equal_the_peer(live, peers, model):
     ids = token_ids(9, seed=1)
