@@ -76,6 +76,8 @@ def adapter_map(specs: tuple[str, ...]) -> dict[str, str]:
               help="Require 'Authorization: Bearer KEY' on every /v1 route (native engine).")  # fmt: skip
 @click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body read; larger ones get HTTP 413.")  # fmt: skip
+@click.option("--max-prompts", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Prompts in one /v1/completions request (a list); more get HTTP 400.")  # fmt: skip
 @click.option("--enable-lora-loading", is_flag=True,
               help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter (off: any client could load files).")  # fmt: skip
 @click.option("--adapter-root", default=None, type=click.Path(exists=True, file_okay=False),
@@ -87,7 +89,7 @@ def adapter_map(specs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-loras", default=16, show_default=True, type=click.IntRange(min=1),
               help="Most adapters loaded at once; a run-time load beyond it gets HTTP 400.")  # fmt: skip
 def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, max_model_len, dtype, device,
-          revision, engine_kind, tensor_parallel_size, pipeline_parallel_size, dry_run, api_key, max_body_mb,
+          revision, engine_kind, tensor_parallel_size, pipeline_parallel_size, dry_run, api_key, max_body_mb, max_prompts,
           enable_lora_loading, adapter_root, max_lora_rank, max_lora_mb, max_loras):  # fmt: skip
     """Serve a base model and LoRA adapters over an OpenAI-compatible HTTP API.
 
@@ -127,7 +129,8 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
 
     policy = ServerPolicy(api_key=api_key or None, max_body_bytes=int(max_body_mb * 2**20),
                           enable_lora_loading=enable_lora_loading, adapter_root=Path(adapter_root) if adapter_root else None,
-                          max_lora_rank=max_lora_rank, max_lora_bytes=int(max_lora_mb * 2**20), max_loras=max_loras)  # fmt: skip
+                          max_lora_rank=max_lora_rank, max_lora_bytes=int(max_lora_mb * 2**20), max_loras=max_loras,
+                          max_prompts=max_prompts)  # fmt: skip
     app, engine = build_server(model, named, served_model_name=served_model_name, max_batch=max_batch,
                                max_queue=max_queue, max_model_len=max_model_len,
                                dtype=parse_dtype(dtype), device=device, revision=revision, progress=True,

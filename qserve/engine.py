@@ -22,6 +22,10 @@ Failures stay inside the request that caused them: an exception while admitting 
 stop set), sampling, decoding text or delivering an event fails that request only; an exception in a batched forward re-runs the rows
 one by one (the cache writes are idempotent) and fails only the rows that fail alone.
 
+A request may ask for log-probabilities (qserve.logprobs): of its prompt tokens, from the prefill's
+hidden states of every prompt position, and of each token it samples; `max_new_tokens` 0 with prompt
+log-probabilities is a scoring request that finishes at its prefill.
+
 Requests talk back through `emit(Event)`, called on the engine thread (the server forwards events
 to its event loop). `Engine.generate` is the blocking form for tests, benchmarks and scripts.
 """
@@ -43,6 +47,7 @@ from torch import nn
 from qformats.errors import QError
 from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA
 from qserve.generate import Completion, DecodeRow, SamplingParams, sample
+from qserve.logprobs import TokenLogprob, token_logprobs
 from qserve.model import CausalLM
 from qserve.tokenizer import Tokenizer
 
@@ -74,6 +79,9 @@ class Event:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked (params.logprobs)
+    # On the request's first event, when it asked (params.prompt_logprobs): None for the first prompt token.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def final(self) -> bool:
@@ -143,10 +151,13 @@ class Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     done: bool = False
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # computed at prefill, sent with the first event
 
 
 class Engine:
     """Continuous batching over one `CausalLM` and any number of LoRA adapters (see module doc)."""
+
+    prompt_logprob_chunk = 256  # prompt positions whose logits exist at once when scoring
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, *, max_batch: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None, prefill_tokens: int = 2048):  # fmt: skip
@@ -380,7 +391,11 @@ class Engine:
             logits = self._forward_isolated(joiners, self._prefill_forward)
             for req, row_logits in logits.items():
                 req.pos = len(req.prompt_ids)
-                self._advance(req, row_logits)
+                if req.params.max_new_tokens == 0:  # scoring only: the prompt's log-probabilities are the answer
+                    with self._lock:
+                        self._finish(req, Event(finish_reason="length", prompt_logprobs=req.prompt_logprobs))
+                else:
+                    self._advance(req, row_logits)
         with self._lock:
             decoding = sorted((r for r in self.running.values() if not r.done and not r.cancelled), key=lambda r: r.slot)
         if decoding:
@@ -403,7 +418,21 @@ class Engine:
         with self.lora.use([r.adapter_id for r in reqs]):
             hidden = self.model.model(tokens.to(dev), torch.arange(t, device=dev).expand(len(reqs), t),
                                       torch.tensor([r.slot for r in reqs], device=dev), kv_len=t)  # fmt: skip
+            for i, (r, n) in enumerate(zip(reqs, lens)):
+                if r.params.prompt_logprobs is not None:
+                    r.prompt_logprobs = [None, *self._prompt_logprobs(hidden[i, : n - 1], r)]
             return self._logits(hidden[torch.arange(len(reqs), device=dev), torch.tensor(lens, device=dev) - 1])
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req: Request) -> list[TokenLogprob]:
+        """Position j's logits score prompt token j + 1; `prompt_logprob_chunk` positions at a time, so a long
+        prompt never holds its whole [tokens, vocab] logits at once."""
+        out: list[TokenLogprob] = []
+        step = self.prompt_logprob_chunk
+        for start in range(0, hidden.shape[0], step):
+            chunk = hidden[start : start + step]
+            out += token_logprobs(self._logits(chunk), req.prompt_ids[start + 1 : start + 1 + chunk.shape[0]],
+                                  req.params.prompt_logprobs)  # fmt: skip
+        return out
 
     def _decode_forward(self, reqs: list[Request]) -> torch.Tensor:
         dev = self.device
@@ -451,6 +480,9 @@ class Engine:
         """Sample this row's next token, emit its text, finish it if done; errors fail this row only."""
         try:
             token = int(sample(logits[None], req.params, req.generator)[0])
+            k = req.params.logprobs
+            scored = None if k is None else token_logprobs(logits[None], [token], k)
+            prompt_scored, req.prompt_logprobs = req.prompt_logprobs, None  # once, with the first event
             now = time.perf_counter()
             if req.first_token_at is None:
                 req.first_token_at = now
@@ -463,9 +495,10 @@ class Engine:
             self.metrics.generated_tokens += 1
             if req.row.done or req.pos >= self.max_model_len:  # (submit keeps pos below the limit)
                 with self._lock:
-                    self._finish(req, Event(text=delta, token_ids=[token], finish_reason=req.row.reason))
+                    self._finish(req, Event(text=delta, token_ids=[token], finish_reason=req.row.reason,
+                                            logprobs=scored, prompt_logprobs=prompt_scored))  # fmt: skip
             elif not req.cancelled:
-                req.emit(Event(text=delta, token_ids=[token]))
+                req.emit(Event(text=delta, token_ids=[token], logprobs=scored, prompt_logprobs=prompt_scored))
         except Exception as e:  # noqa: BLE001 (fails this request only)
             self._fail(req, e)
 

@@ -38,10 +38,18 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = ()  # stop strings: the text ends before the first one
     stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS ids; () never stops on a token
+    # Engine only: log-probabilities (qserve.logprobs) of each generated token with its top k (None: off),
+    # and of each prompt token after the first with its top k (None: off; with max_new_tokens 0: scoring only).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise QError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise QError(f"max new tokens must be at least 1 (0 only when scoring the prompt), got {self.max_new_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= 20:
+                raise QError(f"{name} must be in [0, 20], got {k}")
         if self.temperature < 0:
             raise QError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

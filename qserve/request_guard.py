@@ -51,6 +51,7 @@ class ServerPolicy:
 
     api_key: str | None = None  # None: no authentication
     max_body_bytes: int = 4 * 2**20
+    max_prompts: int = 256  # prompts in one /v1/completions request (a list: one choice each)
     enable_lora_loading: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
     adapter_root: Path | None = None  # runtime loads only from folders under it (None: any folder or Hub id)
     max_lora_rank: int = 64

@@ -4,14 +4,17 @@ Routes, with OpenAI's (and vLLM's) request and response shapes:
 - `GET /v1/models`: the base model and every loaded adapter (an adapter's `parent` is the base);
 - `POST /v1/completions`, `POST /v1/chat/completions` (messages through the model's chat template):
   `max_tokens` (chat: also `max_completion_tokens`), `temperature` [0, 2], `top_p` (0, 1], `stop`,
-  `seed`, `n` = 1, vLLM's `top_k` and `ignore_eos`, `stream` (server-sent events of `*.chunk` objects, then `data: [DONE]`;
+  `seed`, `n` (samples per prompt), vLLM's `top_k` and `ignore_eos`, `stream` (server-sent events of `*.chunk` objects, then `data: [DONE]`;
   `stream_options.include_usage` adds a last chunk with the token counts), `usage` in every answer;
-  the request's `model` picks the base (its served name) or an adapter (its name);
+  the request's `model` picks the base (its served name) or an adapter (its name); completions take a
+  list of prompts (strings or token-id lists, up to `--max-prompts`), `echo`, `logprobs` k (legacy shape,
+  prompt tokens too when echoed) and `max_tokens` 0 with echo (scoring); chat takes `logprobs` and
+  `top_logprobs` (qserve.completion_request, qserve.logprobs);
 - `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}` and `POST /v1/unload_lora_adapter`
   `{"lora_name"}`, as vLLM names them (path: a folder or a Hub id), only with `--enable-lora-loading`
   (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING), only from folders under `--adapter-root` when one is given,
   within the rank, size and count limits; replies never say whether a path outside the root exists;
-- `GET /health`, `GET /metrics` (Prometheus text format).
+- `GET /health`, `GET /metrics` (Prometheus text format; every response counted by status).
 
 Before any work: the API key, the content type and the body size (qserve.request_guard). Errors are
 OpenAI's JSON `{"error": {"message", "type", "param", "code"}}`: no or a wrong API key 401, unknown
@@ -24,21 +27,18 @@ that costs nothing. A client that disconnects cancels its request at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qformats.errors import QError
-from qserve.engine import ContextTooLong, Engine, Event, QueueFull, UnknownAdapter
-from qserve.generate import SEED_MAX, SEED_MIN, SamplingParams
+from qserve.completion_request import Scoring, generate, is_int, top_count
+from qserve.engine import Engine, UnknownAdapter
 from qserve.request_guard import APIError, ServerPolicy, bad_field, read_json, show
 from qserve.tokenizer import CHAT_ROLES, TextTooLong, Tokenizer
 
@@ -52,7 +52,7 @@ class ServerState:
     model_name: str  # the base model's served name
     policy: ServerPolicy = field(default_factory=ServerPolicy)
     created: int = field(default_factory=lambda: int(time.time()))
-    http_errors: dict[int, int] = field(default_factory=dict)
+    responses: dict[int, int] = field(default_factory=dict)  # HTTP status -> responses sent
     adapter_loading: asyncio.Lock = field(default_factory=asyncio.Lock)  # one runtime load at a time
 
 
@@ -66,10 +66,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, policy: Se
     app = FastAPI(title="qserve", description="OpenAI-compatible API over NF4 models and LoRA adapters",
                   dependencies=[Depends(guard)])  # fmt: skip
     app.state.qserve = state
+    app.add_middleware(StatusCounter, counts=state.responses)
     max_tokens = engine.max_model_len  # a prompt's token budget, for the length check before tokenizing
 
     def error(e: APIError) -> JSONResponse:
-        state.http_errors[e.status] = state.http_errors.get(e.status, 0) + 1
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(APIError)
@@ -83,6 +83,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, policy: Se
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):
+        # This handler answers outside every middleware, StatusCounter included: count the 500 here.
+        state.responses[500] = state.responses.get(500, 0) + 1
         return error(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 
     @app.get("/health")
@@ -111,23 +113,40 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, policy: Se
         except QError as e:
             raise bad_field(what, str(e)) from None
 
+    async def prompt_list(body: dict) -> list[tuple[str | None, list[int]]]:
+        """`prompt`: a string, a list of token ids, or a list of either (one choice each) -> (text, ids) each."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(i) for i in prompt)):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise bad_field("prompt", "prompt must be a non-empty string or list of token ids, or a list of them")
+        if len(prompt) > state.policy.max_prompts:
+            raise bad_field("prompt", f"prompt is a list of {len(prompt)} prompts, more than the server's limit of "
+                                      f"{state.policy.max_prompts} (--max-prompts)")  # fmt: skip
+        out = []
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                out.append((p, await encode("prompt", tokenizer.encode, p)))
+            elif isinstance(p, list) and p and all(is_int(t) for t in p):
+                out.append((None, p))
+            else:
+                raise bad_field("prompt", f"prompt[{i}] must be a non-empty string or list of token ids")
+        return out
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request, state.policy)
         adapter = pick_model(state, body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            ids = await encode("prompt", tokenizer.encode, prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            ids = prompt
-        else:
-            raise bad_field("prompt", "prompt must be a non-empty string or list of token ids (one prompt: n = 1)")
-        for key in ("echo", "best_of", "suffix", "logprobs"):
-            if body.get(key) not in (None, False, 1 if key == "best_of" else None):
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise bad_field("echo", f"echo must be true or false, got {show(echo)}")
+        logprobs = top_count(body, "logprobs")
+        for key in ("best_of", "suffix"):
+            if body.get(key) not in (None, 1 if key == "best_of" else None):
                 raise bad_field(key, f"{key} is not supported by this server")
-        return await generate(request, state, body, ids, adapter, chat=False)
+        prompts = await prompt_list(body)
+        return await generate(request, engine, tokenizer, adapter or state.model_name, body, prompts, adapter,
+                              Scoring(echo=echo, logprobs=logprobs))  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -142,14 +161,22 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, policy: Se
                 raise bad_field(f"messages[{i}]", f"messages[{i}] must be an object with a role, one of "
                                                   f"{', '.join(CHAT_ROLES)}")  # fmt: skip
             clean.append({**m, "content": message_text(m.get("content"), i)})
-        for key in ("tools", "logprobs", "top_logprobs", "response_format"):
+        for key in ("tools", "response_format"):
             if body.get(key) not in (None, False):
                 raise bad_field(key, f"{key} is not supported by this server")
+        wants = body.get("logprobs", False)
+        if not isinstance(wants, (bool, type(None))):
+            raise bad_field("logprobs", f"logprobs must be true or false, got {show(wants)}")
+        top = top_count(body, "top_logprobs")
+        if top is not None and not wants:
+            raise bad_field("top_logprobs", "top_logprobs needs logprobs: true")
         if sum(len(m["content"]) for m in clean) > max_tokens * tokenizer.longest_token_chars:
             raise APIError(400, f"the messages are longer than the {max_tokens} tokens of the context can hold",
                            code="context_length_exceeded", param="messages")  # fmt: skip
         ids = await encode("messages", tokenizer.encode_chat, clean)
-        return await generate(request, state, body, ids, adapter, chat=True)
+        scoring = Scoring(chat=True, logprobs=(top or 0) if wants else None)
+        return await generate(request, engine, tokenizer, adapter or state.model_name, body, [(None, ids)], adapter,
+                              scoring)  # fmt: skip
 
     def check_lora_loading() -> None:
         if not state.policy.enable_lora_loading:
@@ -244,144 +271,6 @@ def message_text(content, i: int) -> str:
     raise bad_field(f"messages[{i}].content", f"messages[{i}].content must be a string or a list of text parts")
 
 
-def sampling_params(body: dict, prompt_len: int, max_model_len: int, chat: bool) -> SamplingParams:
-    """OpenAI request fields -> SamplingParams; 400 for values out of range or unsupported."""
-
-    def number(key: str, default, lo: float, hi: float, lo_open: bool = False):
-        v = body.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or v > hi or v < lo or (lo_open and v == lo):
-            raise bad_field(key, f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {show(v)}")
-        return float(v)
-
-    for key in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):
-        v = body.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise bad_field(key, f"{key} must be a positive integer, got {show(v)}")
-    max_tokens = body.get("max_completion_tokens") if chat and body.get("max_tokens") is None else body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = max(1, max_model_len - prompt_len)  # as vLLM: up to the end of the context
-    n = body.get("n", 1)
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise bad_field("n", f"n must be 1 (one completion per request), got {show(n)}")
-    stop = body.get("stop")
-    stop = [] if stop is None or stop == "" else stop
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise bad_field("stop", "stop must be a string or a list of up to 4 strings")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
-        raise bad_field("seed", f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {show(seed)}")
-    top_k = body.get("top_k")
-    top_k = 0 if top_k is None else top_k
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1:
-        raise bad_field("top_k", f"top_k must be an integer >= -1, got {show(top_k)}")
-    for key in ("frequency_penalty", "presence_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            raise bad_field(key, f"{key} is not supported by this server (leave it 0)")
-    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: always generate max_tokens (benchmarks)
-    if not isinstance(ignore_eos, bool):
-        raise bad_field("ignore_eos", "ignore_eos must be true or false")
-    return SamplingParams(max_new_tokens=max_tokens, temperature=number("temperature", 1.0, 0, 2),
-                          top_p=number("top_p", 1.0, 0, 1, lo_open=True), top_k=max(top_k, 0), seed=seed,
-                          stop=stop, stop_token_ids=() if ignore_eos else None)  # fmt: skip
-
-
-async def generate(request: Request, state: ServerState, body: dict, ids: list[int], adapter: str | None,
-                   chat: bool) -> Response:  # fmt: skip
-    engine = state.engine
-    params = sampling_params(body, len(ids), engine.max_model_len, chat)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_field("stream", "stream must be true or false")
-    options = body.get("stream_options")
-    options = {} if options is None else options
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise bad_field("stream_options", "stream_options must be an object like {\"include_usage\": true}")
-    include_usage = stream and options.get("include_usage", False)
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-    try:
-        req = engine.submit(ids, params, adapter, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-    except ContextTooLong as e:
-        raise APIError(400, str(e), code="context_length_exceeded", param="messages" if chat else "prompt") from None
-    except QueueFull as e:
-        raise APIError(429, str(e), "rate_limit_error", "queue_full") from None
-    except UnknownAdapter as e:
-        raise APIError(404, str(e), "not_found_error", "model_not_found", "model") from None
-    except QError as e:
-        raise APIError(400, str(e), code="invalid_value") from None
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": adapter or state.model_name}  # fmt: skip
-
-    if not stream:
-        watcher = asyncio.create_task(cancel_on_disconnect(request, engine, req))
-        try:
-            text, ev = [], None
-            while ev is None or not ev.final:
-                ev = await events.get()
-                text.append(ev.text)
-        finally:
-            watcher.cancel()
-        if ev.error:
-            raise APIError(500, f"the request failed: {ev.error}", "server_error")
-        choice = {"index": 0, "logprobs": None, "finish_reason": ev.finish_reason}
-        choice.update({"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)})
-        return JSONResponse({**head, "choices": [choice], "usage": usage(ev)})
-
-    head["object"] += ".chunk"
-
-    def chunk(text: str | None = None, finish: str | None = None, role: bool = False) -> str:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return sse({**head, "choices": [choice]})
-
-    async def body_iter():
-        try:
-            if chat:
-                yield chunk(role=True)
-            while True:
-                ev = await events.get()
-                if ev.error:
-                    yield sse({"error": {"message": f"the request failed: {ev.error}", "type": "server_error",
-                                         "param": None, "code": None}})  # fmt: skip
-                    break
-                if ev.text:
-                    yield chunk(ev.text)
-                if ev.final:
-                    yield chunk(finish=ev.finish_reason)
-                    if include_usage:
-                        yield sse({**head, "choices": [], "usage": usage(ev)})
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            engine.cancel(req)  # a no-op once finished; frees the slot if the client went away
-
-    return StreamingResponse(body_iter(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def cancel_on_disconnect(request: Request, engine: Engine, req) -> None:
-    while not req.done:
-        if await request.is_disconnected():
-            engine.cancel(req)
-            return
-        await asyncio.sleep(0.1)
-
-
-def usage(ev: Event) -> dict:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}  # fmt: skip
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 def render_metrics(state: ServerState) -> str:
     """Prometheus text exposition of the engine's counters, gauges and latency histograms."""
     e = state.engine
@@ -393,12 +282,14 @@ def render_metrics(state: ServerState) -> str:
         lines.extend(f"qserve_{name}{labels} {value:g}" for labels, value in samples)
 
     metric("requests_total", "counter", "Requests accepted by the engine.", [("", m.received)])
-    metric("requests_rejected_total", "counter", "Requests refused because the queue was full (HTTP 429).",
-           [("", m.rejected)])  # fmt: skip
+    refused = sum(n for status, n in state.responses.items() if 400 <= status < 500)
+    metric("requests_rejected_total", "counter", "Requests refused before any work: every 4xx response (bad "
+           "fields 400, API key 401, unknown model or route 404, body too large 413, not JSON 415, queue full 429).",
+           [("", refused)])  # fmt: skip
     metric("requests_finished_total", "counter", "Requests finished, by reason (stop, length, cancelled, error).",
            [(f'{{reason="{r}"}}', n) for r, n in sorted(m.finished_by_reason.items())])  # fmt: skip
-    metric("http_errors_total", "counter", "Error responses, by HTTP status.",
-           [(f'{{status="{s}"}}', n) for s, n in sorted(state.http_errors.items())])  # fmt: skip
+    metric("http_responses_total", "counter", "Responses sent, by HTTP status.",
+           [(f'{{status="{s}"}}', n) for s, n in sorted(state.responses.items())])  # fmt: skip
     metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", [("", m.prompt_tokens)])
     metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generated_tokens)])
     metric("queue_depth", "gauge", "Requests waiting for a batch slot.", [("", len(e.waiting))])
@@ -412,6 +303,24 @@ def render_metrics(state: ServerState) -> str:
         samples += [('_bucket{le="+Inf"}', hist.count), ("_sum", hist.sum), ("_count", hist.count)]
         metric(name, "histogram", help_, samples)
     return "\n".join(lines) + "\n"
+
+
+class StatusCounter:
+    """ASGI middleware: counts every HTTP response by its status (a stream counts once, when it starts)."""
+
+    def __init__(self, app, counts: dict[int, int]):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] = self.counts.get(message["status"], 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def build_server(model: str, adapters: dict[str, str] | None = None, *, served_model_name: str | None = None,

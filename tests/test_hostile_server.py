@@ -143,7 +143,7 @@ WRONG = {  # every value here is wrong for its field (a wrong type, or out of ra
     "top_k": [True, -2, 1.5, "3", [], {}, float("nan")],
     "seed": [2**64, 18446744073709551616, -(2**63) - 1, 10**40, 1.5, "1", True, [], {}],
     "stop": [5, [1], ["a"] * 5, {}, True, [None], [["a"]]],
-    "n": [2, 0, -1, True, "1", 1.5, [], 10**20],
+    "n": [17, 0, -1, True, "1", 1.5, [], 10**20],  # (n in [1, 16] since issue 16)
     "stream": ["yes", 1, [], {}, None],
     "stream_options": [5, "x", [], {"include_usage": "yes"}],
     "ignore_eos": ["true", 1, [], None],
@@ -151,15 +151,16 @@ WRONG = {  # every value here is wrong for its field (a wrong type, or out of ra
     "presence_penalty": [0.5, True, {}],
 }
 COMPLETION_ONLY = {
-    "prompt": [5, True, {}, [], [[]], [-1], [2**70], [1.5], "", ["a", "b"], [True, 3], None, [[5, 6], [7]]],
-    "echo": [True, "x"], "best_of": [2, "x"], "logprobs": [5, True], "suffix": ["x"],
+    "prompt": [5, True, {}, [], [[]], [-1], [2**70], [1.5], "", [True, 3], None, ["a", 5], [[5, 6], []], ["a"] * 257],
+    "echo": ["x", 1, 0, [True]], "best_of": [2, "x"], "logprobs": [21, True, -1, "5", 1.5], "suffix": ["x"],
 }  # fmt: skip
 CHAT_ONLY = {
     "messages": ["x", [], [1], [{"role": 5}], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 5}],
                  [{"role": "user", "content": [{"type": "image_url"}]}], None, {"role": "user"},
                  [{"role": "user", "content": [{"type": "text", "text": 5}]}], [{"content": "x"}],
                  [{"role": "user", "content": "x" * 200_000}]],
-    "tools": [[{}]], "response_format": [{"type": "json_object"}], "top_logprobs": [3], "max_completion_tokens": [0, "1"],
+    "tools": [[{}]], "response_format": [{"type": "json_object"}], "top_logprobs": [3, 21, True],
+    "logprobs": ["yes", 1, [True]], "max_completion_tokens": [0, "1"],
 }  # fmt: skip
 RAW_BODIES = [b"", b"{", b"[]", b"5", b'"x"', b"null", b"NaN", b"[" * 200_000 + b"]" * 200_000,
               b'{"model": "tiny", "prompt": "\\ud800"}', b'{"model": "tiny", "prompt": "x", "stop": "\\udfff"}',

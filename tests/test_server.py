@@ -215,7 +215,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live):
         (openai.BadRequestError, {"model": BASE, "prompt": "x", "max_tokens": -5}, "invalid_value"),
         (openai.BadRequestError, {"model": BASE, "prompt": "x", "temperature": 2.5}, "invalid_value"),
         (openai.BadRequestError, {"model": BASE, "prompt": "x", "top_p": 0}, "invalid_value"),
-        (openai.BadRequestError, {"model": BASE, "prompt": "x", "n": 2}, "invalid_value"),
+        (openai.BadRequestError, {"model": BASE, "prompt": "x", "n": 17}, "invalid_value"),  # n > 1 samples since issue 16
         (openai.BadRequestError, {"model": BASE, "prompt": "word " * 300}, "context_length_exceeded"),
         (openai.BadRequestError, {"model": BASE, "prompt": "x", "max_tokens": 500}, "context_length_exceeded"),
         (openai.BadRequestError, {"model": BASE, "prompt": [5, 100000]}, "invalid_value"),
