@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qformats.checkpoint import Checkpoint, ShardedWriter, TensorInfo, add_header_entry, starts_new_shard
+from qformats.checkpoint import Checkpoint, ShardedWriter, TensorInfo, add_header_entry, read_into, starts_new_shard
 from qformats.errors import QError
 from qformats.nf4 import NESTED_BLOCKSIZE, NF4Weight
 from qkernels import cpu_quantize
@@ -83,17 +83,6 @@ def planned_nf4_outputs(name: str, info: TensorInfo, s: Settings, offset: float 
     return {k: (t.dtype, tuple(t.shape)) for k, t in w.to_tensors(name).items()}
 
 
-def _read_into(f, view: memoryview, info: TensorInfo, at: int) -> None:
-    """Fill `view` from the open source file at absolute byte `at` (inside tensor `info`)."""
-    f.seek(at)
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise QError(f"{info.file}: tensor {info.name!r} is cut short at byte {at + got} (truncated shard)")
-        got += n
-
-
 def _scan_chunks(f, info: TensorInfo, buf: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """(first element, 1-D chunk) of a tensor, read into `buf` a chunk at a time."""
     item = info.dtype.itemsize
@@ -101,7 +90,7 @@ def _scan_chunks(f, info: TensorInfo, buf: torch.Tensor) -> Iterator[tuple[int, 
     for first in range(0, info.numel, step):
         n = min(step, info.numel - first)
         view = buf[: n * item]
-        _read_into(f, memoryview(view.numpy()), info, info.start + first * item)
+        read_into(f, memoryview(view.numpy()), info, info.start + first * item)
         yield first, view.view(info.dtype)
 
 
@@ -113,7 +102,7 @@ def scan(f, job: Job, s: Settings, buf: torch.Tensor) -> float | None:
     if nf4 and not (fast and s.device.type == "cpu" and s.blocksize in cpu_quantize._BLOCKSIZES):
         # Off the C++ path the offset is the whole quantizer's (rare: no extension, or CUDA).
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        _read_into(f, memoryview(buf.numpy()), info, info.start)
+        read_into(f, memoryview(buf.numpy()), info, info.start)
         weight = buf.view(info.dtype).view(info.shape)
         if not s.allow_nonfinite and not torch.isfinite(weight).all():
             raise _nonfinite(info)
@@ -245,7 +234,7 @@ def read_items(ckpt: Checkpoint, jobs: list[Job], take_buffer: Callable[[], torc
                     view = buf[: min(buf.numel(), info.end - at)]
                     if job.kind == "nf4" and view.numel() != info.nbytes:
                         raise QError(f"{info.name}: larger than the read buffer (internal error)")
-                    _read_into(f, memoryview(view.numpy()), info, at)
+                    read_into(f, memoryview(view.numpy()), info, at)
                     hasher.update(memoryview(view.numpy()))
                     at += view.numel()
                     yield job, view, buf, at == info.end

@@ -165,17 +165,22 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     return TensorInfo(name=name, file=path, dtype=dtype, shape=shape, start=data_start + begin, end=data_start + end)
 
 
+def read_into(f, view: memoryview, info: TensorInfo, at: int) -> None:
+    """Fill `view` from the open file at absolute byte `at` (inside tensor `info`); QError if the file ends first."""
+    f.seek(at)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise QError(f"{info.file}: tensor {info.name!r} is cut short at byte {at + got} (truncated shard)")
+        got += n
+
+
 def read_tensor(f, info: TensorInfo, hasher=None) -> torch.Tensor:
     """Read one tensor from an open file positioned anywhere; `hasher` (sha256) sees its bytes."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())
-    f.seek(info.start)
-    got = 0
-    while got < info.nbytes:
-        n = f.readinto(view[got:])
-        if not n:
-            raise QError(f"{info.file}: tensor {info.name!r} is cut short at byte {info.start + got} (truncated shard)")
-        got += n
+    read_into(f, view, info, info.start)
     if hasher is not None:
         hasher.update(view)
     return buf.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)

@@ -217,10 +217,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, policy: Se
 
 def load_adapter(engine: Engine, name: str, source: str, max_rank: int | None = None,
                  max_bytes: int | None = None) -> None:  # fmt: skip
-    """Load a PEFT adapter folder or Hub id under `name` (Hub ids go through qformats.hub_pull)."""
-    from qformats.hub_pull import resolve_source
+    """Load a PEFT adapter folder or Hub id under `name` (a Hub id pulls only the files an adapter read needs)."""
+    from qformats.peft_adapter import adapter_folder
 
-    folder = resolve_source(source, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    folder = adapter_folder(source)
     engine.load_adapter(name, str(folder), max_rank=max_rank, max_bytes=max_bytes)
 
 
