@@ -19,8 +19,8 @@ demo: $(VENV)/.installed
 
 # Kernel tests run in their own process: TRITON_INTERPRET must be set before triton is imported.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15 tests --ignore=tests/kernels
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=5 tests/kernels
+	$(PY) -m pytest -q --durations=15 tests --ignore=tests/qkernels/interpreter
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=5 tests/qkernels/interpreter
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check qformats qkernels qserve qconvert tests bench

@@ -1,7 +1,7 @@
 """The NF4 + double-quantization codec: the torch reference every other part of the toolkit calls.
 
 Semantics are those of bitsandbytes (`quantize_4bit(quant_type="nf4", compress_statistics=True)`),
-checked byte for byte in tests/test_nf4.py:
+checked byte for byte in tests/qformats/test_nf4.py:
 - blocks of `blocksize` consecutive elements of the row-major flattened weight, fp32 absmax per
   block over real elements only (a partial last block is allowed);
 - code index = number of fp32 midpoints strictly below `w * (1/absmax)`;
@@ -48,7 +48,7 @@ class _CellCodebook:
     (true for the NF4 code and the 8-bit dynamic map). Exponent-255 cells: cell 0x7F80 / 0xFF80 hold
     +inf / -inf (the codes of +-FLT_MAX, as nan_to_num makes them; the signalling NaNs that share
     these cells never come out of arithmetic, which always sets the quiet bit); the others are NaN,
-    coded as 0.0. tests/test_quantize.py checks every value of every two-code cell against bucketize.
+    coded as 0.0. tests/qconvert/test_quantize.py checks every value of every two-code cell against bucketize.
     """
 
     def __init__(self, midpoints: torch.Tensor):

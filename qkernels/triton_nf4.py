@@ -18,7 +18,7 @@ nested scales and offset, and the stored 16-entry and 256-entry code maps.
   The LoRA term is an epilogue on the same accumulator over (x A^T) [M, r], computed first.
   Bias, LoRA, rank, M, blocksize and the split count are arguments, not specializations: one
   compiled kernel per x dtype, double quant, scale groups a tile and split-or-not.
-  tests/test_triton_compile.py compiles every launched specialization for sm_80 and sm_90 and
+  tests/qkernels/test_triton_compile.py compiles every launched specialization for sm_80 and sm_90 and
   holds fp16/bf16 to <= 128 registers a thread with no spills.
 - `dequant_matmul`: for large M, the weight dequantized to a temporary in x's dtype and cuBLAS;
   the LoRA term is `addmm_` into the same y.
@@ -202,7 +202,7 @@ def _sm_count(index: int) -> int:
 def fused_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype | None = None) -> dict:
     """Tile sizes, warps and split-K: enough programs to cover the GPU ~2x. One tile shape for every
     M: the kernel is for decode (linear takes it up to FUSED_MAX_M rows); larger M tiles did not fit
-    128 registers a thread (tests/test_triton_compile.py checks this one). fp32 x takes a quarter of
+    128 registers a thread (tests/qkernels/test_triton_compile.py checks this one). fp32 x takes a quarter of
     the K tile: its exact dot is not on tensor cores, and at BLOCK_K 64 it needs all 255 registers."""
     block_m, block_n, block_k = 16, 64, 32 if dtype == torch.float32 else 128
     if device.type != "cuda":

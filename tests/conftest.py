@@ -19,6 +19,11 @@ if not hasattr(_peer_env, "_PortableBitsandbytesPath"):  # another sitecustomize
     raise RuntimeError(f"tests/conftest.py: could not load {_PEER_ENV / 'sitecustomize.py'}")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PEER_ENV), os.environ.get("PYTHONPATH")) if p)
 
+# Tests live in one folder per package (tests/qformats, tests/qkernels, ...) and share fixtures and helpers
+# across those folders (`from test_hub import hub`): every folder is importable, test module names are unique.
+_TESTS = Path(__file__).parent
+sys.path[1:1] = [str(_TESTS), *(str(d) for d in sorted(_TESTS.iterdir()) if d.is_dir() and d.name.startswith(("q", "bench")))]
+
 import pytest
 import torch
 

@@ -21,7 +21,7 @@ def test_links_and_paths_exist(page: Path):
     for target in re.findall(r"\]\(([^)#\s]+)\)", text):
         if "://" not in target and not (page.parent / target).exists():
             missing.append(target)
-    # Repository paths named in backticks: `qserve/engine.py`, `tests/test_server.py`, `bench/gpu.py`.
+    # Repository paths named in backticks: `qserve/engine.py`, `tests/qserve/test_server.py`, `bench/gpu.py`.
     for path in re.findall(r"`((?:qformats|qkernels|qserve|qconvert|bench|tests|docs)/[\w./-]+\.(?:py|cpp|md|hex|jsonl))`", text):
         if "*" not in path and not (ROOT / path).exists():
             missing.append(path)

@@ -4,7 +4,7 @@
 
 prints, for the first --show questions of the held-out split, the base model's answer and the
 answer with the adapter, then the share of all held-out questions answered as `ANSWER: <one word>`
-(the whole answer, ended by EOS within --max-new-tokens). The demo and tests/test_finetune.py use it.
+(the whole answer, ended by EOS within --max-new-tokens). The demo and tests/qconvert/test_finetune.py use it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """qserve.batched_lora's two paths agree on CPU: the torch path (stacked adapters + rank mask) and the
 gathered layout through `qkernels.ops.batched_lora_add_`, whose CPU implementation is the torch
-reference of the Triton kernels (tests/kernels/test_triton_batched_lora.py checks those against it).
+reference of the Triton kernels (tests/qkernels/interpreter/test_triton_batched_lora.py checks those against it).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ tensors, against the torch reference (`qkernels.ops.batched_lora_reference_`) an
 
 Run in a process of their own (the variable must be set before triton is imported):
 
-    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels/test_triton_batched_lora.py
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/qkernels/interpreter/test_triton_batched_lora.py
 
 Shapes are tiny and odd (not multiples of the tiles), rows mix adapters of different ranks and
 rows with none, small tiles force several input-feature splits and output blocks.
@@ -12,8 +12,8 @@ rows with none, small tiles force several input-feature splits and output blocks
 import os
 
 assert os.environ.get("TRITON_INTERPRET") == "1", (
-    "tests/kernels needs TRITON_INTERPRET=1 set before triton is imported: "
-    "run `TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels` in its own process"
+    "tests/qkernels/interpreter needs TRITON_INTERPRET=1 set before triton is imported: "
+    "run `TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/qkernels/interpreter` in its own process"
 )
 
 import importlib.util
@@ -137,7 +137,7 @@ def test_no_rows():
 
 def test_gpu_bench_batched_lora_checks_run_in_the_interpreter():
     """bench/gpu.py's batched-LoRA correctness checks (run before its timings) on tiny shapes."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
+    path = Path(__file__).resolve().parents[3] / "bench" / "gpu.py"
     spec = importlib.util.spec_from_file_location("bench_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

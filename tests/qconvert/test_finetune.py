@@ -30,7 +30,7 @@ from qserve.lora import ALL_LINEAR, apply_lora, load_lora, lora_parameters
 from qserve.tokenizer import Tokenizer
 
 BIN = Path(sys.executable).parent
-DATA = Path(__file__).resolve().parents[1] / "qconvert" / "data"
+DATA = Path(__file__).resolve().parents[2] / "qconvert" / "data"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "capital", "of", "France", "is", "Paris",
          "numbers", "main", "return"]  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 Run in a process of their own (the variable must be set before triton is imported):
 
-    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/qkernels/interpreter
 
 What this proves: the kernels' indexing, masking, nibble order, double-quant decode, split-K and
 LoRA epilogue compute the right numbers for odd shapes. What it cannot: GPU speed, and GPU-only
@@ -12,8 +12,8 @@ numerics (bench/gpu.py re-checks every kernel on the card before timing it).
 import os
 
 assert os.environ.get("TRITON_INTERPRET") == "1", (
-    "tests/kernels needs TRITON_INTERPRET=1 set before triton is imported: "
-    "run `TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels` in its own process"
+    "tests/qkernels/interpreter needs TRITON_INTERPRET=1 set before triton is imported: "
+    "run `TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/qkernels/interpreter` in its own process"
 )
 
 import importlib.util
@@ -153,7 +153,7 @@ def test_default_config_splits_k_for_decode():
 
 def test_gpu_bench_checks_run_in_the_interpreter():
     """bench/gpu.py's correctness checks (the part that runs before any timing) on tiny shapes."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
+    path = Path(__file__).resolve().parents[3] / "bench" / "gpu.py"
     spec = importlib.util.spec_from_file_location("bench_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

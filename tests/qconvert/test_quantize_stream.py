@@ -23,7 +23,7 @@ from qformats.manifest import verify_manifest
 from qformats.nf4 import quantize_nf4 as reference
 from qkernels import cpu
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ from qconvert.eval import evaluate_file, perplexity, window_spans
 from qserve.loader import load_model
 from qserve.tokenizer import Tokenizer
 
-PROSE = Path(__file__).parent / "data" / "prose.txt"
+PROSE = Path(__file__).parents[1] / "data" / "prose.txt"
 
 
 def hf_perplexity(model, ids: list[int], context: int, stride: int) -> float:

@@ -1,6 +1,6 @@
 """Every Triton kernel in qkernels, compiled for A100 (sm_80) and H100/H200 (sm_90) on a machine without a GPU.
 
-The interpreter (tests/kernels) runs kernels as Python and accepts code that the real compiler
+The interpreter (tests/qkernels/interpreter) runs kernels as Python and accepts code that the real compiler
 rejects; this test runs the real compiler. The specializations are the ones the code launches: the
 Python entry points (`triton_nf4.dequantize`, `fused_matmul` with every config `fused_config`
 returns for real model shapes, `triton_batched_lora.add_` with every `batched_config`) are called
@@ -11,7 +11,7 @@ and `cuobjdump --dump-resource-usage` reads registers and stack (spills) from th
 memory is the dynamic amount Triton allocates. Fails on a compile error, a spill, or more than
 `DECODE_MAX_REGISTERS` registers a thread in the decode kernel (the fused matmul, every config).
 
-Run alone for the table: `.venv/bin/python tests/test_triton_compile.py`.
+Run alone for the table: `.venv/bin/python tests/qkernels/test_triton_compile.py`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     # Loud, not a skip: under the interpreter nothing here would be proven (make test runs it without).
-    pytest.fail("tests/test_triton_compile.py compiles for real GPUs: run it without TRITON_INTERPRET", pytrace=False)
+    pytest.fail("tests/qkernels/test_triton_compile.py compiles for real GPUs: run it without TRITON_INTERPRET", pytrace=False)
 
 import triton
 from triton import knobs
