@@ -34,8 +34,9 @@ PROMPT_TOKENS, WARMUP_TOKENS = 32, 8
 def random_nf4_llama(out: Path, shape: dict, device: torch.device, seed: int = 0) -> Path:
     """A Llama folder of `shape` with random weights, its decoder linears NF4 + double quant, made on `device`."""
     from qconvert.quantize import quantization_config
-    from qformats.checkpoint import CONFIG_FILE, ShardedWriter
+    from qformats.checkpoint import CONFIG_FILE
     from qformats.nf4 import quantize_nf4
+    from qformats.sharded_writer import ShardedWriter
     from qserve.model import CausalLM, ModelArgs
 
     if (out / CONFIG_FILE).is_file():

@@ -48,10 +48,11 @@ import bitsandbytes.functional as bnbf
 import psutil
 import torch
 
-from qformats.checkpoint import ShardedWriter, iter_checkpoint_tensors, open_checkpoint
+from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
 from qformats.gguf_import import import_gguf, smollm2_gguf
 from qformats.manifest import verify_manifest
 from qformats.nf4 import quantize_nf4 as quantize_nf4_reference
+from qformats.sharded_writer import ShardedWriter
 from qkernels import cpu
 from qkernels.cpu_quantize import quantize_nf4
 

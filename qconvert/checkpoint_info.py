@@ -10,9 +10,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qformats.checkpoint import open_checkpoint, read_tensor
+from qformats.checkpoint import open_checkpoint
 from qformats.errors import QError
 from qformats.manifest import MANIFEST_FILE, manifest_problems, read_manifest
+from qformats.safetensors_file import read_tensor
 
 _NF4_STATE = ".quant_state.bitsandbytes__nf4"
 _FP4_STATE = ".quant_state.bitsandbytes__fp4"

@@ -89,7 +89,7 @@ def finetune_cmd(model, data, out, eval_file, eval_fraction, fmt, max_seq_len, t
       qconvert finetune ./smollm2-nf4 train.jsonl ./my-adapter --resume
     """
     from qconvert.finetune import FinetuneConfig, finetune
-    from qformats.checkpoint import parse_size
+    from qformats.sharded_writer import parse_size
 
     targets = None if target_modules == "all-linear" else target_modules
     if targets and not any(c in targets for c in "*()[]|\\$^+?"):

@@ -24,21 +24,14 @@ from tqdm import tqdm
 
 from qconvert.quantize_stream import Job, Settings
 from qconvert.quantize_stream import run as run_stream
-from qformats.checkpoint import (
-    CONFIG_FILE,
-    Checkpoint,
-    ShardedWriter,
-    TensorInfo,
-    copy_extra_files,
-    open_checkpoint,
-    parse_size,
-    sha256_file,
-)
+from qformats.checkpoint import CONFIG_FILE, Checkpoint, open_checkpoint
 from qformats.errors import QError
 from qformats.lineage import check_base_model_id, model_origin, portable_name
-from qformats.manifest import MANIFEST_FILE, build_manifest
+from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
 from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize
 from qformats.output_folder import check_out_apart_from_sources
+from qformats.safetensors_file import TensorInfo
+from qformats.sharded_writer import ShardedWriter, copy_extra_files, parse_size
 from qserve.device import resolve_device
 
 # A tensor inside a numbered decoder layer: `model.layers.3.`, `transformer.h.3.`, `blocks.3.`.

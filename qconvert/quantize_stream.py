@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qformats.checkpoint import Checkpoint, ShardedWriter, TensorInfo, add_header_entry, read_into, starts_new_shard
+from qformats.checkpoint import Checkpoint
 from qformats.errors import QError
 from qformats.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from qformats.safetensors_file import TensorInfo, add_header_entry, read_into
+from qformats.sharded_writer import ShardedWriter, starts_new_shard
 from qkernels import cpu_quantize
 from qkernels.cpu_quantize import block_absmax, double_quant_offset, quantize_nf4
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from qconvert.model_card import read_artifact, render_card
 from qconvert.sft_data import Dataset
-from qformats.checkpoint import sha256_file
 from qformats.lineage import model_origin, portable_name, repo_id_of
-from qformats.manifest import MANIFEST_FILE, build_manifest
+from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
 
 
 def base_record(model: str | Path, model_dir: Path, base_model: str | None = None) -> dict:

@@ -22,8 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qformats.checkpoint import read_safetensors_header
 from qformats.errors import QError
+from qformats.safetensors_file import read_safetensors_header
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"step-(\d+)")

@@ -7,7 +7,7 @@ What llama.cpp's converter changed is undone here:
   model still runs, but SmolLM2's perplexity on English prose goes from ~13 to ~478;
 - quantized blocks (Q8_0, Q4_1, K-quants, ...) are dequantized to fp32, then cast once to `dtype`;
 - config.json, generation_config.json and the tokenizer files are rebuilt from the metadata.
-Everything is written by `qformats.checkpoint.ShardedWriter`: into a temporary folder next to OUT, renamed
+Everything is written by `qformats.sharded_writer.ShardedWriter`: into a temporary folder next to OUT, renamed
 at the end.
 """
 
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qformats.checkpoint import ShardedWriter, check_output_folder
 from qformats.errors import QError
 from qformats.gguf_file import GGUFFile
 from qformats.gguf_tokenizer import tokenizer_files
-from qformats.output_folder import check_out_apart_from_sources
+from qformats.output_folder import check_out_apart_from_sources, check_output_folder
+from qformats.sharded_writer import ShardedWriter
 
 SUPPORTED_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 DEFAULT_SHARD_BYTES = 5 * 1000**3

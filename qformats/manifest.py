@@ -7,15 +7,25 @@ Files added later that the manifest does not list (a model card) are not an erro
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
 
-from qformats.checkpoint import sha256_file
 from qformats.errors import QError
 
 MANIFEST_FILE = "qconvert.json"
 MANIFEST_FORMAT = "qconvert-manifest/1"
+_HASH_CHUNK = 16 * 1024 * 1024
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def tool_version() -> str:

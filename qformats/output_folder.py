@@ -92,3 +92,12 @@ def make_temp_folder(out: str | os.PathLike, report: Callable[[str], None] | Non
     except OSError as e:
         raise QError(f"{out}: cannot write here ({e.strerror or e})") from None
     return tmp
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    """Refuse a non-empty OUT unless forced, and an OUT that is a file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise QError(f"{out}: folder is not empty (use --force to replace it)")

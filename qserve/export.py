@@ -2,7 +2,7 @@
 
 `export_merged(model, out, adapter=...)` loads the base with our loader (NF4 weights stay packed, so
 memory is about the 4-bit model), applies the adapter with `qserve.lora`, then writes one tensor at
-a time through `qformats.checkpoint.ShardedWriter` (a temp folder renamed at the end):
+a time through `qformats.sharded_writer.ShardedWriter` (a temp folder renamed at the end):
 
 - every linear becomes `W + scale * B @ A`, formed in fp32 from the dequantized base and cast once
   to the output dtype (default: the checkpoint's dtype; bf16, fp16 or fp32);
@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, open_checkpoint, parse_size, sha256_file
+from qformats.checkpoint import CONFIG_FILE, open_checkpoint
 from qformats.errors import QError
 from qformats.lineage import model_origin, portable_name
-from qformats.manifest import MANIFEST_FILE, build_manifest
+from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import adapter_folder, read_adapter
+from qformats.sharded_writer import ShardedWriter, copy_extra_files, parse_size
 from qkernels.cpu_quantize import quantize_nf4  # the fused C++ quantizer on CPU, byte-identical to qformats
 from qkernels.ops import dequantize
 from qserve.loader import load_model, parse_dtype, resolve_model_dir

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from test_nf4 import assert_scale_codes_close
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-import qformats.checkpoint
+import qformats.sharded_writer
 from qconvert.checkpoint_info import inspect_checkpoint
 from qconvert.cli import main
 from qconvert.quantize import module_matches, quantize_checkpoint
@@ -276,7 +276,7 @@ def test_disk_full_midway(tmp_path, src, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous result")
-    real_write = qformats.checkpoint.ShardStream.write  # every tensor byte goes through it (the writer thread)
+    real_write = qformats.sharded_writer.ShardStream.write  # every tensor byte goes through it (the writer thread)
     calls = []
 
     def write_then_fail(self, buffers):
@@ -285,7 +285,7 @@ def test_disk_full_midway(tmp_path, src, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
         return real_write(self, buffers)
 
-    monkeypatch.setattr(qformats.checkpoint.ShardStream, "write", write_then_fail)
+    monkeypatch.setattr(qformats.sharded_writer.ShardStream, "write", write_then_fail)
     assert_fails([src, "--force"], "no space left on device", out, {"old.txt": b"previous result"})
 
 

@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from test_quantize import assert_fails, run_cli, tiny_llama
 
 from qconvert.quantize import plan_tensors, quantize_checkpoint
-from qformats.checkpoint import ShardedWriter, iter_checkpoint_tensors, open_checkpoint, parse_size, sha256_file
-from qformats.manifest import verify_manifest
+from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
+from qformats.manifest import sha256_file, verify_manifest
 from qformats.nf4 import quantize_nf4 as reference
+from qformats.sharded_writer import ShardedWriter, parse_size
 from qkernels import cpu
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -174,7 +174,7 @@ def test_push_rewrites_absolute_paths_another_tool_wrote(hub, tiny, tmp_path):  
     config["base_model_name_or_path"] = str(tiny / "nf4")
     (out / "adapter_config.json").write_text(json.dumps(config))
     manifest = json.loads((out / "qconvert.json").read_text())
-    from qformats.checkpoint import sha256_file
+    from qformats.manifest import sha256_file
 
     manifest["files"]["adapter_config.json"] = sha256_file(out / "adapter_config.json")
     manifest["source"]["path"] = str(tiny / "nf4")

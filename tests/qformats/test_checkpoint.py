@@ -7,16 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qformats.checkpoint import (
-    ShardedWriter,
-    iter_checkpoint_tensors,
-    load_config,
-    open_checkpoint,
-    parse_size,
-    read_safetensors_header,
-    sha256_file,
-)
+from qformats.checkpoint import iter_checkpoint_tensors, load_config, open_checkpoint
 from qformats.errors import QError
+from qformats.manifest import sha256_file
+from qformats.safetensors_file import read_safetensors_header
+from qformats.sharded_writer import ShardedWriter, parse_size
 
 
 def make_folder(path, tensors, config=None):
