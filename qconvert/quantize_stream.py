@@ -61,7 +61,7 @@ class Settings:
     device: torch.device
     allow_nonfinite: bool
     # The kernel's threads: torch's, less the reader's and the writer's (hashing keeps each busy).
-    # Oversubscribed OpenMP threads spin: on a busy 2-core machine, 2 threads took 2x the CPU time of 1.
+    # Oversubscribed OpenMP threads spin, burning CPU time that the reader and writer need.
     kernel_threads: int = field(default_factory=lambda: max(1, torch.get_num_threads() - 2))
 
 

@@ -1,8 +1,8 @@
 """Reading a GGUF file: its metadata, its tensor table, and each tensor dequantized to fp32.
 
 The `gguf` package's `GGUFReader` builds numpy views for every metadata string (about 100k for
-a 49k-token vocabulary: ~10 s on a laptop CPU), so the header is parsed here with `struct` from a
-memory map in well under a second. Tensor data stays in the map until asked for, and is
+a 49k-token vocabulary, slow on a CPU), so the header is parsed here with `struct` from a
+memory map instead. Tensor data stays in the map until asked for, and is
 dequantized by `gguf.quants.dequantize` (llama.cpp's own reference code for every block type).
 Layout (GGUF v2/v3, little-endian): magic, version, tensor count, metadata count, metadata
 key/values, tensor infos (name, dims fastest-first, ggml type, offset), padding to the

@@ -175,7 +175,7 @@ def _load_tensor(gguf: GGUFFile, gguf_name: str, config: dict[str, Any], dtype: 
         w = unpermute_rows(w, config["num_attention_heads"])
     elif ".attn_k." in gguf_name:
         w = unpermute_rows(w, config["num_key_value_heads"])
-    # amax propagates NaN; checked on fp32 because torch.isfinite on fp16 is ~10x slower on CPU.
+    # amax propagates NaN; checked on fp32 because torch.isfinite on fp16 is much slower on CPU.
     largest = w.abs().amax().item() if w.numel() else 0.0
     if not np.isfinite(largest):
         raise QError(f"{gguf.path}: tensor {gguf_name} has non-finite values")

@@ -89,8 +89,8 @@ _NF4_CELLS = _CellCodebook(_NF4_MIDPOINTS)
 
 # How the quantizer spreads work over CPU threads. It is ~12 short ops per chunk of ~1M elements
 # (temporaries that fit in cache). ATen splits each op over its threads and waits for all of them
-# after every op; on a busy machine each wait costs a descheduled thread's time slice (measured on
-# SmolLM2's linears, 2 shared cores: 20 s wall instead of 2 s). So chunks go to a pool of
+# after every op; on a busy machine each wait costs a descheduled thread's time slice (many times the
+# work itself on small linears; bench/RESULTS.md). So chunks go to a pool of
 # `torch.get_num_threads()` Python threads whose ATen ops run single-threaded: each worker sets its
 # own thread count to 1 (OpenMP keeps it per thread), then the process-wide setting is restored.
 # One thread: chunks run inline. A GPU takes the tensor as one chunk.
@@ -365,7 +365,7 @@ _MAGNITUDE_BITS = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.
 def _quantize_blocks(blocks: torch.Tensor, absmax_out: torch.Tensor, packed_out: torch.Tensor) -> None:
     """NF4 codes of whole blocks `[rows, blocksize]`, packed two per byte into `packed_out`."""
     int_dtype, magnitude = _MAGNITUDE_BITS[blocks.dtype]
-    # Exact, and ~4x faster than a float reduction on fp16/bf16; widened to fp32 by the copy.
+    # Exact, and faster than a float reduction on fp16/bf16; widened to fp32 by the copy.
     absmax_out.copy_((blocks.view(int_dtype) & magnitude).amax(dim=1).view(blocks.dtype))
     # Multiply by the fp32 reciprocal, as bitsandbytes' `1.0 / absmax` does (torch computes that as
     # reciprocal() * 1.0; a division would round differently); the source dtype is widened to fp32 by

@@ -12,7 +12,7 @@ The C++ files (these kernels; cpu_quantize.cpp, the fused NF4 quantizer behind
 qkernels/cpu_quantize.py; cpu_caching_allocator.cpp, the training allocator behind
 qkernels/cpu_allocator.py; cpu_lora_dropout.cpp, the seeded LoRA dropout behind
 qkernels/lora_dropout.py) are compiled into one extension, once per machine and torch version, with
-`torch.utils.cpp_extension` (gcc; about a minute on a busy 2-core box) into
+`torch.utils.cpp_extension` (gcc) into
 `$TORCH_EXTENSIONS_DIR/qkernels/` (default `~/.cache/torch_extensions/qkernels/`). Without a
 compiler, or with `QKERNELS_CPU_EXT=0`, a pure-torch path runs instead: a 256-entry byte ->
 (high, low) value table dequantizes chunks into the same scratch buffer. Every dequantized weight
@@ -40,9 +40,9 @@ from qformats.nf4 import NF4Weight, dequantize_absmax
 
 FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
 # Weights per thread task in the C++ kernels: smaller matrices (every SmolLM2-135M linear) run on
-# one thread. Measured on a shared 2-core box: splitting a 50-200 us GEMV over two threads gained
-# 1.3x when idle and lost up to 5x when the machine was oversubscribed (a fork waits for both
-# threads to be scheduled), while MKL keeps such GEMVs on one thread too. Set 0 to always split.
+# one thread: splitting a short GEMV over two threads gains a little on an idle machine and loses
+# much more on an oversubscribed one (a fork waits for both threads to be scheduled), and MKL keeps
+# such GEMVs on one thread too. Set 0 to always split.
 PARALLEL_MIN_WEIGHTS = 1 << 20
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
 _SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_linear16.cpp", "cpu_quantize.cpp",
@@ -188,10 +188,9 @@ def _onednn_linear_works() -> bool:
 def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`x @ w.T` for x [M, K], w [N, K] (no autograd); anything but fp32 CPU matrices goes to `F.linear`.
 
-    Through oneDNN where torch has it: on a 2-core AVX2 EPYC (bench/cpu_kernels.py --training) it ran
-    the 49152-wide output layer at 1.26-1.32x and SmolLM2's gate/up projections at 1.03-1.23x the
-    speed of torch's MKL sgemm (which `F.linear` calls), the other training shapes at 0.86-1.03x;
-    a whole training step ~10% faster.
+    Through oneDNN where torch has it: it runs the wide output layer and the gate/up projections of
+    training faster than torch's MKL sgemm (which `F.linear` calls) and the other shapes about as
+    fast (bench/cpu_kernels.py --training; figures in bench/RESULTS.md).
     """
     fp32_cpu = x.is_cpu and w.is_cpu and x.dtype == w.dtype == torch.float32
     if fp32_cpu and x.dim() == 2 and x.shape[0] > FUSED_MAX_M and _onednn_linear_works():

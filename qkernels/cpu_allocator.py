@@ -1,9 +1,8 @@
 """Switch this process's CPU tensors to the caching allocator of `cpu_caching_allocator.cpp` (training).
 
-Measured with bench/finetune.py (SmolLM2 NF4, LoRA r=16, batch 4 x 256, gradient checkpointing,
-2 threads): glibc's heap alone peaks at 2.0 GB resident and grows step by step; one mmap per large
-block holds 1.05 GB but makes each step ~35% slower (a page fault per 4 KiB); the cache holds
-1.03 GB at a step time a little below glibc's.
+With glibc's heap alone a checkpointed training step's resident memory grows step by step; one mmap
+per large block holds it near what is live but pays a page fault per 4 KiB on every allocation; the
+cache holds as little at glibc's speed (bench/finetune.py; figures in bench/RESULTS.md).
 """
 
 from __future__ import annotations
