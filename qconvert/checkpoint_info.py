@@ -5,7 +5,6 @@ Reads headers and the small JSON quant states only, never the weights, so it is 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,11 +12,8 @@ from pathlib import Path
 from qformats.checkpoint import open_checkpoint
 from qformats.errors import QError
 from qformats.manifest import MANIFEST_FILE, manifest_problems, read_manifest
+from qformats.nf4 import FP4_STATE_SUFFIX, NF4_PART_SUFFIXES, QUANT_STATE_SUFFIX, read_quant_state
 from qformats.safetensors_file import read_tensor
-
-_NF4_STATE = ".quant_state.bitsandbytes__nf4"
-_FP4_STATE = ".quant_state.bitsandbytes__fp4"
-_QUANT_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _NF4_STATE)
 
 
 @dataclass
@@ -83,20 +79,20 @@ def inspect_checkpoint(path: str | Path, verify: bool = False) -> CheckpointInfo
     cfg = ckpt.config
     infos = ckpt.tensors
     text_cfg = cfg.get("text_config") or {}
-    states = [n for n in infos if n.endswith(_NF4_STATE)]
-    if any(n.endswith(_FP4_STATE) for n in infos):
+    states = [n for n in infos if n.endswith(QUANT_STATE_SUFFIX)]
+    if any(n.endswith(FP4_STATE_SUFFIX) for n in infos):
         raise QError(f"{path}: FP4 checkpoints are not supported, only NF4")
     quantized_parameters = 0
     quantized: list[str] = []
     parts: set[str] = set()
     quant: dict = {}
     for state_name in states:
-        prefix = state_name.removesuffix(_NF4_STATE)
+        prefix = state_name.removesuffix(QUANT_STATE_SUFFIX)
         info = infos[state_name]
         with open(info.file, "rb") as f:
             blob = read_tensor(f, info)
         try:
-            state = json.loads(bytes(blob.numpy()))
+            state = read_quant_state(blob)
             shape = [int(s) for s in state["shape"]]
         except (ValueError, KeyError, TypeError) as e:
             raise QError(f"{info.file}: tensor {state_name!r} is not a readable quant state ({e})") from None
@@ -107,7 +103,7 @@ def inspect_checkpoint(path: str | Path, verify: bool = False) -> CheckpointInfo
             n *= s
         quantized_parameters += n
         quantized.append(prefix)
-        parts.update(prefix + p for p in ("",) + _QUANT_PARTS)
+        parts.update(prefix + p for p in ("",) + NF4_PART_SUFFIXES)
     kept = [n for n in infos if n not in parts]
     qcfg = cfg.get("quantization_config") or {}
     if states:

@@ -16,7 +16,6 @@ from the newest checkpoint and ends with the adapter an uninterrupted run would 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -40,6 +39,7 @@ from qconvert.train_card import base_record, write_card
 from qconvert.train_metrics import TENSORBOARD_DIR, TensorBoardLog, check_report_to, metric_records, write_reports
 from qformats.errors import QError
 from qformats.lineage import check_base_model_id
+from qformats.manifest import sha256_file
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import use_caching_allocator
@@ -260,14 +260,6 @@ def _validate(cfg: FinetuneConfig) -> None:
     check_report_to(cfg.report_to)
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def finetune(cfg: FinetuneConfig, echo=lambda msg: None) -> FinetuneResult:
     """Run (or resume) a fine-tuning run; see the module doc. `echo` receives notes (rank 0 only)."""
     _validate(cfg)
@@ -353,7 +345,7 @@ class _Run:
         self.warmup = math.ceil(cfg.warmup_ratio * self.total)
         self.scheduler = LRSchedule(self.optimizer, lr_factor(cfg.schedule, self.warmup, self.total))
         self.fingerprint = {
-            "data_sha256": _sha256(cfg.data), "eval": (_sha256(cfg.eval_file) if cfg.eval_file else cfg.eval_fraction),
+            "data_sha256": sha256_file(cfg.data), "eval": (sha256_file(cfg.eval_file) if cfg.eval_file else cfg.eval_fraction),
             "model": str(cfg.model), "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
             "target_modules": cfg.target_modules, "rslora": cfg.rslora, "lr": cfg.lr, "schedule": cfg.schedule,
             "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm, "weight_decay": cfg.weight_decay,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from qconvert.train_metrics import LOSS_CURVE, METRICS_FILE
 from qformats.errors import QError
+from qformats.json_file import read_json_object
 from qformats.lineage import CARD_MARKER, model_origin, repo_id_of
 
 ArtifactKind = Literal["nf4", "adapter", "merged"]
@@ -51,22 +52,12 @@ class Artifact:
         return self.config.get("quantization_config") or {}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise QError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise QError(f"{path}: expected a JSON object")
-    return data
-
-
 def detect_kind(folder: Path) -> ArtifactKind:
     if (folder / "adapter_config.json").is_file():
         return "adapter"
     if not (folder / "config.json").is_file():
         raise QError(f"{folder}: neither config.json (a model) nor adapter_config.json (a PEFT adapter) is there")
-    qc = _read_json(folder / "config.json").get("quantization_config")
+    qc = read_json_object(folder / "config.json").get("quantization_config")
     if not qc:
         return "merged"
     if qc.get("quant_method") == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
@@ -82,12 +73,12 @@ def read_artifact(folder: str | os.PathLike) -> Artifact:
     kind = detect_kind(folder)
     art = Artifact(kind=kind, folder=folder)
     if (folder / "config.json").is_file():
-        art.config = _read_json(folder / "config.json")
+        art.config = read_json_object(folder / "config.json")
     if kind == "adapter":
-        art.adapter_config = _read_json(folder / "adapter_config.json")
+        art.adapter_config = read_json_object(folder / "adapter_config.json")
         art.base_path = art.adapter_config.get("base_model_name_or_path")
     if (folder / "qconvert.json").is_file():
-        art.manifest = _read_json(folder / "qconvert.json")
+        art.manifest = read_json_object(folder / "qconvert.json")
     if (folder / "README.md").is_file():
         art.existing_card = (folder / "README.md").read_text(errors="replace")
     art.base_model, art.license = model_origin(folder)
@@ -252,10 +243,10 @@ def _training_facts(art: Artifact) -> list[tuple[str, Any]]:
                 rows.append((key.replace("_", " "), value))
     state = art.folder / "trainer_state.json"
     if not rows and state.is_file():
-        history = _read_json(state).get("log_history") or []
+        history = read_json_object(state).get("log_history") or []
         train = [h["loss"] for h in history if "loss" in h]
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-        rows += [("steps", _read_json(state).get("global_step")), ("final train loss", train[-1] if train else None),
+        rows += [("steps", read_json_object(state).get("global_step")), ("final train loss", train[-1] if train else None),
                  ("final eval loss", evals[-1] if evals else None)]  # fmt: skip
     return rows
 
@@ -350,7 +341,7 @@ def _base_quantization(art: Artifact) -> dict[str, Any]:
     if isinstance(source, dict) and isinstance(source.get("base_quantization"), dict):
         return source["base_quantization"]
     if art.base_path and (Path(art.base_path).expanduser() / "config.json").is_file():
-        qc = _read_json(Path(art.base_path).expanduser() / "config.json").get("quantization_config") or {}
+        qc = read_json_object(Path(art.base_path).expanduser() / "config.json").get("quantization_config") or {}
         return qc if qc.get("quant_method") == "bitsandbytes" else {}
     return {}
 

@@ -30,36 +30,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from qformats.errors import QError
-from qformats.nf4 import DYNAMIC_MAP_SIGNED
+from qformats.nf4 import DYNAMIC_MAP_SIGNED, DYNAMIC_MAP_UNSIGNED
 
 BLOCKSIZE = 256  # 8-bit state blocks; pages and parameter offsets align to it
-
-
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
-    """bitsandbytes' dynamic 8-bit map (`functional.create_dynamic_map`), computed the same way in fp32."""
-    data: list[float] = []
-    non_sign_bits = total_bits - 1
-    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
-    for i in range(max_exponent_bits):
-        extra = 0 if signed else 1
-        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits + extra) + 1)
-        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    if additional_items > 0:
-        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    data += [0.0, 1.0]
-    data += [0.0] * (2**total_bits - len(data))
-    return torch.tensor(sorted(data), dtype=torch.float32)
-
-
-DYNAMIC_MAP_UNSIGNED = create_dynamic_map(signed=False)
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch
 
 from qformats.checkpoint import Checkpoint
 from qformats.errors import QError
-from qformats.nf4 import NESTED_BLOCKSIZE, NF4Weight
+from qformats.nf4 import NESTED_BLOCKSIZE, NF4Weight, valid_blocksize
 from qformats.safetensors_file import TensorInfo, add_header_entry, read_into
 from qformats.sharded_writer import ShardedWriter, starts_new_shard
 from qkernels import cpu_quantize
@@ -101,7 +101,7 @@ def scan(f, job: Job, s: Settings, buf: torch.Tensor) -> float | None:
     quantize with double quantization, return the offset its quant state will store."""
     info, nf4 = job.info, job.kind == "nf4"
     fast = info.dtype in _FLOATS and cpu_quantize.fast_path_available(torch.empty(1, dtype=info.dtype))
-    if nf4 and not (fast and s.device.type == "cpu" and s.blocksize in cpu_quantize._BLOCKSIZES):
+    if nf4 and not (fast and s.device.type == "cpu" and valid_blocksize(s.blocksize)):
         # Off the C++ path the offset is the whole quantizer's (rare: no extension, or CUDA).
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         read_into(f, memoryview(buf.numpy()), info, info.start)

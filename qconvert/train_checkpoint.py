@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qformats.errors import QError
+from qformats.json_file import read_json_object
 from qformats.safetensors_file import read_safetensors_header
 
 STATE_FILE = "trainer_state.json"
@@ -54,8 +55,7 @@ def damage(folder: Path) -> str | None:
     Checks what can be checked without loading: the state JSON and every safetensors header against its
     file size, which is what a disk filling up or a copy cut short breaks."""
     try:
-        if not isinstance(read_state(folder), dict):
-            return f"{folder / STATE_FILE}: not a JSON object"
+        read_state(folder)
         for name in ("adapter_model.safetensors", "optimizer.safetensors"):
             read_safetensors_header(folder / name)
         for rng in sorted(folder.glob("rng-*.safetensors")):
@@ -121,10 +121,7 @@ def finish(tmp: Path, final: Path, state: dict, keep: int) -> Path:
 
 
 def read_state(folder: Path) -> dict:
-    try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise QError(f"{folder / STATE_FILE}: unreadable ({e})") from None
+    return read_json_object(folder / STATE_FILE)
 
 
 def check_same_run(saved: dict, current: dict, folder: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from qformats.errors import QError
+from qformats.json_file import read_json_object
 from qformats.safetensors_file import SafetensorsHeader, TensorInfo, iter_shard_tensors, read_safetensors_header
 
 SINGLE_FILE = "model.safetensors"
@@ -61,13 +62,7 @@ def load_config(folder: Path) -> dict:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise QError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise QError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise QError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def list_shards(folder: Path) -> tuple[list[Path], Path | None]:

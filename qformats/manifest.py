@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 from pathlib import Path
 
 from qformats.errors import QError
+from qformats.json_file import read_json_object
 
 MANIFEST_FILE = "qconvert.json"
 MANIFEST_FORMAT = "qconvert-manifest/1"
@@ -63,12 +63,9 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise QError(f"{folder}: no {MANIFEST_FILE} manifest (not written by qconvert, or incomplete)")
-    try:
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-            raise ValueError(f"format {manifest.get('format')!r}")
-    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError) as e:
-        raise QError(f"{path}: unreadable manifest ({e})") from None
+    manifest = read_json_object(path)
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise QError(f"{path}: unreadable manifest (format {manifest.get('format')!r})")
     return manifest
 
 

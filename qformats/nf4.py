@@ -131,25 +131,38 @@ def _for_chunks(fn, n: int, unit: int, device: torch.device) -> None:
         pass
 
 
-def _signed_dynamic_map() -> torch.Tensor:
-    """The 256-entry signed 8-bit dynamic map of bitsandbytes (`create_dynamic_map(signed=True)`).
-
-    Built from the exact fp32 words recorded in docs/format.md (qformats/dynamic_map_signed.hex),
-    sha256 e732639a...; tests check the hash and that it equals bitsandbytes' own map.
-    """
-    words = bytes.fromhex(_DYNAMIC_MAP_HEX)
+def _stored_map(file: str) -> torch.Tensor:
+    """A 256-entry 8-bit dynamic map of bitsandbytes (`create_dynamic_map`) from its exact fp32 words,
+    one hex word each in `file` next to this module; tests check that it equals bitsandbytes' own."""
+    words = b"".join(int(w, 16).to_bytes(4, "little") for w in Path(__file__).with_name(file).read_text().split())
     return torch.frombuffer(bytearray(words), dtype=torch.int32).view(torch.float32).clone()
 
 
-_DYNAMIC_MAP_HEX = "".join(
-    int(w, 16).to_bytes(4, "little").hex()
-    for w in (Path(__file__).with_name("dynamic_map_signed.hex").read_text().split())
-)
-DYNAMIC_MAP_SIGNED = _signed_dynamic_map()
+# The signed map codes the double-quantized scales (docs/format.md records its sha256, e732639a...);
+# both maps code the 8-bit optimizer state (qconvert/paged_adamw.py: first and second moments).
+DYNAMIC_MAP_SIGNED = _stored_map("dynamic_map_signed.hex")
+DYNAMIC_MAP_UNSIGNED = _stored_map("dynamic_map_unsigned.hex")
 _DYNAMIC_CELLS = _CellCodebook((DYNAMIC_MAP_SIGNED[:-1] + DYNAMIC_MAP_SIGNED[1:]) / 2)
 
 SUPPORTED_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NESTED_BLOCKSIZE = 256
+
+# The safetensors names of a 4-bit weight `P.weight`: the packed bytes under `P.weight` itself, the
+# rest under `P.weight` + a suffix; the quant state (a JSON blob) is what marks a weight as NF4.
+QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+FP4_STATE_SUFFIX = ".quant_state.bitsandbytes__fp4"
+NF4_PART_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", QUANT_STATE_SUFFIX)
+
+
+def read_quant_state(blob: torch.Tensor) -> dict:
+    """The quant-state JSON stored as a uint8 tensor; ValueError when it is not JSON."""
+    return json.loads(bytes(blob.to(torch.uint8).numpy().tobytes()))
+
+
+def valid_blocksize(blocksize: int) -> bool:
+    """The NF4 blocksizes bitsandbytes writes and every kernel here takes: a power of two from 32 to 4096
+    (so a packed byte never straddles two blocks)."""
+    return 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0
 
 
 @dataclass
@@ -179,7 +192,7 @@ class NF4Weight:
         return n
 
     def quant_state_json(self) -> dict:
-        """The JSON stored under `P.weight.quant_state.bitsandbytes__nf4`."""
+        """The JSON stored under `P.weight` + QUANT_STATE_SUFFIX."""
         state = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
                  "shape": list(self.shape)}  # fmt: skip
         if self.double_quant:
@@ -198,7 +211,7 @@ class NF4Weight:
             out[f"{prefix}.nested_absmax"] = self.nested_absmax
             out[f"{prefix}.nested_quant_map"] = self.nested_quant_map
         blob = json.dumps(self.quant_state_json()).encode()
-        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        out[prefix + QUANT_STATE_SUFFIX] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         return out
 
     @classmethod
@@ -210,13 +223,13 @@ class NF4Weight:
                 raise QError(f"{prefix}: missing tensor {key!r} of a 4-bit weight")
             return tensors[key]
 
-        state_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+        state_key = prefix + QUANT_STATE_SUFFIX
         if state_key not in tensors:
-            if f"{prefix}.quant_state.bitsandbytes__fp4" in tensors:
+            if prefix + FP4_STATE_SUFFIX in tensors:
                 raise QError(f"{prefix}: FP4 weights are not supported, only NF4")
             get(state_key)
         try:
-            state = json.loads(bytes(tensors[state_key].to(torch.uint8).numpy().tobytes()))
+            state = read_quant_state(tensors[state_key])
             shape = tuple(int(s) for s in state["shape"])
             blocksize = int(state["blocksize"])
             dtype = _dtype_from_name(state["dtype"])
@@ -264,7 +277,7 @@ def _dtype_from_name(name: str) -> torch.dtype:
 
 
 def check_blocksize(blocksize: int) -> None:
-    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+    if not valid_blocksize(blocksize):
         raise QError(f"blocksize {blocksize} is not supported: use a power of two from 32 to 4096")
 
 

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qformats.errors import QError
+from qformats.json_file import read_json_object
 from qformats.output_folder import make_temp_folder
 
 CONFIG_NAME = "adapter_config.json"
@@ -157,13 +158,7 @@ def read_adapter(path: str | Path, device: str | torch.device = "cpu", *, max_ra
     cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_path.is_file():
         raise QError(f"{path}: no {CONFIG_NAME} (not a PEFT adapter folder)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise QError(f"{cfg_path}: expected a JSON object")
-    config = AdapterConfig.from_json(raw, str(cfg_path))
+    config = AdapterConfig.from_json(read_json_object(cfg_path), str(cfg_path))
     rank = max([config.r, *config.rank_pattern.values()])
     if max_rank is not None and rank > max_rank:
         raise QError(f"{cfg_path}: rank {rank} exceeds the limit of {max_rank}")

@@ -33,6 +33,7 @@ from qformats.nf4 import (
     SUPPORTED_INPUT_DTYPES,
     NF4Weight,
     quantize_absmax_dq,
+    valid_blocksize,
 )
 from qformats.nf4 import quantize_nf4 as quantize_nf4_reference
 from qkernels import cpu
@@ -73,7 +74,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
     `threads` caps the kernel's threads (its output does not depend on them); the offset's mean
     runs at torch's thread count whatever it is, since that decides its last bit."""
-    if not fast_path_available(weight) or blocksize not in _BLOCKSIZES:
+    if not fast_path_available(weight) or not valid_blocksize(blocksize):
         return quantize_nf4_reference(weight, blocksize=blocksize, double_quant=double_quant)
     flat = weight.detach().reshape(-1).contiguous()
     n = flat.numel()
@@ -116,5 +117,3 @@ def _double_quantize(absmax: torch.Tensor, threads: int | None) -> tuple[torch.T
                                                   codes, nested, grain)  # fmt: skip
     return codes, nested, offset
 
-
-_BLOCKSIZES = {1 << k for k in range(5, 13)}  # 32..4096; anything else: the reference raises its error

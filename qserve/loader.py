@@ -13,7 +13,6 @@ on some); on CUDA the checkpoint's dtype, or `bnb_4bit_compute_dtype` for NF4 ch
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,12 +23,10 @@ from tqdm import tqdm
 from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
-from qformats.nf4 import NF4Weight
+from qformats.nf4 import NF4_PART_SUFFIXES, QUANT_STATE_SUFFIX, NF4Weight, read_quant_state
 from qserve.model import CausalLM, ModelArgs
 from qserve.nf4_linear import NF4Linear
 
-_NF4_STATE = ".quant_state.bitsandbytes__nf4"
-_NF4_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", _NF4_STATE)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
@@ -97,7 +94,7 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, dev
     with torch.device("meta"):
         lm = CausalLM(args)
     expected = {name: tuple(p.shape) for name, p in lm.named_parameters(remove_duplicate=False)}
-    nf4_prefixes = {k[: -len(_NF4_STATE)] for k in found if k.endswith(_NF4_STATE)}
+    nf4_prefixes = {k.removesuffix(QUANT_STATE_SUFFIX) for k in found if k.endswith(QUANT_STATE_SUFFIX)}
     for p in nf4_prefixes:
         if p not in expected or not isinstance(_module_of(lm, p), nn.Linear):
             raise QError(f"{model_dir}: unexpected 4-bit tensor {p!r} (not a linear weight of this "
@@ -149,7 +146,7 @@ def _nf4_group(name: str, prefixes) -> str | None:
     """The quantized weight (`P.weight`) that tensor `name` belongs to, if any."""
     if name in prefixes:
         return name
-    for suffix in _NF4_SUFFIXES:
+    for suffix in NF4_PART_SUFFIXES:
         if name.endswith(suffix) and name[: -len(suffix)] in prefixes:
             return name[: -len(suffix)]
     return None
@@ -157,11 +154,11 @@ def _nf4_group(name: str, prefixes) -> str | None:
 
 def _nf4_group_size(got: dict[str, torch.Tensor], prefix: str) -> int:
     """How many tensors the weight `prefix` has: 4, or 6 with double quantization (known once the state is read)."""
-    state = got.get(prefix + _NF4_STATE)
+    state = got.get(prefix + QUANT_STATE_SUFFIX)
     if state is None:
         return -1
     try:
-        nested = "nested_offset" in json.loads(bytes(state.to(torch.uint8).numpy().tobytes()))
+        nested = "nested_offset" in read_quant_state(state)
     except ValueError:
         return len(got)  # let NF4Weight.from_tensors report the unreadable state
     return 6 if nested else 4

@@ -16,7 +16,6 @@ same Hub cache).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
+from qformats.json_file import read_json_object
 from qformats.peft_adapter import adapter_folder
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
@@ -45,15 +45,9 @@ class VllmCommand:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QError(f"{path.parent}: no {path.name}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise QError(f"{path}: expected a JSON object")
-    return data
+    if not path.is_file():
+        raise QError(f"{path.parent}: no {path.name}")
+    return read_json_object(path)
 
 
 def _vllm_arg(source: str) -> str:
