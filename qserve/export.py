@@ -121,7 +121,7 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
             module = name.removesuffix(".weight")
             if requantize and module in nf4_modules and name.endswith(".weight"):
                 old = nf4_modules[module]
-                w = quantize_nf4(t, blocksize=old.blocksize, double_quant=old.weight_nested_absmax is not None)
+                w = quantize_nf4(t, blocksize=old.nf4_weight.blocksize, double_quant=old.nf4_weight.double_quant)
                 writer.add(w.to_tensors(name))
             else:
                 writer.add({name: t})

@@ -299,7 +299,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, names: Iterab
     merged = []
     for name in names if names is not None else list(mods):
         m = mods[name]
-        out_dtype = dtype or (m.base.weight_dtype if isinstance(m.base, NF4Linear) else m.base.weight.dtype)
+        out_dtype = dtype or (m.base.nf4_weight.dtype if isinstance(m.base, NF4Linear) else m.base.weight.dtype)
         w = (m.base_weight(torch.float32) + m.delta_weight()).to(out_dtype)
         dense = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None, device=w.device, dtype=out_dtype)
         with torch.no_grad():

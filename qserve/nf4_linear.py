@@ -10,13 +10,18 @@ the dtype of its input, so the compute dtype is whatever the activations are.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from qformats.nf4 import NF4Weight
 from qkernels.ops import nf4_linear
 
-_BUFFERS = ("weight", "weight_absmax", "weight_quant_map", "weight_nested_absmax", "weight_nested_quant_map")
+# The weight's tensors, registered as buffers under these names so that `.to()`, `named_buffers()`
+# and memory counts see them; `nf4_weight` holds the same tensors and is what the forward uses.
+_BUFFERS = {"weight": "packed", "weight_absmax": "absmax", "weight_quant_map": "quant_map",
+            "weight_nested_absmax": "nested_absmax", "weight_nested_quant_map": "nested_quant_map"}  # fmt: skip
 
 
 class NF4Linear(nn.Module):
@@ -27,32 +32,27 @@ class NF4Linear(nn.Module):
         if len(w.shape) != 2:
             raise ValueError(f"NF4Linear needs a 2-D weight, got shape {list(w.shape)}")
         self.out_features, self.in_features = w.shape
-        self.register_buffer("weight", w.packed)
-        self.register_buffer("weight_absmax", w.absmax)
-        self.register_buffer("weight_quant_map", w.quant_map)
-        self.register_buffer("weight_nested_absmax", w.nested_absmax)
-        self.register_buffer("weight_nested_quant_map", w.nested_quant_map)
-        self.offset, self.blocksize, self.nested_blocksize = w.offset, w.blocksize, w.nested_blocksize
-        self.weight_dtype = w.dtype  # the dtype the weight dequantizes to (that of the source)
+        self._hold(w)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
-    @property
-    def nf4_weight(self) -> NF4Weight:
-        """The weight as an `NF4Weight` (views of the buffers, no copy)."""
-        return NF4Weight(packed=self.weight, absmax=self.weight_absmax, quant_map=self.weight_quant_map,
-                         shape=(self.out_features, self.in_features), dtype=self.weight_dtype,
-                         blocksize=self.blocksize, nested_absmax=self.weight_nested_absmax,
-                         nested_quant_map=self.weight_nested_quant_map, offset=self.offset,
-                         nested_blocksize=self.nested_blocksize)  # fmt: skip
+    def _hold(self, w: NF4Weight) -> None:
+        self.nf4_weight = w  # the weight as stored (its dtype: the one it dequantizes to)
+        for name, field in _BUFFERS.items():
+            self._buffers[name] = getattr(w, field)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # moves the buffers; the weight then takes the moved tensors
+        self.nf4_weight = replace(self.nf4_weight, **{field: self._buffers[name] for name, field in _BUFFERS.items()})
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return nf4_linear(x, self.nf4_weight, bias)
 
     def extra_repr(self) -> str:
-        dq = "double-quant" if self.weight_nested_absmax is not None else "fp32 scales"
+        dq = "double-quant" if self.nf4_weight.double_quant else "fp32 scales"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nf4 blocksize={self.blocksize}, {dq}")  # fmt: skip
+                f"nf4 blocksize={self.nf4_weight.blocksize}, {dq}")  # fmt: skip
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The checkpoint layout: `weight.absmax`, ... and the quant-state JSON, not our attribute names.
@@ -72,9 +72,7 @@ class NF4Linear(nn.Module):
             error_msgs.append(f"{prefix}weight: shape {list(w.shape)}, expected "
                               f"{[self.out_features, self.in_features]}")  # fmt: skip
             return
-        for attr, t in zip(_BUFFERS, (w.packed, w.absmax, w.quant_map, w.nested_absmax, w.nested_quant_map)):
-            self._buffers[attr] = t
-        self.offset = w.offset
+        self._hold(w)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 self.bias.data.copy_(state_dict[prefix + "bias"])
