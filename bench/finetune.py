@@ -19,6 +19,7 @@ Absolute numbers on a shared CPU are noisy; the ratios are measured in one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -78,6 +79,7 @@ def worker_ours(args) -> dict:
     from qconvert.finetune import prepare_for_training
     from qconvert.lm_loss import causal_lm_loss
     from qconvert.paged_adamw import PagedAdamW
+    from qkernels.cpu_allocator import caching_allocator
     from qserve.loader import load_model
     from qserve.lora import apply_lora, lora_parameters
 
@@ -90,7 +92,8 @@ def worker_ours(args) -> dict:
     tokens = batch(args, model.args.vocab_size).to(device)
     n = tokens.numel() - tokens.shape[0]
 
-    return timed(lambda: causal_lm_loss(model, tokens, tokens, n), params, opt, args)  # qconvert finetune's loss
+    with caching_allocator() if device == "cpu" else contextlib.nullcontext():  # as qconvert finetune runs
+        return timed(lambda: causal_lm_loss(model, tokens, tokens, n), params, opt, args)  # qconvert finetune's loss
 
 
 def worker_peft(args) -> dict:

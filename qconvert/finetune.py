@@ -16,6 +16,7 @@ from the newest checkpoint and ends with the adapter an uninterrupted run would 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -42,7 +43,7 @@ from qformats.lineage import check_base_model_id
 from qformats.manifest import sha256_file
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
-from qkernels.cpu_allocator import use_caching_allocator
+from qkernels.cpu_allocator import caching_allocator
 from qserve.device import resolve_device
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
 from qserve.lora import apply_lora, lora_modules, lora_parameters, to_peft_adapter
@@ -214,11 +215,8 @@ class LRSchedule:
 
 
 def prepare_for_training(model, gradient_checkpointing: bool) -> None:
-    """Training mode, checkpointing on or off, and on CPU the caching allocator (memory that tracks
-    what is live: see qkernels/cpu_allocator.py)."""
+    """Training mode, checkpointing on or off."""
     model.gradient_checkpointing = gradient_checkpointing
-    if next(model.parameters()).device.type == "cpu":
-        use_caching_allocator()
     model.train()
 
 
@@ -264,8 +262,10 @@ def finetune(cfg: FinetuneConfig, echo=lambda msg: None) -> FinetuneResult:
     """Run (or resume) a fine-tuning run; see the module doc. `echo` receives notes (rank 0 only)."""
     _validate(cfg)
     dist = _init_dist(cfg.device)
+    run = _Run(cfg, dist, echo if dist.main else (lambda msg: None))
     try:
-        return _Run(cfg, dist, echo if dist.main else (lambda msg: None)).run()
+        with run.scope:  # what set-up entered for the run (the CPU allocator), left when it ends
+            return run.run()
     finally:
         if dist.world > 1 and tdist.is_initialized():
             tdist.destroy_process_group()
@@ -276,6 +276,7 @@ class _Run:
         self.cfg, self.dist, self.echo, self.notes = cfg, dist, echo, []
         self.output = Path(cfg.output)
         self.ckpt_root = Path(cfg.checkpoint_dir or f"{cfg.output}-checkpoints")
+        self.scope = contextlib.ExitStack()
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -334,6 +335,8 @@ class _Run:
         apply_lora(self.model, cfg.target_modules, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                    use_rslora=cfg.rslora, seed=cfg.seed)  # fmt: skip
         prepare_for_training(self.model, cfg.gradient_checkpointing)
+        if self.device.type == "cpu":  # memory that tracks what is live (qkernels/cpu_allocator.py)
+            self.scope.enter_context(caching_allocator())
         self.params = lora_parameters(self.model)
         self.optimizer = PagedAdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     optim_bits=cfg.optimizer_bits, budget_bytes=cfg.optimizer_budget)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Switch this process's CPU tensors to the caching allocator of `cpu_caching_allocator.cpp` (training).
+"""The training allocator: inside `caching_allocator()`, this process's CPU tensors come from the block
+cache of `cpu_caching_allocator.cpp`; on exit the previous allocator is back and the cache emptied.
 
 With glibc's heap alone a checkpointed training step's resident memory grows step by step; one mmap
 per large block holds it near what is live but pays a page fault per 4 KiB on every allocation; the
@@ -7,8 +8,10 @@ cache holds as little at glibc's speed (bench/finetune.py; figures in bench/RESU
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -26,18 +29,24 @@ def default_cap() -> int:
     return min(1 << 30, ram // 8)
 
 
-def use_caching_allocator(cap_bytes: int | None = None) -> bool:
-    """From now on, CPU tensors of 256 KiB or more come from the block cache (process-wide, Linux only).
-
-    Returns False, changing nothing, where the C++ extension is not available or not on Linux.
-    Calling it again only changes the cap.
+@contextlib.contextmanager
+def caching_allocator(cap_bytes: int | None = None) -> Iterator[bool]:
+    """CPU tensors of 256 KiB or more come from the block cache inside the block (process-wide, Linux
+    only); yields whether the cache is in use. Where the C++ extension is not available or not on
+    Linux, nothing changes (False). Nested, the outer block's exit restores; an inner one only sets the cap.
     """
     if not sys.platform.startswith("linux") or not extension_available():
-        return False
-    torch.ops.qkernels_cpu.use_caching_allocator(default_cap() if cap_bytes is None else cap_bytes, MIN_BYTES)
-    return True
+        yield False
+        return
+    installed = torch.ops.qkernels_cpu.use_caching_allocator(default_cap() if cap_bytes is None else cap_bytes,
+                                                             MIN_BYTES)  # fmt: skip
+    try:
+        yield True
+    finally:
+        if installed:
+            torch.ops.qkernels_cpu.restore_cpu_allocator()
 
 
 def cached_bytes() -> int:
-    """Bytes of freed blocks the cache holds for reuse (0 before `use_caching_allocator`)."""
+    """Bytes of freed blocks the cache holds for reuse (0 outside `caching_allocator`)."""
     return int(torch.ops.qkernels_cpu.allocator_cached_bytes()) if extension_available() else 0

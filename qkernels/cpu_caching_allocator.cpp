@@ -3,13 +3,14 @@
 //
 // A checkpointed training step allocates and frees thousands of MB-sized tensors while a few of
 // them (each layer's saved input) live until the backward pass. On glibc's heap those long-lived
-// blocks pin freed space that is neither reused nor returned (SmolLM2, batch 4 x 256: 2.0 GB
-// resident and growing step by step, for about 0.8 GB live); giving every large block its own mmap
-// fixes that but pays a page fault per 4 KiB on every allocation (+35% step time). Here a freed
+// blocks pin freed space that is neither reused nor returned (resident memory grows step by step,
+// far above what is live); giving every large block its own mmap fixes that but pays a page fault
+// per 4 KiB on every allocation. Here a freed
 // large block goes to a cache keyed by size and is reused by the next request of (almost) the same
 // size, which is what the next layer asks for, so the pages are faulted in once. Cached free
 // blocks are capped (`cap_bytes`); beyond that a freed block is unmapped. Small requests go to
-// c10's aligned heap allocation. Every block carries a 64-byte header (its mapped size, 0 for a heap
+// c10's aligned heap allocation. `restore_cpu_allocator` puts the previous allocator back and
+// unmaps the cache; blocks still alive keep their deleter and are unmapped when freed. Every block carries a 64-byte header (its mapped size, 0 for a heap
 // block) so that one raw deleter frees either kind: torch's `raw_allocate` (oneDNN's buffers among
 // its users) needs the data pointer to be the whole context.
 #include <torch/library.h>
@@ -59,7 +60,7 @@ void* map_block(size_t size) {
 }
 
 struct CachingCPUAllocator final : c10::Allocator {
-  bool installed = false;
+  c10::Allocator* previous = nullptr;  // set while installed
 
   c10::DataPtr allocate(size_t n) override {
     BlockCache& c = cache();
@@ -110,16 +111,39 @@ struct CachingCPUAllocator final : c10::Allocator {
   }
 };
 
-void use_caching_allocator(int64_t cap_bytes, int64_t min_bytes) {
-  static auto* allocator = new CachingCPUAllocator();
+CachingCPUAllocator* the_allocator() {
+  static auto* allocator = new CachingCPUAllocator();  // never destroyed, like the cache
+  return allocator;
+}
+
+// Install the cache (or only set its limits if it is installed); true when this call installed it.
+bool use_caching_allocator(int64_t cap_bytes, int64_t min_bytes) {
+  CachingCPUAllocator* allocator = the_allocator();
   BlockCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   c.cap = static_cast<size_t>(cap_bytes);
   c.min_bytes = static_cast<size_t>(min_bytes);
-  if (!allocator->installed) {
-    allocator->installed = true;
-    c10::SetCPUAllocator(allocator, /*priority=*/10);  // above the default allocator's 0
+  if (allocator->previous) return false;
+  allocator->previous = c10::GetCPUAllocator();
+  c10::SetCPUAllocator(allocator, /*priority=*/10);  // above the default allocator's 0
+  return true;
+}
+
+// Put the allocator that was there before back and unmap every cached block.
+void restore_cpu_allocator() {
+  CachingCPUAllocator* allocator = the_allocator();
+  BlockCache& c = cache();
+  std::multimap<size_t, void*> drop;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (!allocator->previous) return;
+    c10::SetCPUAllocator(allocator->previous, /*priority=*/10);
+    allocator->previous = nullptr;
+    c.cap = 0;  // blocks freed from now on are unmapped
+    drop.swap(c.free_blocks);
+    c.cached = 0;
   }
+  for (auto& kv : drop) munmap(kv.second, kv.first);
 }
 
 int64_t allocator_cached_bytes() {
@@ -131,6 +155,7 @@ int64_t allocator_cached_bytes() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qkernels_cpu, m) {
-  m.def("use_caching_allocator(int cap_bytes, int min_bytes) -> ()", &use_caching_allocator);
+  m.def("use_caching_allocator(int cap_bytes, int min_bytes) -> bool", &use_caching_allocator);
+  m.def("restore_cpu_allocator() -> ()", &restore_cpu_allocator);
   m.def("allocator_cached_bytes() -> int", &allocator_cached_bytes);
 }

@@ -1,5 +1,5 @@
 """The training allocator (qkernels/cpu_caching_allocator.cpp): freed large blocks are reused, capped,
-and the numbers computed with it are the numbers computed without it.
+the numbers computed with it are the numbers computed without it, and leaving it restores the allocator.
 
 It changes the allocator of the whole process, so each check runs in a fresh interpreter.
 """
@@ -12,12 +12,13 @@ import textwrap
 
 CHECK = textwrap.dedent("""
     import torch
-    from qkernels.cpu_allocator import cached_bytes, use_caching_allocator
+    from qkernels.cpu_allocator import cached_bytes, caching_allocator
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(700, 900, generator=g), torch.randn(900, 500, generator=g)
     expected = a @ b
-    assert use_caching_allocator(cap_bytes=8 << 20)
+    training = caching_allocator(cap_bytes=8 << 20)
+    assert training.__enter__()
     assert cached_bytes() == 0
     x = torch.empty(1 << 20)                      # 4 MiB: a cached block
     ptr = x.data_ptr()
@@ -49,6 +50,16 @@ CHECK = textwrap.dedent("""
         t = torch.randn(2000, 300, generator=g).requires_grad_()
         (t.sin() * 2).sum().backward()
         assert torch.allclose(t.grad, 2 * t.detach().cos())
+    with caching_allocator(cap_bytes=8 << 20) as inner:  # nested: only sets the cap, the outer exit restores
+        assert inner
+    x = torch.empty(1 << 20)
+    del x
+    assert cached_bytes() > 0
+    training.__exit__(None, None, None)           # the previous allocator is back, the cache emptied
+    assert cached_bytes() == 0
+    x = torch.empty(1 << 20)
+    del x
+    assert cached_bytes() == 0 and torch.equal(a @ b, expected)
     print("ok")
 """)
 
