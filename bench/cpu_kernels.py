@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from qformats.nf4 import dequantize_nf4, quantize_nf4
 from qkernels import cpu, ops
+from qkernels.nf4_args import kernel_args
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down of SmolLM2-135M
 CACHE_BYTES = 64 << 20  # rotate over more than this (2x a 32 MiB L3)
@@ -194,15 +195,13 @@ def forward_row(x: torch.Tensor, w: torch.Tensor, runs: int) -> str:
 
 
 def lora_rows(x: torch.Tensor, a: torch.Tensor, gu: torch.Tensor, y: torch.Tensor, runs: int) -> list[str]:
-    from qkernels import lora_dropout as ld
-
     seed, p = 12345, 0.05
-    pairs = [("LoRA down: dropout(x) @ A.T", lambda: ld.dropout_apply(x, seed, p) @ a.t(),
-              lambda: ld.lora_down(x, a, seed, p, 1.0)),
-             ("LoRA grad A: gu.T @ dropout(x)", lambda: gu.t() @ ld.dropout_apply(x, seed, p),
-              lambda: ld.lora_grad_a(gu, x, seed, p, 1.0)),
-             ("LoRA dx: y += dropout(gu @ A)", lambda: ld.dropout_add_(y, gu @ a, seed, p),
-              lambda: ld.lora_up_add_(y, gu, a, seed, p))]  # fmt: skip
+    pairs = [("LoRA down: dropout(x) @ A.T", lambda: ops.dropout_apply(x, seed, p) @ a.t(),
+              lambda: ops.lora_down(x, a, seed, p, 1.0)),
+             ("LoRA grad A: gu.T @ dropout(x)", lambda: gu.t() @ ops.dropout_apply(x, seed, p),
+              lambda: ops.lora_grad_a(gu, x, seed, p, 1.0)),
+             ("LoRA dx: y += dropout(gu @ A)", lambda: ops.dropout_add_(y, gu @ a, seed, p),
+              lambda: ops.lora_up_add_(y, gu, a, seed, p))]  # fmt: skip
     out = []
     for name, unfused, fused in pairs:
         t0, t1 = median_us(unfused, runs), median_us(fused, runs)
@@ -214,7 +213,7 @@ def lora_rows(x: torch.Tensor, a: torch.Tensor, gu: torch.Tensor, y: torch.Tenso
 def dispatch_overhead_us(runs: int) -> float:
     w = quantize_nf4(torch.randn(64, 64))
     x = torch.randn(1, 64)
-    through_op = median_us(lambda: torch.ops.qkernels.nf4_linear(x, *ops._weight_args(w), None), runs * 10)
+    through_op = median_us(lambda: torch.ops.qkernels.nf4_linear(x, *kernel_args(w), None), runs * 10)
     direct = median_us(lambda: ops.nf4_linear(x, w), runs * 10)
     return through_op - direct
 

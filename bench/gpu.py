@@ -187,7 +187,7 @@ def bench_shape(w, rows, timer: Timer, cache: int, runs: int, tune: bool, prefix
         t_bf16 = timer.median_us(lambda next_x=next_x: F.linear(next_x(), next_wbf()), runs)
         t_fused = time_it(triton_nf4.fused_matmul) if m <= 512 else None
         t_deq = time_it(triton_nf4.dequant_matmul)
-        path = "fused" if m <= triton_nf4.FUSED_MAX_M else "dequant+mm"
+        path = "fused" if m <= triton_nf4.TRITON_FUSED_MAX_M else "dequant+mm"
         gbs = nf4_bytes(w, m, k, n) / t_ours / 1e3
         fused = f"{t_fused:.1f}" if t_fused is not None else "-"
         out(f"{prefix}| {n}x{k} | {m} | {path} | {t_ours:.1f} | {t_bf16:.1f} | {t_bf16 / t_ours:.2f}x "

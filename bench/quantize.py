@@ -5,7 +5,7 @@
 
 Rows (elements per second, best of --runs; wall-clock and the process CPU time, which leaves out
 the time a busy machine gives to other processes):
-  4096x4096 / 8192x28672 fp16   ours = `qkernels.cpu_quantize.quantize_nf4` (the fused C++ kernel that
+  4096x4096 / 8192x28672 fp16   ours = `qkernels.ops.quantize_nf4` (the fused C++ kernel that
                                 `qconvert quantize` runs on CPU) vs `bitsandbytes.functional.quantize_4bit`
                                 (nf4, blocksize 64, compress_statistics=True), at torch's thread count
                                 and at one thread; the torch reference `qformats.nf4.quantize_nf4`
@@ -54,7 +54,7 @@ from qformats.manifest import verify_manifest
 from qformats.nf4 import quantize_nf4 as quantize_nf4_reference
 from qformats.sharded_writer import ShardedWriter
 from qkernels import cpu
-from qkernels.cpu_quantize import quantize_nf4
+from qkernels.ops import quantize_nf4
 
 MEMORY_HEADER = ("\n| run | wall | peak RSS | above the bare interpreter | largest source shard | peak / shard |\n"
                  "| --- | --- | --- | --- | --- | --- |")

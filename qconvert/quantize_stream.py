@@ -34,7 +34,8 @@ from qformats.nf4 import NESTED_BLOCKSIZE, NF4Weight, valid_blocksize
 from qformats.safetensors_file import TensorInfo, add_header_entry, read_into
 from qformats.sharded_writer import ShardedWriter, starts_new_shard
 from qkernels import cpu_quantize
-from qkernels.cpu_quantize import block_absmax, double_quant_offset, quantize_nf4
+from qkernels.cpu_quantize import block_absmax, double_quant_offset
+from qkernels.ops import quantize_nf4
 
 _SCAN_CHUNK = 16 * 1024 * 1024  # bytes the scan reads at a time: a multiple of every block of any dtype
 _CHECK_BLOCK = 4096  # block of the finiteness check on kept tensors (any size works; large is cheap)

@@ -1,7 +1,7 @@
 """The CPU path for NF4 compute: a fused C++ dequant-GEMM for decode, dequantize + BLAS for the rest.
 
 Regimes (measured by bench/cpu_kernels.py on the SmolLM2 shapes):
-- `M <= FUSED_MAX_M` rows of x (decode), AVX2, K % 32 == 0: `qkernels_cpu.gemm` (cpu_nf4.cpp)
+- `M <= CPU_FUSED_MAX_M` rows of x (decode), AVX2, K % 32 == 0: `qkernels_cpu.gemm` (cpu_nf4.cpp)
   reads each packed byte once, decodes 32 nibbles with four vpshufb byte-plane lookups, multiplies
   by the block scale (double quantization undone on the fly) and accumulates in fp32. Nothing the size of the weight
   is ever written, so decode reads 0.5 bytes per weight instead of fp32's 4.
@@ -36,9 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qformats.nf4 import NF4Weight, dequantize_absmax
+from qformats.nf4 import NF4Weight, dequantize_absmax, valid_blocksize
+from qkernels import lora_dropout
+from qkernels.nf4_args import kernel_args
 
-FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
+CPU_FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
 # Weights per thread task in the C++ kernels: smaller matrices (every SmolLM2-135M linear) run on
 # one thread: splitting a short GEMV over two threads gains a little on an idle machine and loses
 # much more on an oversubscribed one (a fork waits for both threads to be scheduled), and MKL keeps
@@ -107,14 +109,11 @@ def _load_extension() -> None:
                        build_directory=str(build_dir), is_python_module=False)  # fmt: skip
 
 
-def _kernel_args(w: NF4Weight) -> tuple:
-    return (w.packed.contiguous(), w.absmax, w.nested_absmax, w.nested_quant_map, w.quant_map,
-            float(w.offset or 0.0), w.blocksize, w.nested_blocksize)  # fmt: skip
-
-
-def _use_extension(w: NF4Weight) -> bool:
-    pow2 = w.blocksize & (w.blocksize - 1) == 0 and w.nested_blocksize & (w.nested_blocksize - 1) == 0
-    return pow2 and extension_available()
+def supports(w: NF4Weight) -> bool:
+    """Whether the C++ kernels take this weight (they divide by shifts: power-of-two blocksizes), with
+    the extension built; otherwise the pure-torch path of this module runs."""
+    nested_pow2 = w.nested_blocksize > 0 and w.nested_blocksize & (w.nested_blocksize - 1) == 0
+    return valid_blocksize(w.blocksize) and nested_pow2 and extension_available()
 
 
 def _scratch_buffer(numel: int) -> torch.Tensor:
@@ -156,8 +155,8 @@ def _absmax_slice(w: NF4Weight, b0: int, b1: int) -> torch.Tensor:
 def dequantize_rows(w: NF4Weight, row0: int, rows: int, out: torch.Tensor) -> torch.Tensor:
     """Rows [row0, row0+rows) of W as fp32, written into `out` (>= rows*K elements); returns [rows, K]."""
     K = w.shape[1]
-    if _use_extension(w):
-        torch.ops.qkernels_cpu.dequantize(*_kernel_args(w), K, row0, rows, out, PARALLEL_MIN_WEIGHTS)
+    if supports(w):
+        torch.ops.qkernels_cpu.dequantize(*kernel_args(w)[:8], K, row0, rows, out, PARALLEL_MIN_WEIGHTS)
     else:
         _dequantize_rows_torch(w, row0, rows, out)
     return out.reshape(-1)[: rows * K].view(rows, K)
@@ -193,7 +192,7 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     fast (bench/cpu_kernels.py --training; figures in bench/RESULTS.md).
     """
     fp32_cpu = x.is_cpu and w.is_cpu and x.dtype == w.dtype == torch.float32
-    if fp32_cpu and x.dim() == 2 and x.shape[0] > FUSED_MAX_M and _onednn_linear_works():
+    if fp32_cpu and x.dim() == 2 and x.shape[0] > CPU_FUSED_MAX_M and _onednn_linear_works():
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
     return F.linear(x, w)
 
@@ -230,8 +229,8 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    if M <= FUSED_MAX_M and K % 32 == 0 and _SIMD and _use_extension(w):
-        y = torch.ops.qkernels_cpu.gemm(x2, *_kernel_args(w), N, K, PARALLEL_MIN_WEIGHTS)
+    if M <= CPU_FUSED_MAX_M and K % 32 == 0 and _SIMD and supports(w):
+        y = torch.ops.qkernels_cpu.gemm(x2, *kernel_args(w), PARALLEL_MIN_WEIGHTS)
     else:
         y = _dequant_matmul(x2.float(), w)
     if lora_a is not None:
@@ -246,14 +245,61 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
 def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 `x @ w.T` for fp32 x [..., K] and a 16-bit (fp16/bf16) w [N, K], without an fp32 copy of w.
 
-    Up to FUSED_MAX_M rows: the C++ GEMV (cpu_linear16.cpp) widens each weight in registers, so a
+    Up to CPU_FUSED_MAX_M rows: the C++ GEMV (cpu_linear16.cpp) widens each weight in registers, so a
     decode step reads 2 bytes per weight; more rows: w widened chunk by chunk into the scratch
     buffer and multiplied by BLAS. Equal to `x @ w.float().T` up to the order of the fp32 sums.
     """
+    if x.dtype != torch.float32 or w.dtype not in (torch.float16, torch.bfloat16):
+        return F.linear(x, w.to(x.dtype))  # the reference
     N, K = w.shape
     x2 = x.reshape(-1, K).float()
-    if x2.shape[0] <= FUSED_MAX_M and extension_available():
+    if x2.shape[0] <= CPU_FUSED_MAX_M and extension_available():
         y = torch.ops.qkernels_cpu.linear16(x2, w.contiguous(), PARALLEL_MIN_WEIGHTS)
     else:
         y = _chunked_matmul(x2, N, K, lambda n0, r, buf: buf[: r * K].view(r, K).copy_(w[n0 : n0 + r]))
     return y.view(*x.shape[:-1], N)
+
+
+# ---- seeded LoRA dropout (cpu_lora_dropout.cpp); otherwise the reference of qkernels.lora_dropout ----
+
+
+def _dropout_supports(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.dtype.is_floating_point and extension_available()
+
+
+def _lora_supports(*ts: torch.Tensor, rank: int) -> bool:
+    """The fused LoRA products: fp32 matrices, ranks 8, 16, .., 64, built where AVX2 is."""
+    return (rank % 8 == 0 and rank <= 64 and all(t.dtype == torch.float32 and t.dim() == 2 and _dropout_supports(t)
+                                                 for t in ts) and hasattr(torch.ops.qkernels_cpu, "lora_down"))  # fmt: skip
+
+
+def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    if _dropout_supports(x):
+        return torch.ops.qkernels_cpu.dropout_apply(x, seed, lora_dropout.threshold(p))
+    return lora_dropout.dropout_apply(x, seed, p)
+
+
+def dropout_add_(y: torch.Tensor, t: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    if _dropout_supports(y) and _dropout_supports(t) and y.dtype == t.dtype and y.shape == t.shape:
+        torch.ops.qkernels_cpu.dropout_add_(y, t, seed, lora_dropout.threshold(p))
+        return y
+    return lora_dropout.dropout_add_(y, t, seed, p)
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, factor: float) -> torch.Tensor:
+    if _lora_supports(x, a, rank=a.shape[0]):
+        return torch.ops.qkernels_cpu.lora_down(x, a, seed, lora_dropout.threshold(p), factor)
+    return lora_dropout.lora_down(x, a, seed, p, factor, drop=dropout_apply)
+
+
+def lora_grad_a(gu: torch.Tensor, x: torch.Tensor, seed: int, p: float, factor: float) -> torch.Tensor:
+    if _lora_supports(gu, x, rank=gu.shape[1]):
+        return torch.ops.qkernels_cpu.lora_grad_a(gu, x, seed, lora_dropout.threshold(p), factor)
+    return lora_dropout.lora_grad_a(gu, x, seed, p, factor, drop=dropout_apply)
+
+
+def lora_up_add_(y: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    if p != 0 and _lora_supports(y, gu, a, rank=a.shape[0]):  # p=0: the reference's addmm_ is faster
+        torch.ops.qkernels_cpu.lora_up_add_(y, gu, a, seed, lora_dropout.threshold(p))
+        return y
+    return lora_dropout.lora_up_add_(y, gu, a, seed, p, drop_add=dropout_add_)

@@ -255,8 +255,8 @@ void gemm_group512(const float* xp, int64_t K, const uint8_t* packed, __m512 tab
 #endif
 
 at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_map,
-                const at::Tensor& quant_map, double offset, int64_t blocksize, int64_t nested_blocksize,
+                const std::optional<at::Tensor>& nested_absmax, const at::Tensor& quant_map,
+                const std::optional<at::Tensor>& nested_map, double offset, int64_t blocksize, int64_t nested_blocksize,
                 int64_t N, int64_t K, int64_t grain_weights) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
@@ -363,7 +363,7 @@ void dequantize_rows(const uint8_t* packed, const float* qmap, const BlockScales
 }
 
 void dequantize(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                const std::optional<at::Tensor>& nested_map, const at::Tensor& quant_map, double offset,
+                const at::Tensor& quant_map, const std::optional<at::Tensor>& nested_map, double offset,
                 int64_t blocksize, int64_t nested_blocksize, int64_t K, int64_t row0, int64_t rows, at::Tensor out,
                 int64_t grain_weights) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
@@ -384,10 +384,10 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax, const std::o
 
 TORCH_LIBRARY(qkernels_cpu, m) {
   m.def(
-      "gemm(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, Tensor quant_map, "
+      "gemm(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor quant_map, Tensor? nested_map, "
       "float offset, int blocksize, int nested_blocksize, int N, int K, int grain_weights) -> Tensor");
   m.def(
-      "dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, Tensor quant_map, "
+      "dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor quant_map, Tensor? nested_map, "
       "float offset, int blocksize, int nested_blocksize, int K, int row0, int rows, Tensor(a!) out, "
       "int grain_weights) -> ()");
 }

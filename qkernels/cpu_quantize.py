@@ -1,5 +1,6 @@
 """NF4 quantization on CPU through the fused C++ kernel (cpu_quantize.cpp): the same NF4Weight as
-`qformats.nf4.quantize_nf4`, byte for byte, several times faster.
+`qformats.nf4.quantize_nf4` (the reference), byte for byte, faster. Callers reach it as
+`qkernels.ops.quantize_nf4`, the CPU entry of that op's table.
 
 The reference makes ~12 torch passes per chunk of the weight; the kernel reads each element once and
 writes its packed nibble (absmax, nearest code and packing in one pass, blocks split over torch's
@@ -45,7 +46,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 20
 
 
 def fast_path_available(weight: torch.Tensor) -> bool:
-    """Whether `quantize_nf4(weight)` runs the C++ kernel (CPU tensor of a supported dtype, extension built)."""
+    """Whether `quantize_nf4_cpu(weight)` runs the C++ kernel (CPU tensor of a supported dtype, extension built)."""
     return (weight.device.type == "cpu" and weight.dtype in SUPPORTED_INPUT_DTYPES and weight.numel() > 0
             and cpu.extension_available())  # fmt: skip
 
@@ -68,8 +69,8 @@ def _threads_at_most(threads: int | None) -> Iterator[int]:
             torch.set_num_threads(saved)
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                 threads: int | None = None) -> NF4Weight:  # fmt: skip
+def quantize_nf4_cpu(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                     threads: int | None = None) -> NF4Weight:  # fmt: skip
     """`qformats.nf4.quantize_nf4`, identical output, through the fused C++ kernel when it can run.
 
     `threads` caps the kernel's threads (its output does not depend on them); the offset's mean
@@ -93,7 +94,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 
 def block_absmax(flat: torch.Tensor, blocksize: int, out: torch.Tensor, threads: int | None = None) -> int:
-    """The fp32 block absmax that `quantize_nf4` computes, into `out`, without the codes (memory-bound):
+    """The fp32 block absmax that `quantize_nf4_cpu` computes, into `out`, without the codes (memory-bound):
     `flat` is a contiguous 1-D slice of whole blocks (the last may be partial) with
     `fast_path_available(flat)`. Returns how many blocks hold a NaN or an inf."""
     with _threads_at_most(threads) as grain:
@@ -101,7 +102,7 @@ def block_absmax(flat: torch.Tensor, blocksize: int, out: torch.Tensor, threads:
 
 
 def double_quant_offset(absmax: torch.Tensor) -> float:
-    """The double-quant offset of a weight's fp32 block absmax, as `quantize_nf4` stores it."""
+    """The double-quant offset of a weight's fp32 block absmax, as `quantize_nf4_cpu` stores it."""
     return absmax.mean().item()  # the reference's own call (see the module docstring)
 
 

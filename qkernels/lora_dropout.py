@@ -1,12 +1,11 @@
-"""LoRA dropout from a seed: element i of a flat tensor is dropped when a hash of (seed, i) falls
-below p (to 1/2^32), so no mask is stored: the forward drops from x, the backward recomputes the
-same decisions where it needs them. The fused C++ kernels (cpu_lora_dropout.cpp) do it in one pass
-on CPU; elsewhere the same hash runs in torch int64 arithmetic, bit for bit.
+"""LoRA dropout from a seed, the torch reference: element i of a flat tensor is dropped when a hash
+of (seed, i) falls below p (to 1/2^32), so no mask is stored: the forward drops from x, the backward
+recomputes the same decisions where it needs them. The hash runs here in torch int64 arithmetic;
+the fused C++ kernels (qkernels.cpu, cpu_lora_dropout.cpp) compute it bit for bit in one pass.
 
-The three LoRA products that read a dropped tensor (`lora_down`, `lora_grad_a`, `lora_up_add_`)
-run on AVX2 CPUs as C++ kernels that compute the mask in registers where they read x, for fp32 and
-ranks 8, 16, .., 64; anywhere else as the masked tensor and a torch matmul (same mask, results
-within fp32 summation order).
+The three LoRA products that read a dropped tensor (`lora_down`, `lora_grad_a`, `lora_up_add_`) are
+here the masked tensor and a torch matmul; callers reach them through qkernels.ops, whose CPU entry
+computes the mask in registers where it reads x (same mask, results within fp32 summation order).
 
 The seed comes from torch's global RNG (`draw_seed`), so gradient checkpointing's recompute, which
 restores the RNG state, draws the same seed and drops the same elements.
@@ -14,9 +13,9 @@ restores the RNG state, draws the same seed and drops the same elements.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from qkernels.cpu import extension_available
+import torch
 
 _M32 = 0xFFFFFFFF
 
@@ -58,52 +57,34 @@ def keep_mask(numel: int, seed: int, p: float, device: torch.device | str = "cpu
     return _lowbias32(_lowbias32((i + s1) & _M32) ^ s2) >= threshold(p)
 
 
-def _fast(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.is_contiguous() and t.dtype.is_floating_point and extension_available()
-
-
 def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """x with the dropped elements zeroed (no 1/(1-p) scaling: the caller folds it in)."""
-    if _fast(x):
-        return torch.ops.qkernels_cpu.dropout_apply(x, seed, threshold(p))
     return torch.where(keep_mask(x.numel(), seed, p, x.device).view(x.shape), x, 0.0)
 
 
 def dropout_add_(y: torch.Tensor, t: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """y += t on the kept elements, in place; returns y."""
-    if _fast(y) and _fast(t) and y.dtype == t.dtype and y.shape == t.shape:
-        torch.ops.qkernels_cpu.dropout_add_(y, t, seed, threshold(p))
-        return y
     return y.add_(torch.where(keep_mask(t.numel(), seed, p, t.device).view(t.shape), t, 0.0).to(y.dtype))
 
 
-def _fused_lora(*ts: torch.Tensor, rank: int) -> bool:
-    return (rank % 8 == 0 and rank <= 64 and all(t.dtype == torch.float32 and _fast(t) and t.dim() == 2 for t in ts)
-            and hasattr(torch.ops.qkernels_cpu, "lora_down"))  # fmt: skip
-
-
-def lora_down(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, factor: float) -> torch.Tensor:
+def lora_down(x: torch.Tensor, a: torch.Tensor, seed: int, p: float, factor: float,
+              drop: Callable = dropout_apply) -> torch.Tensor:  # fmt: skip
     """`factor * dropout(x) @ A.T` for x [tokens, in], A [r, in]: the LoRA bottleneck [tokens, r]."""
-    if _fused_lora(x, a, rank=a.shape[0]):
-        return torch.ops.qkernels_cpu.lora_down(x, a, seed, threshold(p), factor)
-    return ((dropout_apply(x, seed, p) if p else x).to(a.dtype) @ a.t()).mul_(factor)
+    return ((drop(x, seed, p) if p else x).to(a.dtype) @ a.t()).mul_(factor)
 
 
-def lora_grad_a(gu: torch.Tensor, x: torch.Tensor, seed: int, p: float, factor: float) -> torch.Tensor:
+def lora_grad_a(gu: torch.Tensor, x: torch.Tensor, seed: int, p: float, factor: float,
+                drop: Callable = dropout_apply) -> torch.Tensor:  # fmt: skip
     """`factor * gu.T @ dropout(x)` [r, in]: the gradient of A from the bottleneck's gradient gu [tokens, r]."""
-    if _fused_lora(gu, x, rank=gu.shape[1]):
-        return torch.ops.qkernels_cpu.lora_grad_a(gu, x, seed, threshold(p), factor)
-    return (gu * factor).t() @ (dropout_apply(x, seed, p) if p else x).to(gu.dtype)
+    return (gu * factor).t() @ (drop(x, seed, p) if p else x).to(gu.dtype)
 
 
-def lora_up_add_(y: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def lora_up_add_(y: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, seed: int, p: float,
+                 drop_add: Callable = dropout_add_) -> torch.Tensor:  # fmt: skip
     """`y += dropout(gu @ A)` in place (the LoRA branch's input gradient into the base's); returns y.
 
     With p=0, the plain `y += gu @ A` (the product in gu's dtype, then cast to y's, as PEFT orders it).
     """
     if p == 0:  # no mask to apply: MKL's addmm_ beats the C++ kernel (bench/cpu_kernels.py --training)
         return y.addmm_(gu, a) if y.dtype == gu.dtype == a.dtype else y.add_((gu @ a).to(y.dtype))
-    if _fused_lora(y, gu, a, rank=a.shape[0]):
-        torch.ops.qkernels_cpu.lora_up_add_(y, gu, a, seed, threshold(p))
-        return y
-    return dropout_add_(y, (gu @ a).to(y.dtype), seed, p)
+    return drop_add(y, (gu @ a).to(y.dtype), seed, p)

@@ -1,4 +1,9 @@
-"""One dispatch entry per op, registered as torch.library custom ops: the NF4 format and batched LoRA.
+"""The public compute surface: every op the toolkit computes with, and where each one runs.
+
+Each op is a `Backends` table naming its torch reference (the definition tests hold the others to),
+its CPU implementation and its CUDA one; the device of its first tensor picks the entry. A backend
+whose kernels do not take a given input (its module's `supports`) computes it the reference's way
+itself. The NF4 ops are also registered as torch.library custom ops (for autograd and torch.compile):
 
 - `nf4_linear(x, w, bias)`: `x @ dequantize(w).T + bias`, never keeping a dequantized copy of W.
 - `nf4_linear_lora(x, w, bias, lora_a, lora_b, scale)`: the same plus `scale * (x @ A.T) @ B.T`,
@@ -7,10 +12,13 @@
 - `batched_lora_add_(y, x, lora_a, lora_b, idx, scale, rank)`: `y[t] += scale[s] * (x[t] @ A[s].T)
   @ B[s].T` in place with `s = idx[t]` (< 0: no adapter), A/B stacked per adapter (punica BGMV).
 
-Dispatch: CUDA tensors -> Triton kernels (`qkernels.triton_nf4`, `qkernels.triton_batched_lora`,
-imported only then, so CPU code never touches Triton); CPU -> `qkernels.cpu` for NF4 (fused C++
-kernel for decode, dequantize + MKL for larger batches); otherwise the torch reference. Outputs
-are in x's dtype (batched LoRA: y's).
+- `quantize_nf4(weight, blocksize, double_quant)`: the fused C++ quantizer on CPU
+  (`qkernels.cpu_quantize`), byte-identical to the reference `qformats.nf4.quantize_nf4`.
+- `linear16`, and the seeded-dropout LoRA products `dropout_apply`, `dropout_add_`, `lora_down`,
+  `lora_grad_a`, `lora_up_add_` (reference: `qkernels.lora_dropout`; CPU: `qkernels.cpu`).
+
+CUDA entries are Triton kernels (`qkernels.triton_nf4`, `qkernels.triton_batched_lora`), imported on
+first use, so CPU code never touches Triton. Outputs are in x's dtype (batched LoRA: y's).
 
 torch.compile traces the ops through their fake implementations. In eager mode without autograd,
 the public functions call the implementation directly: the custom-op dispatcher costs tens of
@@ -22,14 +30,46 @@ memory trade-offs can wrap `dequantize` / `nf4_linear` in an autograd.Function o
 
 from __future__ import annotations
 
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from qformats.errors import QError
 from qformats.nf4 import NF4Weight, dequantize_nf4
-from qkernels import cpu
+from qformats.nf4 import quantize_nf4 as _quantize_nf4_reference
+from qkernels import cpu, cpu_quantize, lora_dropout
+from qkernels.nf4_args import kernel_args
 
 _LIB = "qkernels"
+
+
+@dataclass(frozen=True)
+class Backends:
+    """One op's implementations. Called, it runs the one for the device of its first argument."""
+
+    reference: Callable
+    cpu: Callable | None = None
+    cuda: str | None = None  # "module:function", imported on first use
+
+    def on(self, device: torch.device) -> Callable:
+        if device.type == "cpu" and self.cpu is not None:
+            return self.cpu
+        if device.type == "cuda" and self.cuda is not None:
+            return _import(self.cuda)
+        return self.reference
+
+    def __call__(self, first: torch.Tensor, *args, **kwargs):
+        return self.on(first.device)(first, *args, **kwargs)
+
+
+@functools.cache
+def _import(path: str) -> Callable:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
@@ -40,32 +80,36 @@ def _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, 
                      nested_blocksize=nested_blocksize)  # fmt: skip
 
 
-def _weight_args(w: NF4Weight) -> tuple:
-    return (w.packed, w.absmax, w.nested_absmax, w.quant_map, w.nested_quant_map, float(w.offset or 0.0),
-            w.blocksize, w.nested_blocksize, w.shape[0], w.shape[1])  # fmt: skip
-
-
-def _linear_impl(x, w: NF4Weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
-    if x.is_cuda:
-        from qkernels import triton_nf4  # only here: importing Triton on a CPU-only path fails
-
-        return triton_nf4.linear(x, w, bias, lora_a, lora_b, scale)
-    if x.device.type == "cpu":
-        return cpu.linear(x, w, bias, lora_a, lora_b, scale)
+def _linear_reference(x, w: NF4Weight, bias, lora_a=None, lora_b=None, scale: float = 0.0) -> torch.Tensor:
     y = F.linear(x, dequantize_nf4(w, x.dtype), bias)
     if lora_a is not None:
         y = y + scale * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
     return y
 
 
-def _dequantize_impl(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    if w.packed.is_cuda:
-        from qkernels import triton_nf4
-
-        return triton_nf4.dequantize(w, dtype)
-    if w.packed.device.type == "cpu":
-        return cpu.dequantize(w, dtype)
+def _dequantize_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     return dequantize_nf4(w, dtype)
+
+
+def _quantize_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                        threads: int | None = None) -> NF4Weight:  # fmt: skip
+    return _quantize_nf4_reference(weight, blocksize=blocksize, double_quant=double_quant)
+
+
+def _linear16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w.to(x.dtype))
+
+
+_NF4_LINEAR = Backends(reference=_linear_reference, cpu=cpu.linear, cuda="qkernels.triton_nf4:linear")
+_DEQUANTIZE = Backends(reference=_dequantize_reference, cpu=cpu.dequantize, cuda="qkernels.triton_nf4:dequantize")
+
+
+def _linear_impl(x, w: NF4Weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+    return _NF4_LINEAR.on(x.device)(x, w, bias, lora_a, lora_b, scale)
+
+
+def _dequantize_impl(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    return _DEQUANTIZE.on(w.packed.device)(w, dtype)
 
 
 # ---- nf4_linear -------------------------------------------------------------------------------
@@ -117,7 +161,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     """`x @ W.T + bias` for an NF4 weight W of shape [out, in], computed in x's dtype."""
     _check_x(x, w)
     if _needs_op(x, bias):
-        return _nf4_linear(x, *_weight_args(w), bias)
+        return _nf4_linear(x, *kernel_args(w), bias)
     return _linear_impl(x, w, bias, None, None, 0.0)
 
 
@@ -187,7 +231,7 @@ def nf4_linear_lora(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, lo
         raise QError(f"LoRA factors A {list(lora_a.shape)} and B {list(lora_b.shape)} do not fit the NF4 weight "
                      f"{list(w.shape)}: expected A [r, {w.shape[1]}] and B [{w.shape[0]}, r]")  # fmt: skip
     if _needs_op(x, bias, lora_a, lora_b):
-        return _nf4_linear_lora(x, *_weight_args(w), bias, lora_a, lora_b, float(scale))
+        return _nf4_linear_lora(x, *kernel_args(w), bias, lora_a, lora_b, float(scale))
     return _linear_impl(x, w, bias, lora_a, lora_b, float(scale))
 
 
@@ -217,7 +261,7 @@ def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     if len(w.shape) != 2:  # the ops are for linear weights; other shapes take the direct path
         return _dequantize_impl(w, dtype)
     if torch.compiler.is_compiling():
-        return _dequantize(*_weight_args(w), dtype)
+        return _dequantize(*kernel_args(w), dtype)
     return _dequantize_impl(w, dtype)
 
 
@@ -241,13 +285,11 @@ def batched_lora_reference_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tens
     return y
 
 
-def _batched_lora_impl(y, x, lora_a, lora_b, idx, scale, rank) -> None:
-    if x.is_cuda:
-        from qkernels import triton_batched_lora  # only here: importing Triton on a CPU-only path fails
+_BATCHED_LORA_ADD = Backends(reference=batched_lora_reference_, cuda="qkernels.triton_batched_lora:add_")
 
-        triton_batched_lora.add_(y, x, lora_a, lora_b, idx, scale, rank)
-    else:
-        batched_lora_reference_(y, x, lora_a, lora_b, idx, scale, rank)
+
+def _batched_lora_impl(y, x, lora_a, lora_b, idx, scale, rank) -> None:
+    _BATCHED_LORA_ADD(y, x, lora_a, lora_b, idx, scale, rank)
 
 
 @torch.library.custom_op(f"{_LIB}::batched_lora_add_", mutates_args=("y",))
@@ -282,7 +324,9 @@ def batched_lora_add_(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lo
     return y
 
 
-# ---- linear16 ---------------------------------------------------------------------------------
+# ---- the rest: plain tables ---------------------------------------------------------------------
+
+_LINEAR16 = Backends(reference=_linear16_reference, cpu=cpu.linear16)
 
 
 def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -291,6 +335,16 @@ def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     CPU, fp32 x, nothing to record for autograd: `qkernels.cpu.linear16` (w widened in registers,
     fp32 sums). Elsewhere the torch reference `F.linear(x, w.to(x.dtype))`.
     """
-    if x.is_cpu and x.dtype == torch.float32 and not _needs_op(x) and w.dtype in (torch.float16, torch.bfloat16):
-        return cpu.linear16(x, w)
-    return F.linear(x, w.to(x.dtype))
+    return _linear16_reference(x, w) if _needs_op(x) else _LINEAR16(x, w)
+
+
+# `quantize_nf4(weight, blocksize=64, double_quant=True, threads=None)`: NF4 + double quant of any
+# float tensor; `threads` caps the CPU kernel's threads (the output does not depend on them).
+quantize_nf4 = Backends(reference=_quantize_reference, cpu=cpu_quantize.quantize_nf4_cpu)
+
+# Seeded LoRA dropout (qkernels/lora_dropout.py): the mask is a hash of (seed, index), never stored.
+dropout_apply = Backends(reference=lora_dropout.dropout_apply, cpu=cpu.dropout_apply)
+dropout_add_ = Backends(reference=lora_dropout.dropout_add_, cpu=cpu.dropout_add_)
+lora_down = Backends(reference=lora_dropout.lora_down, cpu=cpu.lora_down)
+lora_grad_a = Backends(reference=lora_dropout.lora_grad_a, cpu=cpu.lora_grad_a)
+lora_up_add_ = Backends(reference=lora_dropout.lora_up_add_, cpu=cpu.lora_up_add_)

@@ -22,7 +22,7 @@ nested scales and offset, and the stored 16-entry and 256-entry code maps.
   holds fp16/bf16 to <= 128 registers a thread with no spills.
 - `dequant_matmul`: for large M, the weight dequantized to a temporary in x's dtype and cuBLAS;
   the LoRA term is `addmm_` into the same y.
-- `linear`: picks between them (`FUSED_MAX_M`); bench/gpu.py measures both on each shape.
+- `linear`: picks between them (`TRITON_FUSED_MAX_M`); bench/gpu.py measures both on each shape.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qformats.nf4 import NF4Weight
+from qformats.nf4 import NF4Weight, valid_blocksize
+from qkernels.nf4_args import kernel_args
 
 # Under the interpreter a bf16/fp16 tl.dot returns garbage and fp32 -> bf16 casts truncate: dot
 # operands are upcast to fp32 (after rounding W to x's dtype, so the product is the one the GPU
 # computes) and bf16 rounding is done on the bits.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FUSED_MAX_M = 16  # up to here the fused kernel; above, dequantize + cuBLAS (re-check with bench/gpu.py)
+TRITON_FUSED_MAX_M = 16  # up to here the fused kernel; above, dequantize + cuBLAS (re-check with bench/gpu.py)
 _DEQUANT_BLOCK = 1024  # bytes per program in the dequantize kernel
 LORA_CHUNK = tl.constexpr(16)  # rank columns per step of the fused kernel's LoRA epilogue
 
@@ -72,7 +73,7 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset, blk, ma
 
 
 @triton.jit(do_not_specialize=["blocksize_log2"])
-def _dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, qmap_ptr, offset, out_ptr, numel,
+def _dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, qmap_ptr, nested_map_ptr, offset, out_ptr, numel,
                     blocksize_log2, NESTED_BLOCKSIZE: tl.constexpr, DQ: tl.constexpr,
                     GROUPS: tl.constexpr, GROUP_BYTES: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     """GROUPS x GROUP_BYTES bytes a program; a group's bytes share one scale block (GROUP_BYTES
@@ -95,7 +96,7 @@ def _dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, q
 
 @triton.jit(do_not_specialize=["M", "R", "split_k", "has_bias", "has_lora", "blocksize_log2"])
 def _fused_matmul_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, qmap_ptr, offset,
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, qmap_ptr, nested_map_ptr, offset,
     bias_ptr, xa_ptr, lora_b_ptr, lora_scale, y_ptr,
     M, N, K, R, stride_xm, stride_ym, stride_xam, stride_bn, split_k, has_bias, has_lora, blocksize_log2,
     NESTED_BLOCKSIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -161,26 +162,29 @@ def _fused_matmul_kernel(
 
 
 def _weight_args(w: NF4Weight) -> tuple:
-    dq = w.double_quant
-    return (w.packed.contiguous(), w.absmax, w.nested_absmax if dq else w.absmax, w.nested_quant_map if dq else w.quant_map,
-            w.quant_map, float(w.offset or 0.0))  # fmt: skip
+    """The kernels' six weight arguments (`kernel_args` order); without double quant, the unused nested
+    pointers get stand-ins (a kernel argument cannot be None: it would compile another specialization)."""
+    packed, absmax, nested_absmax, quant_map, nested_quant_map, offset = kernel_args(w)[:6]
+    if not w.double_quant:
+        nested_absmax, nested_quant_map = absmax, quant_map
+    return packed, absmax, nested_absmax, quant_map, nested_quant_map, offset
 
 
-def supported(w: NF4Weight) -> bool:
-    """The kernels' layout assumptions: a power-of-two blocksize (bitsandbytes' are), so a byte never
-    straddles two blocks and a tile's bytes split into whole blocks."""
-    return w.blocksize >= 2 and w.blocksize & (w.blocksize - 1) == 0 and w.nested_blocksize > 0
+def supports(w: NF4Weight) -> bool:
+    """The kernels' layout assumptions: a valid NF4 blocksize (a power of two), so a byte never straddles
+    two blocks and a tile's bytes split into whole blocks. Other weights take the torch reference."""
+    return valid_blocksize(w.blocksize) and w.nested_blocksize > 0
 
 
 def _fused_fits(w: NF4Weight) -> bool:
     """The fused kernel decodes scales per block of a row: each row must hold whole blocks."""
-    return supported(w) and w.shape[1] % w.blocksize == 0
+    return supports(w) and w.shape[1] % w.blocksize == 0
 
 
 def dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The whole weight in `dtype` in one kernel pass."""
     dtype = dtype or w.dtype
-    if not supported(w):
+    if not supports(w):
         from qformats.nf4 import dequantize_nf4
 
         return dequantize_nf4(w, dtype)
@@ -201,7 +205,7 @@ def _sm_count(index: int) -> int:
 
 def fused_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype | None = None) -> dict:
     """Tile sizes, warps and split-K: enough programs to cover the GPU ~2x. One tile shape for every
-    M: the kernel is for decode (linear takes it up to FUSED_MAX_M rows); larger M tiles did not fit
+    M: the kernel is for decode (linear takes it up to TRITON_FUSED_MAX_M rows); larger M tiles did not fit
     128 registers a thread (tests/qkernels/test_triton_compile.py checks this one). fp32 x takes a quarter of
     the K tile: its exact dot is not on tensor cores, and at BLOCK_K 64 it needs all 255 registers."""
     block_m, block_n, block_k = 16, 64, 32 if dtype == torch.float32 else 128
@@ -267,7 +271,7 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
     N, K = w.shape
     x2 = x.reshape(-1, K)
     xa = F.linear(x2.float(), lora_a.float()) if lora_a is not None else None
-    if x2.shape[0] <= FUSED_MAX_M and _fused_fits(w):
+    if x2.shape[0] <= TRITON_FUSED_MAX_M and _fused_fits(w):
         y = fused_matmul(x2, w, bias, xa, lora_b, lora_scale)
     else:
         y = dequant_matmul(x2, w, bias, xa, lora_b, lora_scale)

@@ -35,8 +35,7 @@ from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import adapter_folder, read_adapter
 from qformats.sharded_writer import ShardedWriter, copy_extra_files, parse_size
-from qkernels.cpu_quantize import quantize_nf4  # the fused C++ quantizer on CPU, byte-identical to qformats
-from qkernels.ops import dequantize
+from qkernels.ops import dequantize, quantize_nf4  # on CPU the fused C++ quantizer, byte-identical to qformats
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
 from qserve.lora import LoRALinear, load_lora
 from qserve.model import CausalLM

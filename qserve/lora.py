@@ -35,8 +35,8 @@ from qformats.peft_adapter import (
     read_adapter,
     target_matches,
 )
-from qkernels.lora_dropout import draw_seed, lora_down, lora_grad_a, lora_up_add_
-from qkernels.ops import dequantize
+from qkernels.lora_dropout import draw_seed
+from qkernels.ops import dequantize, lora_down, lora_grad_a, lora_up_add_
 from qserve.nf4_linear import NF4Linear
 from qserve.recompute_stash import current_stash
 

@@ -19,7 +19,7 @@ from qformats.errors import QError
 from qformats.nf4 import _NF4_MIDPOINTS, NF4Weight
 from qformats.nf4 import quantize_nf4 as reference
 from qkernels import cpu, cpu_quantize
-from qkernels.cpu_quantize import quantize_nf4 as fast
+from qkernels.cpu_quantize import quantize_nf4_cpu as fast
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from qformats.errors import QError
 from qformats.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from qkernels import cpu, ops
+from qkernels.nf4_args import kernel_args
 
 # (out, in, blocksize, double quant): odd K, blocks straddling rows, partial last blocks, no DQ.
 WEIGHTS = [(77, 33, 64, True), (65, 130, 128, True), (96, 576, 128, True), (33, 576, 256, False),
@@ -30,7 +31,7 @@ def path(request, monkeypatch):
     if request.param.startswith("extension"):
         assert cpu.extension_available(), cpu._ext_state.get("error")
     else:
-        monkeypatch.setattr(cpu, "_use_extension", lambda w: False)
+        monkeypatch.setattr(cpu, "supports", lambda w: False)
     if request.param == "extension-threaded":
         monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 64)
         threads = torch.get_num_threads()
@@ -200,7 +201,7 @@ def test_fused_kernel_portable_loop_for_any_k():
     for n, k, blocksize, dq in [(9, 33, 64, True), (20, 70, 128, False), (6, 200, 64, True)]:
         w = make_weight(n, k, blocksize, dq)
         x = torch.randn(3, k)
-        y = torch.ops.qkernels_cpu.gemm(x, *cpu._kernel_args(w), n, k, 64)
+        y = torch.ops.qkernels_cpu.gemm(x, *kernel_args(w), 64)
         assert_close_to(y, reference(x, w), x, w, torch.float32)
 
 

@@ -252,15 +252,16 @@ def test_seeded_dropout_fast_path_equals_the_torch_hash(dtype):
     """qkernels_cpu's fused dropout kernels drop exactly the elements of the torch reference hash,
     at rate p, and different seeds drop (nearly) independent sets."""
     from qkernels import lora_dropout as ld
+    from qkernels import ops
 
     g = torch.Generator().manual_seed(3)
     x, t = torch.randn(513, 77, generator=g).to(dtype), torch.randn(513, 77, generator=g).to(dtype)
     for seed in (0, 1, 2**40 + 5, 2**63 - 2):
         keep = ld.keep_mask(x.numel(), seed, 0.1).view(x.shape)
-        assert torch.equal(ld.dropout_apply(x, seed, 0.1), torch.where(keep, x, 0.0))
+        assert torch.equal(ops.dropout_apply(x, seed, 0.1), torch.where(keep, x, 0.0))
         y = torch.randn_like(x)
         expected = y + torch.where(keep, t, 0.0)
-        assert torch.equal(ld.dropout_add_(y, t, seed, 0.1), expected)
+        assert torch.equal(ops.dropout_add_(y, t, seed, 0.1), expected)
         assert abs((1 - keep.float().mean()) - 0.1) < 0.01
     both = ~ld.keep_mask(200_000, 11, 0.1) & ~ld.keep_mask(200_000, 12, 0.1)
     assert abs(both.float().mean() - 0.01) < 0.002
@@ -272,7 +273,7 @@ def test_fused_lora_dropout_products_equal_the_masked_reference(m, k, r):
     """`lora_down`, `lora_grad_a`, `lora_up_add_` (C++ on AVX2 for r = 8..64 in steps of 8; r=12 takes the
     torch path) equal the products of the explicitly masked tensors, for every tail of rows and columns;
     a NaN or inf in a dropped element reaches no result; p=0 keeps everything."""
-    from qkernels import cpu
+    from qkernels import cpu, ops
     from qkernels import lora_dropout as ld
 
     assert cpu.extension_available(), cpu._ext_state.get("error")
@@ -287,12 +288,12 @@ def test_fused_lora_dropout_products_equal_the_masked_reference(m, k, r):
         dropped = (~keep).flatten().nonzero().flatten()
         if len(dropped):
             xbad.view(-1)[dropped[0]], xbad.view(-1)[dropped[-1]] = float("nan"), float("inf")
-        v = ld.lora_down(xbad, a, seed, p, 0.75)
+        v = ops.lora_down(xbad, a, seed, p, 0.75)
         within_fp32(v, 0.75 * xd @ a.double().t(), 0.75 * xd.abs() @ a.double().abs().t(), k)
-        ga = ld.lora_grad_a(gu, xbad, seed, p, 0.75)
+        ga = ops.lora_grad_a(gu, xbad, seed, p, 0.75)
         within_fp32(ga, 0.75 * gu.double().t() @ xd, 0.75 * gu.double().abs().t() @ xd.abs(), m)
         prod = gu.double() @ a.double()
-        out = ld.lora_up_add_(y.clone(), gu, a, seed, p)
+        out = ops.lora_up_add_(y.clone(), gu, a, seed, p)
         within_fp32(out, y.double() + torch.where(keep, prod, 0.0), y.double().abs() + (gu.double().abs() @ a.double().abs()), r + 1)
 
 

@@ -133,7 +133,7 @@ def test_linear_dispatch_and_lora(dtype):
     matmul for large M and for odd K; leading dims kept; LoRA from the A and B factors. The
     dequantize + matmul path rounds y twice (matmul, then the LoRA addmm_), as PEFT does."""
     g = torch.Generator().manual_seed(7)
-    for m, k in ((3, 64), (triton_nf4.FUSED_MAX_M + 4, 64), (2, 65)):
+    for m, k in ((3, 64), (triton_nf4.TRITON_FUSED_MAX_M + 4, 64), (2, 65)):
         w = make_weight(40, k, seed=k)
         x = torch.randn(1, m, k, generator=g).to(dtype)
         a, b = torch.randn(4, k, generator=g) / 10, (torch.randn(40, 4, generator=g) / 10).to(dtype)
