@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qconvert.sft_data import IGNORE
-from qkernels.cpu import linear_fp32
+from qkernels.ops import linear_fp32
 
 
 class LinearCrossEntropy(torch.autograd.Function):

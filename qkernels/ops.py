@@ -14,7 +14,7 @@ itself. The NF4 ops are also registered as torch.library custom ops (for autogra
 
 - `quantize_nf4(weight, blocksize, double_quant)`: the fused C++ quantizer on CPU
   (`qkernels.cpu_quantize`), byte-identical to the reference `qformats.nf4.quantize_nf4`.
-- `linear16`, and the seeded-dropout LoRA products `dropout_apply`, `dropout_add_`, `lora_down`,
+- `linear16`, `linear_fp32`, and the seeded-dropout LoRA products `dropout_apply`, `dropout_add_`, `lora_down`,
   `lora_grad_a`, `lora_up_add_` (reference: `qkernels.lora_dropout`; CPU: `qkernels.cpu`).
 
 CUDA entries are Triton kernels (`qkernels.triton_nf4`, `qkernels.triton_batched_lora`), imported on
@@ -337,6 +337,9 @@ def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     return _linear16_reference(x, w) if _needs_op(x) else _LINEAR16(x, w)
 
+
+# `linear_fp32(x, w)`: `x @ w.T` for fp32 matrices without autograd (oneDNN on CPU where torch has it).
+linear_fp32 = Backends(reference=F.linear, cpu=cpu.linear_fp32)
 
 # `quantize_nf4(weight, blocksize=64, double_quant=True, threads=None)`: NF4 + double quant of any
 # float tensor; `threads` caps the CPU kernel's threads (the output does not depend on them).
