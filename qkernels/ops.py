@@ -12,10 +12,10 @@ itself. The NF4 ops are also registered as torch.library custom ops (for autogra
 - `batched_lora_add_(y, x, lora_a, lora_b, idx, scale, rank)`: `y[t] += scale[s] * (x[t] @ A[s].T)
   @ B[s].T` in place with `s = idx[t]` (< 0: no adapter), A/B stacked per adapter (punica BGMV).
 
-- `quantize_nf4(weight, blocksize, double_quant)`: the fused C++ quantizer on CPU
-  (`qkernels.cpu_quantize`), byte-identical to the reference `qformats.nf4.quantize_nf4`.
-- `linear16`, `linear_fp32`, and the seeded-dropout LoRA products `dropout_apply`, `dropout_add_`, `lora_down`,
-  `lora_grad_a`, `lora_up_add_` (reference: `qkernels.lora_dropout`; CPU: `qkernels.cpu`).
+Plain tables: `quantize_nf4(weight, blocksize, double_quant)` (on CPU the fused C++ quantizer of
+`qkernels.cpu_quantize`, byte-identical to the reference `qformats.nf4.quantize_nf4`), `linear16`,
+`linear_fp32`, and the seeded-dropout LoRA products `dropout_apply`, `dropout_add_`, `lora_down`,
+`lora_grad_a`, `lora_up_add_` (reference: `qkernels.lora_dropout`; CPU: `qkernels.cpu`).
 
 CUDA entries are Triton kernels (`qkernels.triton_nf4`, `qkernels.triton_batched_lora`), imported on
 first use, so CPU code never touches Triton. Outputs are in x's dtype (batched LoRA: y's).
@@ -87,10 +87,6 @@ def _linear_reference(x, w: NF4Weight, bias, lora_a=None, lora_b=None, scale: fl
     return y
 
 
-def _dequantize_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return dequantize_nf4(w, dtype)
-
-
 def _quantize_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
                         threads: int | None = None) -> NF4Weight:  # fmt: skip
     return _quantize_nf4_reference(weight, blocksize=blocksize, double_quant=double_quant)
@@ -101,7 +97,7 @@ def _linear16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 _NF4_LINEAR = Backends(reference=_linear_reference, cpu=cpu.linear, cuda="qkernels.triton_nf4:linear")
-_DEQUANTIZE = Backends(reference=_dequantize_reference, cpu=cpu.dequantize, cuda="qkernels.triton_nf4:dequantize")
+_DEQUANTIZE = Backends(reference=dequantize_nf4, cpu=cpu.dequantize, cuda="qkernels.triton_nf4:dequantize")
 
 
 def _linear_impl(x, w: NF4Weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
