@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from qformats.errors import QError
-from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA
+from qserve.lora import BASE, LoRAAdapter, MultiLoRA
 from qserve.generate import Completion, DecodeRow, SamplingParams, sample
 from qserve.logprobs import TokenLogprob, token_logprobs
 from qserve.model import CausalLM

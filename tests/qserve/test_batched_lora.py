@@ -1,4 +1,4 @@
-"""qserve.batched_lora's two paths agree on CPU: the torch path (stacked adapters + rank mask) and the
+"""qserve.lora.batched's two paths agree on CPU: the torch path (stacked adapters + rank mask) and the
 gathered layout through `qkernels.ops.batched_lora_add_`, whose CPU implementation is the torch
 reference of the Triton kernels (tests/qkernels/interpreter/test_triton_batched_lora.py checks those against it).
 """
@@ -11,7 +11,7 @@ from torch import nn
 
 from qformats.errors import QError
 from qkernels.ops import batched_lora_add_, batched_lora_reference_
-from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA, MultiLoRALinear, RowAdapters
+from qserve.lora import BASE, LoRAAdapter, MultiLoRA, MultiLoRALinear, RowAdapters
 
 
 def random_adapter(name: str, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> LoRAAdapter:

@@ -1,4 +1,4 @@
-"""qserve.engine and qserve.batched_lora: continuous batching with a different PEFT adapter per row.
+"""qserve.engine and qserve.lora.batched: continuous batching with a different PEFT adapter per row.
 
 The helpers at the top build a tiny random Llama with a byte-level tokenizer and ChatML template
 (so text, chat and stop strings work) and PEFT adapters made by `peft` itself; test_server.py
@@ -18,7 +18,7 @@ from tiny_models import save_tiny, save_tiny_tokenizer, tiny_hf_model
 
 from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
-from qserve.batched_lora import LoRAAdapter, MultiLoRA
+from qserve.lora import LoRAAdapter, MultiLoRA
 from qserve.engine import ContextTooLong, Engine, QueueFull, UnknownAdapter
 from qserve.generate import Generator, SamplingParams
 from qserve.loader import load_model

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from test_engine import make_peft_adapter, tiny_served_model
 from test_server import LiveServer
 
-from qserve.batched_lora import LoRAAdapter
+from qserve.lora import LoRAAdapter
 from qserve.engine import Engine
 from qserve.generate import SamplingParams
 from qserve.loader import load_model

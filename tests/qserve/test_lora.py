@@ -307,7 +307,7 @@ def test_checkpointed_layers_reuse_the_lora_bottleneck_and_match(nf4_dir, r, dro
     """With gradient checkpointing, each LoRA layer's [tokens, r] bottleneck is computed once, kept for
     the layer's recompute (qserve/recompute_stash.py), and losses and gradients equal the run without
     checkpointing, also for two forwards before one backward."""
-    import qserve.lora as lora_mod
+    import qserve.lora.training as lora_mod
 
     model = load_model(nf4_dir, dtype=torch.float32)
     apply_lora(model, r=r, alpha=2 * r, dropout=dropout, seed=0)
