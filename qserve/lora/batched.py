@@ -23,41 +23,16 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformats.errors import QError
-from qformats.peft_adapter import AdapterConfig, read_adapter
+from qformats.peft_adapter import PeftAdapter
 from qkernels.ops import batched_lora_add_
+from qserve.lora.adapter import check_fit
 
 BASE = 0  # the adapter id of "no adapter"
-
-
-@dataclass
-class LoRAAdapter:
-    """One adapter in memory: per target module, (A [r, in], B [out, r]) and its scale."""
-
-    name: str
-    path: str
-    rank: int
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scale: dict[str, float]
-    config: AdapterConfig
-
-    @classmethod
-    def from_folder(cls, path: str | Path, name: str | None = None, *, max_rank: int | None = None,
-                    max_bytes: int | None = None) -> LoRAAdapter:  # fmt: skip
-        """Read a PEFT LoRA adapter folder; QError naming the file or field if it is not one we can serve."""
-        # validated: LoRA only, no DoRA, no biases, no modules_to_save, finite tensors, within the limits
-        adapter = read_adapter(path, max_rank=max_rank, max_bytes=max_bytes)
-        weights = {m: (a.float(), b.float()) for m, (a, b) in adapter.weights.items()}
-        scale = {m: adapter.scale(m) for m in weights}
-        rank = max(a.shape[0] for a, _ in weights.values())
-        return cls(name=name or Path(path).name, path=str(path), rank=rank, weights=weights, scale=scale,
-                   config=adapter.config)  # fmt: skip
 
 
 class RowAdapters:
@@ -242,34 +217,19 @@ class MultiLoRA:
         """`gather`: lay adapters out for the batched-LoRA op (default: on a CUDA model)."""
         self.model = model
         self.rows = RowAdapters()
-        self.adapters: dict[int, LoRAAdapter] = {}
+        self.adapters: dict[int, PeftAdapter] = {}
         self._next_id = 1
         ref = next(model.parameters())
         self.dtype, self.device = (ref.dtype if ref.is_floating_point() else torch.float32), ref.device
         self.gather = self.device.type == "cuda" if gather is None else gather
 
-    def check(self, adapter: LoRAAdapter) -> None:
-        """QError unless every module the adapter targets is a linear of this model with matching shapes."""
-        for module, (a, b) in adapter.weights.items():
-            try:
-                target = self.model.get_submodule(module)
-            except AttributeError:
-                raise QError(f"{adapter.path}: adapter targets {module!r}, which this model does not have") from None
-            if isinstance(target, MultiLoRALinear):
-                target = target.base
-            if not hasattr(target, "in_features") or isinstance(target, nn.Embedding):
-                raise QError(f"{adapter.path}: adapter targets {module!r}, which is not a linear layer")
-            if a.shape[1] != target.in_features or b.shape[0] != target.out_features or a.shape[0] != b.shape[1]:
-                raise QError(f"{adapter.path}: {module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit "
-                             f"a linear of {target.in_features} -> {target.out_features}")  # fmt: skip
-
-    def add(self, adapter: LoRAAdapter) -> int:
-        """Install an adapter; returns its id (never BASE, never reused)."""
-        self.check(adapter)
+    def add(self, adapter: PeftAdapter) -> int:
+        """Install an adapter (QError if it does not fit the model); returns its id (never BASE, never reused)."""
+        check_fit(self.model, adapter)
         aid, self._next_id = self._next_id, self._next_id + 1
         for module, (a, b) in adapter.weights.items():
             layer = self._wrap(module)
-            a, b = a.to(self.device, self.dtype), b.to(self.device, self.dtype) * adapter.scale[module]
+            a, b = a.to(self.device, self.dtype), b.to(self.device, self.dtype) * adapter.scale(module)
             layer.add_adapter(aid, a.contiguous(), b.contiguous())
         self.adapters[aid] = adapter
         return aid

@@ -10,17 +10,17 @@ import torch
 from torch import nn
 
 from qformats.errors import QError
+from qformats.peft_adapter import AdapterConfig, PeftAdapter
 from qkernels.ops import batched_lora_add_, batched_lora_reference_
-from qserve.lora import BASE, LoRAAdapter, MultiLoRA, MultiLoRALinear, RowAdapters
+from qserve.lora import BASE, MultiLoRA, MultiLoRALinear, RowAdapters
 
 
-def random_adapter(name: str, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> LoRAAdapter:
-    """An in-memory adapter: per module (A [rank, in], B [out, rank]) and a scale."""
+def random_adapter(name: str, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> PeftAdapter:
+    """An in-memory adapter: per module (A [rank, in], B [out, rank]), scale 2 / rank."""
     g = torch.Generator().manual_seed(seed)
     weights = {m: (torch.randn(rank, k, generator=g) / 4, torch.randn(n, rank, generator=g) / 4)
                for m, (n, k) in shapes.items()}  # fmt: skip
-    return LoRAAdapter(name=name, path=name, rank=rank, weights=weights, scale={m: 2.0 / rank for m in shapes},
-                       config=None)  # fmt: skip
+    return PeftAdapter(AdapterConfig(r=rank, lora_alpha=2.0, target_modules=list(shapes)), weights, source=name)
 
 
 def two_layers(ranks, n=23, k=37, dtype=torch.float32):
