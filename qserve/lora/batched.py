@@ -43,16 +43,33 @@ class RowAdapters:
         self.present: tuple[int, ...] = ()  # distinct adapters in the batch (BASE excluded), first-seen order
         self.uniform: int | None = BASE  # the one adapter of every row, if they all share one (or all BASE)
         self.device: torch.device | None = None
+        self.threads = 1  # torch's CPU threads in the current forward (see `one_thread`); 1 outside one
         self._masks: dict[tuple, torch.Tensor] = {}
 
-    def set(self, ids: list[int], device: torch.device) -> None:
-        self.ids, self.device, self._masks = list(ids), device, {}
+    def set(self, ids: list[int], device: torch.device, threads: int = 1) -> None:
+        self.ids, self.device, self._masks, self.threads = list(ids), device, {}, threads
         self.present = tuple(dict.fromkeys(a for a in ids if a != BASE))
         self.uniform = ids[0] if ids and all(a == ids[0] for a in ids) else None
 
     def clear(self) -> None:
         self.set([], self.device)
         self.uniform = BASE
+
+    @contextmanager
+    def one_thread(self):
+        """Run a LoRA product on one CPU thread, then give the forward its threads back.
+
+        The products are tiny: waking a second OpenMP thread for each costs more than the product, and
+        far more when the CPU is shared (a fork waits for every thread to be scheduled), while the base
+        linears around them want every thread. Only inside `MultiLoRA.use`, which owns the thread count
+        of the forward and restores it on exit; elsewhere nothing is changed."""
+        if self.threads > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if self.threads > 1:
+                torch.set_num_threads(self.threads)
 
     def mask(self, adapters: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """[B, sum(ranks)]: 1 where a row's own adapter owns the column, 0 elsewhere (cached per forward).
@@ -76,20 +93,6 @@ class RowAdapters:
             slots = torch.tensor([position.get(aid, -1) for aid in self.ids], dtype=torch.int32)
             self._masks[key] = slots.repeat_interleave(tokens_per_row).to(self.device)
         return self._masks[key]
-
-
-@contextmanager
-def _one_thread(device: torch.device):
-    """Run the LoRA matmuls on one CPU thread: they are tiny, and waking a second OpenMP thread for
-    each cost more than the matmul (~2x the epilogue's time, measured on this repo's 2-core CPU)."""
-    n = torch.get_num_threads() if device.type == "cpu" else 1
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
 
 
 @dataclass
@@ -177,7 +180,7 @@ class MultiLoRALinear(nn.Module):
             mask = rows.mask(present, ranks, a.dtype)
             mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # rows first, ranks last
         # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
-        with _one_thread(x.device):
+        with self.rows.one_thread():
             h = F.linear(x, a)
             # Select, don't multiply: 0 * inf or 0 * NaN in another row's rank columns would reach this row.
             return self._add(y, h if mask is None else torch.where(mask != 0, h, 0), b)
@@ -250,9 +253,14 @@ class MultiLoRA:
 
     @contextmanager
     def use(self, ids: list[int]):
-        """Within the block, row b of a forward uses adapter `ids[b]` (BASE: none)."""
-        self.rows.set(ids, self.device)
+        """Within the block (one forward of an engine step), row b uses adapter `ids[b]` (BASE: none).
+
+        Owns torch's CPU thread count for the forward: read once on entry, restored on exit whatever
+        the forward did; the LoRA products inside run on one thread (`RowAdapters.one_thread`)."""
+        threads = torch.get_num_threads()
+        self.rows.set(ids, self.device, threads if self.device.type == "cpu" else 1)
         try:
             yield
         finally:
             self.rows.clear()
+            torch.set_num_threads(threads)

@@ -144,3 +144,25 @@ def test_a_non_finite_bottleneck_in_one_row_stays_in_that_row():
     assert not torch.isfinite(poisoned[1]).all()
     for row in (0, 2, 3):
         assert torch.equal(poisoned[row], clean[row]), row
+
+
+def test_thread_count_is_owned_by_use_and_restored(monkeypatch):
+    """Outside `MultiLoRA.use` the layers never touch torch's thread count; inside, the LoRA products run
+    on one thread and the forward's count is back on exit, also when the forward raises."""
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+    lora = MultiLoRA(model, gather=False)
+    ids = [lora.add(random_adapter("a", {"0": (24, 16)}, 4, 1)), lora.add(random_adapter("b", {"2": (16, 24)}, 2, 2))]
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real(n))
+    threads = torch.get_num_threads()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        lora.model(x)
+        assert calls == []
+        with lora.use(ids):
+            lora.model(x)
+        assert torch.get_num_threads() == threads and (threads == 1 or 1 in calls)
+        with pytest.raises(RuntimeError), lora.use(ids):
+            lora.model(torch.randn(2, 3))
+        assert torch.get_num_threads() == threads
