@@ -81,11 +81,11 @@ def worker_ours(args) -> dict:
     from qconvert.paged_adamw import PagedAdamW
     from qkernels.cpu_allocator import caching_allocator
     from qserve.loader import load_model
-    from qserve.lora import apply_lora, lora_parameters
+    from qserve.lora import apply_lora, lora_config, lora_parameters
 
     device = "cuda" if args.gpu else "cpu"
     model = load_model(args.nf4, device=device, dtype=torch.bfloat16 if args.gpu else torch.float32)
-    apply_lora(model, r=args.rank, alpha=args.rank, dropout=0.05, seed=0)
+    apply_lora(model, lora_config(r=args.rank, alpha=args.rank, dropout=0.05), seed=0)
     prepare_for_training(model, args.checkpointing)  # what qconvert finetune does
     params = lora_parameters(model)
     opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0)

@@ -220,7 +220,7 @@ def tune_fused(timer: Timer, w, next_w, k: int, device: torch.device, runs: int,
 
 def lora_layers(rows, n_out: int, n_in: int, ranks, device: torch.device, dtype: torch.dtype, g):
     """Two MultiLoRALinear over the same random adapters (ids 1..n): the gathered one and the torch one."""
-    from qserve.batched_lora import MultiLoRALinear
+    from qserve.lora import MultiLoRALinear
 
     base = torch.nn.Linear(n_in, n_out, bias=False, device="meta")  # never called: only the LoRA term runs
     gathered, torch_path = MultiLoRALinear(base, rows, gather=True), MultiLoRALinear(base, rows)
@@ -235,7 +235,7 @@ def lora_layers(rows, n_out: int, n_in: int, ranks, device: torch.device, dtype:
 
 def check_batched_lora(shapes, device: torch.device) -> list[str]:
     """The Triton path and the torch path against an fp64 product: mixed ranks, rows with no adapter."""
-    from qserve.batched_lora import RowAdapters
+    from qserve.lora import RowAdapters
 
     lines = []
     g = torch.Generator(device=device).manual_seed(int(time.time()))
@@ -289,7 +289,7 @@ def time_lora_paths(timer: Timer, pairs, t: int, n: int, k: int, device: torch.d
 
 def bench_batched_lora(shapes, rows_list, adapters_list, ranks, device: torch.device, runs: int, out=print) -> None:
     """The timing table of the LoRA term: Triton gather kernels vs the torch path, bf16."""
-    from qserve.batched_lora import RowAdapters
+    from qserve.lora import RowAdapters
 
     timer = Timer(device)
     cache, card = l2_bytes(device), card_name(device)

@@ -46,7 +46,7 @@ from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import caching_allocator
 from qserve.device import resolve_device
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
-from qserve.lora import apply_lora, lora_modules, lora_parameters, to_peft_adapter
+from qserve.lora import apply_lora, lora_adapter, lora_config, lora_modules, lora_parameters
 from qserve.nf4_linear import NF4Linear
 from qserve.tokenizer import Tokenizer
 
@@ -332,8 +332,10 @@ class _Run:
         for n in self.train.notes:
             self.note(f"{cfg.data}: {n}")
 
-        apply_lora(self.model, cfg.target_modules, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                   use_rslora=cfg.rslora, seed=cfg.seed)  # fmt: skip
+        # The one adapter config of the run: LoRA is applied from it and it is what adapter_config.json says.
+        self.adapter_config = lora_config(cfg.target_modules, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora,
+                                          base_model=self.base["base_model"])  # fmt: skip
+        apply_lora(self.model, self.adapter_config, seed=cfg.seed)
         prepare_for_training(self.model, cfg.gradient_checkpointing)
         if self.device.type == "cpu":  # memory that tracks what is live (qkernels/cpu_allocator.py)
             self.scope.enter_context(caching_allocator())
@@ -507,7 +509,7 @@ class _Run:
         return final
 
     def _adapter(self):
-        return to_peft_adapter(self.model, self.cfg.target_modules, self.cfg.dropout, base_model=self.base["base_model"])
+        return lora_adapter(self.model, self.adapter_config)
 
     def _live_log(self, first_step: int) -> TensorBoardLog | None:
         """TensorBoard events while training, under the checkpoint folder; a resumed run hides what the

@@ -95,7 +95,7 @@ class AdapterConfig:
         elif not isinstance(targets, str):
             raise bad("target_modules", f"must be a list of module names or a regex string, not {targets!r}")
         if cfg.get("bias", "none") != "none":
-            raise bad("bias", f"is {cfg['bias']!r}; only 'none' is supported (vLLM serves no trained biases)")
+            raise bad("bias", f"is {cfg['bias']!r}; only bias 'none' is supported (vLLM serves no trained biases)")
         if cfg.get("use_dora"):
             raise bad("use_dora", "is true; DoRA adapters are not supported")
         if cfg.get("fan_in_fan_out"):
@@ -123,13 +123,23 @@ class AdapterConfig:
 
 @dataclass
 class PeftAdapter:
-    """An adapter in memory: its config and, per target module, (A `[r, in]`, B `[out, r]`)."""
+    """An adapter in memory: its config and, per target module, (A `[r, in]`, B `[out, r]`).
+
+    The one adapter record of the toolkit: training writes it, serving, export, push and the vLLM
+    hand-off read it. `source`: where it was read from (a folder or Hub id), for messages.
+    """
 
     config: AdapterConfig
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    source: str = "adapter"
 
     def scale(self, module: str) -> float:
         return self.config.scale_of(module)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of its modules (that of its tensors; the config's r when it has none)."""
+        return max((a.shape[0] for a, _ in self.weights.values()), default=self.config.r)
 
 
 def adapter_tensors(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -148,13 +158,14 @@ def adapter_folder(source: str | Path, revision: str | None = None) -> Path:
     return resolve_source(source, revision=revision, allow_patterns=ADAPTER_FILES)
 
 
-def read_adapter(path: str | Path, device: str | torch.device = "cpu", *, max_rank: int | None = None,
-                 max_bytes: int | None = None) -> PeftAdapter:  # fmt: skip
-    """Read and validate a PEFT LoRA folder; QError naming the file, field or tensor at fault.
+def read_adapter(source: str | Path, revision: str | None = None, device: str | torch.device = "cpu", *,
+                 max_rank: int | None = None, max_bytes: int | None = None) -> PeftAdapter:  # fmt: skip
+    """Read and validate a PEFT LoRA adapter, a local folder or a Hub id (only its two files are pulled);
+    QError naming the file, field or tensor at fault.
 
     max_rank / max_bytes: refuse a larger rank (any module's) or weights file before reading its tensors.
     """
-    path = Path(path)
+    path = adapter_folder(source, revision)
     cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_path.is_file():
         raise QError(f"{path}: no {CONFIG_NAME} (not a PEFT adapter folder)")
@@ -172,7 +183,7 @@ def read_adapter(path: str | Path, device: str | torch.device = "cpu", *, max_ra
         tensors = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise QError(f"{weights_path}: unreadable ({e})") from None
-    return PeftAdapter(config, _pair_tensors(tensors, config, str(weights_path)))
+    return PeftAdapter(config, _pair_tensors(tensors, config, str(weights_path)), source=str(source))
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], config: AdapterConfig, name: str):

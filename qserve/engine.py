@@ -40,14 +40,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from qformats.errors import QError
-from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA
+from qformats.peft_adapter import PeftAdapter, read_adapter
 from qserve.generate import Completion, DecodeRow, SamplingParams, sample
 from qserve.logprobs import TokenLogprob, token_logprobs
+from qserve.lora import BASE, MultiLoRA
 from qserve.model import CausalLM
 from qserve.tokenizer import Tokenizer
 
@@ -263,21 +265,20 @@ class Engine:
                 return Completion(text="".join(chunks), token_ids=ids, finish_reason=ev.finish_reason,
                                   prompt_tokens=len(req.prompt_ids), seconds=time.perf_counter() - start)  # fmt: skip
 
-    def load_adapter(self, name: str, path: str, *, max_rank: int | None = None,
-                     max_bytes: int | None = None) -> LoRAAdapter:  # fmt: skip
-        """Read a PEFT adapter folder (on this thread) and install it between two steps under `name`.
+    def load_adapter(self, name: str, source: str | Path, *, max_rank: int | None = None,
+                     max_bytes: int | None = None) -> PeftAdapter:  # fmt: skip
+        """Read a PEFT adapter (folder or Hub id, on this thread) and install it between two steps under `name`.
 
         max_rank / max_bytes: refuse a larger adapter before reading its weights (qformats.peft_adapter).
         """
         if name in self.adapter_ids:
             raise QError(f"an adapter named {name!r} is already loaded")
-        adapter = LoRAAdapter.from_folder(path, name, max_rank=max_rank, max_bytes=max_bytes)
-        self.lora.check(adapter)
+        adapter = read_adapter(source, max_rank=max_rank, max_bytes=max_bytes)
 
         def install():
             if name in self.adapter_ids:
                 raise QError(f"an adapter named {name!r} is already loaded")
-            self.adapter_ids[name] = self.lora.add(adapter)
+            self.adapter_ids[name] = self.lora.add(adapter)  # the fit check runs here, once
 
         self._run_on_engine(install)
         return adapter
@@ -290,7 +291,7 @@ class Engine:
             self._retired.add(self.adapter_ids.pop(name))
             self._lock.notify_all()
 
-    def adapters(self) -> dict[str, LoRAAdapter]:
+    def adapters(self) -> dict[str, PeftAdapter]:
         with self._lock:
             return {name: self.lora.adapters[aid] for name, aid in self.adapter_ids.items()}
 

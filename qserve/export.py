@@ -1,7 +1,7 @@
 """Merged export: dequantize the base, merge a LoRA adapter in fp32, write an HF checkpoint (or NF4 again).
 
 `export_merged(model, out, adapter=...)` loads the base with our loader (NF4 weights stay packed, so
-memory is about the 4-bit model), applies the adapter with `qserve.lora`, then writes one tensor at
+memory is about the 4-bit model), applies the adapter with `qserve.lora.load_lora`, then writes one tensor at
 a time through `qformats.sharded_writer.ShardedWriter` (a temp folder renamed at the end):
 
 - every linear becomes `W + scale * B @ A`, formed in fp32 from the dequantized base and cast once
@@ -35,9 +35,9 @@ from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import adapter_folder, read_adapter
 from qformats.sharded_writer import ShardedWriter, copy_extra_files, parse_size
-from qkernels.ops import dequantize, quantize_nf4  # on CPU the fused C++ quantizer, byte-identical to qformats
+from qkernels.ops import quantize_nf4  # on CPU the fused C++ quantizer, byte-identical to qformats
 from qserve.loader import load_model, parse_dtype, resolve_model_dir
-from qserve.lora import LoRALinear, load_lora
+from qserve.lora import load_lora, merged_tensors
 from qserve.model import CausalLM
 from qserve.nf4_linear import NF4Linear
 from qserve.tokenizer import Tokenizer
@@ -115,7 +115,7 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
     ppl_runtime = text_perplexity(lm, text_ids) if requantize else None
 
     with ShardedWriter(Path(out), shard_size=parse_size(shard_size), force=force) as writer:
-        for name, t in tqdm(_merged_tensors(lm, out_dtype), desc="export", unit="tensor", disable=not progress,
+        for name, t in tqdm(merged_tensors(lm, out_dtype), desc="export", unit="tensor", disable=not progress,
                             leave=False):  # fmt: skip
             module = name.removesuffix(".weight")
             if requantize and module in nf4_modules and name.endswith(".weight"):
@@ -152,31 +152,3 @@ def _checkpoint_dtype(config: dict) -> torch.dtype:
     """The dtype the checkpoint was made from (that of its quant states for NF4); float16 if unknown."""
     name = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
     return parse_dtype(name) or torch.float16
-
-
-def _merged_tensors(lm: CausalLM, dtype: torch.dtype):
-    """(name, CPU tensor in `dtype`) for every weight of the model, linears dequantized and merged in fp32
-    (on the model's device).
-
-    Yields lazily, so at most one dense linear exists at a time beyond what the caller keeps.
-    """
-    skip_inside: list[str] = []
-    for name, module in lm.named_modules():
-        if any(name.startswith(p) for p in skip_inside):
-            continue
-        if isinstance(module, LoRALinear):
-            weight = module.base_weight(torch.float32) + module.delta_weight()
-            bias = module.base.bias
-        elif isinstance(module, NF4Linear):
-            weight, bias = dequantize(module.nf4_weight, torch.float32), module.bias
-        else:
-            for pname, p in module.named_parameters(recurse=False):
-                full = f"{name}.{pname}" if name else pname
-                if full == "lm_head.weight" and lm.args.tie_word_embeddings:
-                    continue
-                yield full, p.detach().to("cpu", dtype)
-            continue
-        skip_inside.append(name + ".")
-        yield f"{name}.weight", weight.to("cpu", dtype)
-        if bias is not None:
-            yield f"{name}.bias", bias.detach().to("cpu", dtype)

@@ -215,15 +215,6 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, policy: Se
     return app
 
 
-def load_adapter(engine: Engine, name: str, source: str, max_rank: int | None = None,
-                 max_bytes: int | None = None) -> None:  # fmt: skip
-    """Load a PEFT adapter folder or Hub id under `name` (a Hub id pulls only the files an adapter read needs)."""
-    from qformats.peft_adapter import adapter_folder
-
-    folder = adapter_folder(source)
-    engine.load_adapter(name, str(folder), max_rank=max_rank, max_bytes=max_bytes)
-
-
 def load_runtime_adapter(engine: Engine, policy: ServerPolicy, name: str, source: str) -> None:
     """/v1/load_lora_adapter: under the adapter root (when set) and the limits; a 400 whose message says why
     only for paths under the root: elsewhere the reply is the same whether the path exists or not."""
@@ -237,7 +228,7 @@ def load_runtime_adapter(engine: Engine, policy: ServerPolicy, name: str, source
             raise bad_field("lora_path", f"lora_path {show(source)} is not a folder under the server's adapter root")
         source = real
     try:
-        load_adapter(engine, name, source, policy.max_lora_rank, policy.max_lora_bytes)
+        engine.load_adapter(name, source, max_rank=policy.max_lora_rank, max_bytes=policy.max_lora_bytes)
     except (QError, OSError) as e:
         log.warning("loading adapter %r from %r failed: %s", name, source, e)
         if root is None:
@@ -341,7 +332,7 @@ def build_server(model: str, adapters: dict[str, str] | None = None, *, served_m
     for adapter_name, source in (adapters or {}).items():
         if adapter_name == name:
             raise QError(f"adapter name {adapter_name!r} is the base model's name: pick another (NAME=PATH)")
-        load_adapter(engine, adapter_name, source)
+        engine.load_adapter(adapter_name, source)
     return create_app(engine, tokenizer, name, policy), engine.start()
 
 

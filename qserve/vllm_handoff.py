@@ -26,7 +26,7 @@ from pathlib import Path
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
 from qformats.json_file import read_json_object
-from qformats.peft_adapter import adapter_folder
+from qformats.peft_adapter import read_adapter
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 VLLM_DEFAULT_LORA_RANK = 16
@@ -81,25 +81,14 @@ def check_base(folder: Path, dtype: str, tensor_parallel_size: int) -> bool:
     return True
 
 
-def check_adapter(name: str, folder: Path) -> int:
-    """QError naming the field if vLLM cannot serve this adapter; returns its largest rank."""
-    from qformats.peft_adapter import read_adapter
+def check_adapter(name: str, source: str) -> int:
+    """QError naming the field if vLLM cannot serve this adapter (folder or Hub id); returns its largest rank.
 
-    cfg_path = folder / "adapter_config.json"
-    cfg = _read_json(cfg_path)
-    why = f"adapter {name!r} ({cfg_path}):"
-    if cfg.get("modules_to_save"):
-        raise QError(f"{why} modules_to_save {cfg['modules_to_save']!r} - vLLM serves LoRA weights only; retrain "
-                     "without modules_to_save or merge it with `qserve export`")  # fmt: skip
-    if cfg.get("use_dora"):
-        raise QError(f"{why} use_dora is true - vLLM does not serve DoRA adapters; merge it with `qserve export`")
-    if cfg.get("bias", "none") != "none":
-        raise QError(f"{why} bias is {cfg['bias']!r} - vLLM serves adapters with bias 'none' only")
+    What vLLM refuses (modules_to_save, DoRA, trained biases) the one adapter reader refuses too."""
     try:
-        adapter = read_adapter(folder)
+        return read_adapter(source).rank
     except QError as e:
         raise QError(f"adapter {name!r}: {e}") from None
-    return max(a.shape[0] for a, _ in adapter.weights.values())
 
 
 def lora_rank_flag(rank: int) -> int | None:
@@ -142,7 +131,7 @@ def vllm_command(model: str, adapters: dict[str, str], *, host: str = "127.0.0.1
     if adapters:
         ranks, modules = [], []
         for name, source in adapters.items():
-            ranks.append(check_adapter(name, adapter_folder(source)))
+            ranks.append(check_adapter(name, source))
             modules.append(f"{name}={_vllm_arg(source)}")
         argv += ["--enable-lora", "--lora-modules", *modules, "--max-loras", str(len(adapters))]
         rank = lora_rank_flag(max(ranks))

@@ -26,7 +26,7 @@ from qconvert.quantize import quantize_checkpoint
 from qconvert.sft_data import IGNORE, collate, load_sft_jsonl
 from qformats.errors import QError
 from qserve.loader import load_model
-from qserve.lora import ALL_LINEAR, apply_lora, load_lora, lora_parameters
+from qserve.lora import ALL_LINEAR, apply_lora, load_lora, lora_config, lora_parameters
 from qserve.tokenizer import Tokenizer
 
 BIN = Path(sys.executable).parent
@@ -91,7 +91,7 @@ def test_loss_and_grads_equal_peft(tiny):
     """Our response-only loss (fused lm_head + CE) and LoRA gradients equal PEFT's over transformers + bnb."""
     tokens, labels = batch(tiny)
     ours = load_model(tiny / "nf4")
-    apply_lora(ours, r=4, alpha=8, seed=1)
+    apply_lora(ours, lora_config(r=4, alpha=8), seed=1)
     with torch.no_grad():
         for p in lora_parameters(ours)[1::2]:
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
@@ -114,7 +114,7 @@ def test_loss_and_grads_equal_peft(tiny):
 def test_fused_loss_equals_plain_cross_entropy(tiny):
     tokens, labels = batch(tiny)
     model = load_model(tiny / "nf4")
-    apply_lora(model, r=4, seed=0)
+    apply_lora(model, lora_config(r=4), seed=0)
     n = int((labels[:, 1:] != IGNORE).sum())
     fused = causal_lm_loss(model, tokens, labels, n, chunk=7)  # chunks that do not divide the rows
     fused.backward()
@@ -135,7 +135,7 @@ def test_one_step_equals_peft_step_and_adapter_loads_in_peft(tiny, tmp_path):
     run = cfg(tiny, tmp_path / "out", data=str(data), steps=1, warmup_ratio=0.0, dropout=0.0, seed=5)
     result = finetune(run)
     ours = load_model(tiny / "nf4")
-    apply_lora(ours, r=4, alpha=8, seed=5)  # the init finetune made (same seed, same generator)
+    apply_lora(ours, lora_config(r=4, alpha=8), seed=5)  # the init finetune made (same seed, same generator)
     ref = peft_model(tiny)
     copy_into_peft(ours, ref)
     tok = Tokenizer.from_dir(tiny / "nf4")

@@ -1,4 +1,4 @@
-"""qserve.batched_lora's two paths agree on CPU: the torch path (stacked adapters + rank mask) and the
+"""qserve.lora.batched's two paths agree on CPU: the torch path (stacked adapters + rank mask) and the
 gathered layout through `qkernels.ops.batched_lora_add_`, whose CPU implementation is the torch
 reference of the Triton kernels (tests/qkernels/interpreter/test_triton_batched_lora.py checks those against it).
 """
@@ -10,17 +10,17 @@ import torch
 from torch import nn
 
 from qformats.errors import QError
+from qformats.peft_adapter import AdapterConfig, PeftAdapter
 from qkernels.ops import batched_lora_add_, batched_lora_reference_
-from qserve.batched_lora import BASE, LoRAAdapter, MultiLoRA, MultiLoRALinear, RowAdapters
+from qserve.lora import BASE, MultiLoRA, MultiLoRALinear, RowAdapters
 
 
-def random_adapter(name: str, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> LoRAAdapter:
-    """An in-memory adapter: per module (A [rank, in], B [out, rank]) and a scale."""
+def random_adapter(name: str, shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> PeftAdapter:
+    """An in-memory adapter: per module (A [rank, in], B [out, rank]), scale 2 / rank."""
     g = torch.Generator().manual_seed(seed)
     weights = {m: (torch.randn(rank, k, generator=g) / 4, torch.randn(n, rank, generator=g) / 4)
                for m, (n, k) in shapes.items()}  # fmt: skip
-    return LoRAAdapter(name=name, path=name, rank=rank, weights=weights, scale={m: 2.0 / rank for m in shapes},
-                       config=None)  # fmt: skip
+    return PeftAdapter(AdapterConfig(r=rank, lora_alpha=2.0, target_modules=list(shapes)), weights, source=name)
 
 
 def two_layers(ranks, n=23, k=37, dtype=torch.float32):
@@ -144,3 +144,25 @@ def test_a_non_finite_bottleneck_in_one_row_stays_in_that_row():
     assert not torch.isfinite(poisoned[1]).all()
     for row in (0, 2, 3):
         assert torch.equal(poisoned[row], clean[row]), row
+
+
+def test_thread_count_is_owned_by_use_and_restored(monkeypatch):
+    """Outside `MultiLoRA.use` the layers never touch torch's thread count; inside, the LoRA products run
+    on one thread and the forward's count is back on exit, also when the forward raises."""
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+    lora = MultiLoRA(model, gather=False)
+    ids = [lora.add(random_adapter("a", {"0": (24, 16)}, 4, 1)), lora.add(random_adapter("b", {"2": (16, 24)}, 2, 2))]
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real(n))
+    threads = torch.get_num_threads()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        lora.model(x)
+        assert calls == []
+        with lora.use(ids):
+            lora.model(x)
+        assert torch.get_num_threads() == threads and (threads == 1 or 1 in calls)
+        with pytest.raises(RuntimeError), lora.use(ids):
+            lora.model(torch.randn(2, 3))
+        assert torch.get_num_threads() == threads

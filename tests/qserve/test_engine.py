@@ -1,4 +1,4 @@
-"""qserve.engine and qserve.batched_lora: continuous batching with a different PEFT adapter per row.
+"""qserve.engine and qserve.lora.batched: continuous batching with a different PEFT adapter per row.
 
 The helpers at the top build a tiny random Llama with a byte-level tokenizer and ChatML template
 (so text, chat and stop strings work) and PEFT adapters made by `peft` itself; test_server.py
@@ -18,10 +18,11 @@ from tiny_models import save_tiny, save_tiny_tokenizer, tiny_hf_model
 
 from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
-from qserve.batched_lora import LoRAAdapter, MultiLoRA
+from qformats.peft_adapter import read_adapter
 from qserve.engine import ContextTooLong, Engine, QueueFull, UnknownAdapter
 from qserve.generate import Generator, SamplingParams
 from qserve.loader import load_model
+from qserve.lora import MultiLoRA
 from qserve.tokenizer import Tokenizer as QTokenizer
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -75,7 +76,7 @@ def test_batched_lora_rows_equal_peft(served):
     hf, folder, adapters, root = served
     model = load_model(folder)
     lora = MultiLoRA(model)
-    ids = {name: lora.add(LoRAAdapter.from_folder(root / name)) for name in adapters}
+    ids = {name: lora.add(read_adapter(root / name)) for name in adapters}
     tokens = torch.randint(3, 320, (4, 12))
     rows = [0, ids["a1"], ids["a2"], ids["a3"]]
     with torch.no_grad(), lora.use(rows):
@@ -93,9 +94,9 @@ def test_adapter_not_fitting_the_model_is_named(served, tmp_path):
     bad = tmp_path / "bad"
     make_peft_adapter(tiny_hf_model("smollm2", hidden_size=32, vocab_size=320), bad, seed=0)
     with pytest.raises(QError, match="do not fit"):
-        MultiLoRA(load_model(folder)).add(LoRAAdapter.from_folder(bad))
+        MultiLoRA(load_model(folder)).add(read_adapter(bad))
     with pytest.raises(QError, match="adapter_config.json"):
-        LoRAAdapter.from_folder(tmp_path)
+        read_adapter(tmp_path)
 
 
 @pytest.fixture()

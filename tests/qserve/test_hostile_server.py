@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from test_engine import make_peft_adapter, tiny_served_model
 from test_server import LiveServer
 
-from qserve.batched_lora import LoRAAdapter
+from qformats.peft_adapter import read_adapter
 from qserve.engine import Engine
 from qserve.generate import SamplingParams
 from qserve.loader import load_model
@@ -96,7 +96,7 @@ def test_a_nan_adapter_does_not_poison_later_batches(tiny):
     app, engine = build_server(str(folder), served_model_name=BASE, max_batch=4, max_model_len=192)
     server = LiveServer(app, engine)
     try:
-        bad = LoRAAdapter.from_folder(adapters / "good", "bad")  # NaN set past the reader, which refuses NaN
+        bad = read_adapter(adapters / "good")  # NaN set past the reader, which refuses NaN
         bad.weights = {m: (torch.full_like(a, float("nan")), torch.full_like(b, float("nan")))
                        for m, (a, b) in bad.weights.items()}  # fmt: skip
         engine._run_on_engine(lambda: engine.adapter_ids.__setitem__("bad", engine.lora.add(bad)))

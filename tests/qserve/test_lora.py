@@ -12,8 +12,19 @@ from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
 from qformats.nf4 import dequantize_nf4, quantize_nf4
 from qformats.peft_adapter import AdapterConfig, PeftAdapter, read_adapter, write_adapter
+from qkernels.ops import dequantize
 from qserve.loader import load_model
-from qserve.lora import ALL_LINEAR, LoRALinear, apply_lora, load_lora, lora_parameters, merge_lora, to_peft_adapter
+from qserve.lora import (
+    ALL_LINEAR,
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    lora_adapter,
+    lora_config,
+    lora_parameters,
+    merged_tensors,
+)
+from qserve.model import CausalLM
 from qserve.nf4_linear import NF4Linear
 
 
@@ -86,7 +97,7 @@ def test_nf4_lora_linear_matches_dense_and_keeps_no_fp_weight():
 
 def test_logits_and_grads_equal_peft_over_bitsandbytes(nf4_dir):
     ours = load_model(nf4_dir, dtype=torch.float32)
-    names = apply_lora(ours, r=8, alpha=16, seed=0)
+    names = apply_lora(ours, lora_config(r=8, alpha=16), seed=0)
     assert len(names) == 2 * 7 and all(isinstance(ours.get_submodule(n).base, NF4Linear) for n in names)
     randomize_b(ours)
     ref = peft_over_bnb(nf4_dir, r=8, lora_alpha=16, lora_dropout=0.0)
@@ -112,9 +123,10 @@ def test_logits_and_grads_equal_peft_over_bitsandbytes(nf4_dir):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_saved_adapter_loads_in_peft_and_back(nf4_dir, tmp_path, rslora):
     ours = load_model(nf4_dir, dtype=torch.float32)
-    apply_lora(ours, r=4, alpha=32, use_rslora=rslora, seed=3, rank_pattern={"down_proj": 2})
+    config = lora_config(r=4, alpha=32, use_rslora=rslora, rank_pattern={"down_proj": 2}, base_model="tiny-llama")
+    apply_lora(ours, config, seed=3)
     randomize_b(ours)
-    write_adapter(tmp_path / "adapter", to_peft_adapter(ours, base_model="tiny-llama"))
+    write_adapter(tmp_path / "adapter", lora_adapter(ours, config))
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["bias"] == "none" and cfg["modules_to_save"] is None and cfg["use_dora"] is False
     assert sorted(cfg["target_modules"]) == sorted(ALL_LINEAR)
@@ -134,25 +146,30 @@ def test_saved_adapter_loads_in_peft_and_back(nf4_dir, tmp_path, rslora):
 
 def test_merge_gives_the_same_logits(nf4_dir):
     ours = load_model(nf4_dir, dtype=torch.float32)
-    apply_lora(ours, target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8, seed=0)
+    apply_lora(ours, lora_config(target_modules=["q_proj", "v_proj", "down_proj"], r=4, alpha=8), seed=0)
     randomize_b(ours)
     tokens = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         before = ours(tokens)
-        merged = merge_lora(ours)
-        assert len(merged) == 6 and type(ours.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-        assert isinstance(ours.model.layers[0].self_attn.k_proj, NF4Linear)  # untargeted layers stay 4-bit
-        assert rel_err(ours(tokens), before) < 1e-5
+        merged = dict(merged_tensors(ours, torch.float32))  # what export writes
+        dense = CausalLM(ours.args)
+        missing, unexpected = dense.load_state_dict(merged, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}  # a tied lm_head is the embeddings
+        base = load_model(nf4_dir, dtype=torch.float32)
+        changed = [n for n, m in base.named_modules() if isinstance(m, NF4Linear)
+                   and not torch.equal(merged[f"{n}.weight"], dequantize(m.nf4_weight, torch.float32))]  # fmt: skip
+        assert len(changed) == 6 and all(n.endswith(("q_proj", "v_proj", "down_proj")) for n in changed)
+        assert rel_err(dense(tokens), before) < 1e-5
 
 
 def test_target_modules_rules(nf4_dir):
     ours = load_model(nf4_dir, dtype=torch.float32)
-    assert apply_lora(ours, target_modules=r".*\.0\.mlp\.(up|down)_proj", r=2) == [
+    assert apply_lora(ours, lora_config(target_modules=r".*\.0\.mlp\.(up|down)_proj", r=2)) == [
         "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"]  # fmt: skip
     with pytest.raises(QError, match="already has a LoRA adapter"):
-        apply_lora(ours, target_modules=["up_proj"], r=2)
+        apply_lora(ours, lora_config(target_modules=["up_proj"], r=2))
     with pytest.raises(QError, match="match no linear layer"):
-        apply_lora(load_model(nf4_dir), target_modules=["qkv"], r=2)
+        apply_lora(load_model(nf4_dir), lora_config(target_modules=["qkv"], r=2))
     assert [p.requires_grad for p in ours.parameters()].count(True) == 4
 
 
@@ -308,10 +325,10 @@ def test_checkpointed_layers_reuse_the_lora_bottleneck_and_match(nf4_dir, r, dro
     """With gradient checkpointing, each LoRA layer's [tokens, r] bottleneck is computed once, kept for
     the layer's recompute (qserve/recompute_stash.py), and losses and gradients equal the run without
     checkpointing, also for two forwards before one backward."""
-    import qserve.lora as lora_mod
+    import qserve.lora.training as lora_mod
 
     model = load_model(nf4_dir, dtype=torch.float32)
-    apply_lora(model, r=r, alpha=2 * r, dropout=dropout, seed=0)
+    apply_lora(model, lora_config(r=r, alpha=2 * r, dropout=dropout), seed=0)
     randomize_b(model)
     model.train()
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""LoRA on the frozen base: `LoRALinear`, applying adapters to a model, PEFT-named state, merging.
+"""LoRA training on the frozen base: `LoRALinear`, `apply_lora` from an `AdapterConfig`, PEFT-named state.
 
 `LoRALinear` wraps an `NF4Linear` (QLoRA) or a plain `nn.Linear` (LoRA on a float base):
 
@@ -19,22 +19,13 @@ weights' dtype (fp32 for training) and casts back to the activations' dtype, as 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from qformats.errors import QError
-from qformats.peft_adapter import (
-    AdapterConfig,
-    PeftAdapter,
-    adapter_folder,
-    adapter_tensors,
-    read_adapter,
-    target_matches,
-)
+from qformats.peft_adapter import AdapterConfig, target_matches
 from qkernels.lora_dropout import draw_seed
 from qkernels.ops import dequantize, lora_down, lora_grad_a, lora_up_add_
 from qserve.nf4_linear import NF4Linear
@@ -174,8 +165,7 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, base={type(self.base).__name__}"
 
 
-def _targets(model: nn.Module, target_modules: list[str] | str | None) -> list[str]:
-    targets = ALL_LINEAR if target_modules in (None, "all-linear") else target_modules
+def _targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     wrapped = lora_modules(model)
     inside = tuple(f"{n}." for n in wrapped)  # a LoRALinear's own base / lora_A / lora_B
     for n in wrapped:
@@ -194,25 +184,31 @@ def _example_linear(model: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if isinstance(m, (NF4Linear, nn.Linear))), "?")
 
 
-def apply_lora(model: nn.Module, target_modules: list[str] | str | None = None, r: int = 64, alpha: float = 16,
-               dropout: float = 0.0, use_rslora: bool = False, rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None, seed: int | None = None) -> list[str]:  # fmt: skip
-    """Wrap the target linears of `model` in `LoRALinear`, in place; returns their names.
+def lora_config(target_modules: list[str] | str | None = None, r: int = 64, alpha: float = 16, dropout: float = 0.0,
+                use_rslora: bool = False, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+                base_model: str | None = None) -> AdapterConfig:  # fmt: skip
+    """The adapter config of these LoRA settings: what `apply_lora` builds and adapter_config.json says.
 
     target_modules: None or "all-linear" for every decoder linear, a list of names/suffixes, or a regex
-    (PEFT's rules). Every other parameter is frozen; only lora_A/lora_B train.
-    """
-    cfg = AdapterConfig(r=r, lora_alpha=alpha, target_modules=target_modules or ALL_LINEAR, use_rslora=use_rslora,
-                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {})  # fmt: skip
-    names = _targets(model, target_modules)
+    (PEFT's rules)."""
+    targets = ALL_LINEAR if target_modules in (None, "all-linear") else target_modules
+    return AdapterConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout, use_rslora=use_rslora,
+                         base_model_name_or_path=base_model, rank_pattern=rank_pattern or {},
+                         alpha_pattern=alpha_pattern or {})  # fmt: skip
+
+
+def apply_lora(model: nn.Module, config: AdapterConfig, seed: int | None = None) -> list[str]:
+    """Wrap the linears `config` targets in `LoRALinear` (its ranks, alphas, dropout), in place; returns
+    their names. Every other parameter is frozen; only lora_A/lora_B train."""
+    names = _targets(model, config.target_modules)
     generator = torch.Generator(_device_of(model)).manual_seed(seed) if seed is not None else None
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        parent, child = _split(name)
+        parent, child = split_name(name)
         owner = model.get_submodule(parent) if parent else model
-        base = getattr(owner, child)
-        lora = LoRALinear(base, cfg.rank_of(name), cfg.alpha_of(name), dropout, use_rslora, generator=generator)
+        lora = LoRALinear(getattr(owner, child), config.rank_of(name), config.alpha_of(name), config.lora_dropout,
+                          config.use_rslora, generator=generator)  # fmt: skip
         setattr(owner, child, lora)
     return names
 
@@ -230,89 +226,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors in PEFT's key naming (`base_model.model.<module>.lora_A.weight`, ...)."""
-    return adapter_tensors({n: (m.lora_A.weight, m.lora_B.weight) for n, m in lora_modules(model).items()})
-
-
-def to_peft_adapter(model: nn.Module, target_modules: list[str] | str | None = None, dropout: float = 0.0,
-                    base_model: str | None = None) -> PeftAdapter:  # fmt: skip
-    """The model's adapter as a `PeftAdapter` (config + weights), ready for `qformats.peft_adapter.write_adapter`."""
-    mods = lora_modules(model)
-    if not mods:
-        raise QError("the model has no LoRA adapter to save")
-    first = next(iter(mods.values()))
-    rank_pattern = {n: m.r for n, m in mods.items() if m.r != first.r}
-    alpha_pattern = {n: m.alpha for n, m in mods.items() if m.alpha != first.alpha}
-    cfg = AdapterConfig(r=first.r, lora_alpha=first.alpha, target_modules=_target_names(target_modules, mods),
-                        lora_dropout=dropout, use_rslora=first.use_rslora, base_model_name_or_path=base_model,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)  # fmt: skip
-    return PeftAdapter(cfg, {n: (m.lora_A.weight.detach().cpu(), m.lora_B.weight.detach().cpu()) for n, m in mods.items()})
-
-
-def _target_names(target_modules, mods: dict[str, LoRALinear]) -> list[str] | str:
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        return target_modules
-    return sorted({n.rsplit(".", 1)[-1] for n in mods})  # short names, as PEFT and vLLM expect
-
-
-def load_lora(model: nn.Module, adapter: PeftAdapter | str | Path, trainable: bool = False) -> list[str]:
-    """Apply a PEFT adapter to `model` (wrapping its target linears) and load its weights; returns module names.
-
-    Every module of the adapter must exist in the model with matching shapes (QError naming it otherwise).
-    """
-    if not isinstance(adapter, PeftAdapter):  # a folder, or a Hub id pulled into the cache
-        adapter = read_adapter(adapter_folder(adapter))
-    cfg = adapter.config
-    existing = lora_modules(model)
-    for name, (a, b) in adapter.weights.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise QError(f"adapter module {name!r} does not exist in the model") from None
-        if not isinstance(module, LoRALinear):
-            if not isinstance(module, (NF4Linear, nn.Linear)):
-                raise QError(f"adapter module {name!r} is a {type(module).__name__}, not a linear layer")
-            parent, child = _split(name)
-            module = LoRALinear(module, cfg.rank_of(name), 1.0, cfg.lora_dropout, cfg.use_rslora)
-            module.train(model.training)  # a new wrapper in an eval model must not apply dropout
-            setattr(model.get_submodule(parent) if parent else model, child, module)
-            existing[name] = module
-        if tuple(a.shape) != tuple(module.lora_A.weight.shape) or tuple(b.shape) != tuple(module.lora_B.weight.shape):
-            raise QError(f"adapter module {name!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the "
-                         f"layer [{module.out_features}, {module.in_features}] with rank {module.r}")  # fmt: skip
-        with torch.no_grad():
-            module.lora_A.weight.copy_(a)
-            module.lora_B.weight.copy_(b)
-        module.alpha, module.scaling = cfg.alpha_of(name), adapter.scale(name)
-        for p in (module.lora_A.weight, module.lora_B.weight):
-            p.requires_grad_(trainable)
-    return list(adapter.weights)
-
-
-def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, names: Iterable[str] | None = None) -> list[str]:
-    """Replace each `LoRALinear` by a dense `nn.Linear` holding `W + scale * B @ A` (for export), in place.
-
-    The sum is formed in fp32 and cast once to `dtype` (default: the base's dequantized dtype).
-    """
-    mods = lora_modules(model)
-    merged = []
-    for name in names if names is not None else list(mods):
-        m = mods[name]
-        out_dtype = dtype or (m.base.nf4_weight.dtype if isinstance(m.base, NF4Linear) else m.base.weight.dtype)
-        w = (m.base_weight(torch.float32) + m.delta_weight()).to(out_dtype)
-        dense = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None, device=w.device, dtype=out_dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-            if m.base.bias is not None:
-                dense.bias.copy_(m.base.bias)
-        dense.requires_grad_(False)
-        parent, child = _split(name)
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
-        merged.append(name)
-    return merged
-
-
-def _split(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
     parent, _, child = name.rpartition(".")
     return parent, child

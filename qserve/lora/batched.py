@@ -23,41 +23,16 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformats.errors import QError
-from qformats.peft_adapter import AdapterConfig, read_adapter
+from qformats.peft_adapter import PeftAdapter
 from qkernels.ops import batched_lora_add_
+from qserve.lora.adapter import check_fit
 
 BASE = 0  # the adapter id of "no adapter"
-
-
-@dataclass
-class LoRAAdapter:
-    """One adapter in memory: per target module, (A [r, in], B [out, r]) and its scale."""
-
-    name: str
-    path: str
-    rank: int
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scale: dict[str, float]
-    config: AdapterConfig
-
-    @classmethod
-    def from_folder(cls, path: str | Path, name: str | None = None, *, max_rank: int | None = None,
-                    max_bytes: int | None = None) -> LoRAAdapter:  # fmt: skip
-        """Read a PEFT LoRA adapter folder; QError naming the file or field if it is not one we can serve."""
-        # validated: LoRA only, no DoRA, no biases, no modules_to_save, finite tensors, within the limits
-        adapter = read_adapter(path, max_rank=max_rank, max_bytes=max_bytes)
-        weights = {m: (a.float(), b.float()) for m, (a, b) in adapter.weights.items()}
-        scale = {m: adapter.scale(m) for m in weights}
-        rank = max(a.shape[0] for a, _ in weights.values())
-        return cls(name=name or Path(path).name, path=str(path), rank=rank, weights=weights, scale=scale,
-                   config=adapter.config)  # fmt: skip
 
 
 class RowAdapters:
@@ -68,16 +43,33 @@ class RowAdapters:
         self.present: tuple[int, ...] = ()  # distinct adapters in the batch (BASE excluded), first-seen order
         self.uniform: int | None = BASE  # the one adapter of every row, if they all share one (or all BASE)
         self.device: torch.device | None = None
+        self.threads = 1  # torch's CPU threads in the current forward (see `one_thread`); 1 outside one
         self._masks: dict[tuple, torch.Tensor] = {}
 
-    def set(self, ids: list[int], device: torch.device) -> None:
-        self.ids, self.device, self._masks = list(ids), device, {}
+    def set(self, ids: list[int], device: torch.device, threads: int = 1) -> None:
+        self.ids, self.device, self._masks, self.threads = list(ids), device, {}, threads
         self.present = tuple(dict.fromkeys(a for a in ids if a != BASE))
         self.uniform = ids[0] if ids and all(a == ids[0] for a in ids) else None
 
     def clear(self) -> None:
         self.set([], self.device)
         self.uniform = BASE
+
+    @contextmanager
+    def one_thread(self):
+        """Run a LoRA product on one CPU thread, then give the forward its threads back.
+
+        The products are tiny: waking a second OpenMP thread for each costs more than the product, and
+        far more when the CPU is shared (a fork waits for every thread to be scheduled), while the base
+        linears around them want every thread. Only inside `MultiLoRA.use`, which owns the thread count
+        of the forward and restores it on exit; elsewhere nothing is changed."""
+        if self.threads > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if self.threads > 1:
+                torch.set_num_threads(self.threads)
 
     def mask(self, adapters: tuple[int, ...], ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """[B, sum(ranks)]: 1 where a row's own adapter owns the column, 0 elsewhere (cached per forward).
@@ -101,20 +93,6 @@ class RowAdapters:
             slots = torch.tensor([position.get(aid, -1) for aid in self.ids], dtype=torch.int32)
             self._masks[key] = slots.repeat_interleave(tokens_per_row).to(self.device)
         return self._masks[key]
-
-
-@contextmanager
-def _one_thread(device: torch.device):
-    """Run the LoRA matmuls on one CPU thread: they are tiny, and waking a second OpenMP thread for
-    each cost more than the matmul (~2x the epilogue's time, measured on this repo's 2-core CPU)."""
-    n = torch.get_num_threads() if device.type == "cpu" else 1
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
 
 
 @dataclass
@@ -202,7 +180,7 @@ class MultiLoRALinear(nn.Module):
             mask = rows.mask(present, ranks, a.dtype)
             mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # rows first, ranks last
         # F.linear, not x @ a.T: MKL takes a path ~50x slower for the transposed 3-D matmul on CPU.
-        with _one_thread(x.device):
+        with self.rows.one_thread():
             h = F.linear(x, a)
             # Select, don't multiply: 0 * inf or 0 * NaN in another row's rank columns would reach this row.
             return self._add(y, h if mask is None else torch.where(mask != 0, h, 0), b)
@@ -242,34 +220,19 @@ class MultiLoRA:
         """`gather`: lay adapters out for the batched-LoRA op (default: on a CUDA model)."""
         self.model = model
         self.rows = RowAdapters()
-        self.adapters: dict[int, LoRAAdapter] = {}
+        self.adapters: dict[int, PeftAdapter] = {}
         self._next_id = 1
         ref = next(model.parameters())
         self.dtype, self.device = (ref.dtype if ref.is_floating_point() else torch.float32), ref.device
         self.gather = self.device.type == "cuda" if gather is None else gather
 
-    def check(self, adapter: LoRAAdapter) -> None:
-        """QError unless every module the adapter targets is a linear of this model with matching shapes."""
-        for module, (a, b) in adapter.weights.items():
-            try:
-                target = self.model.get_submodule(module)
-            except AttributeError:
-                raise QError(f"{adapter.path}: adapter targets {module!r}, which this model does not have") from None
-            if isinstance(target, MultiLoRALinear):
-                target = target.base
-            if not hasattr(target, "in_features") or isinstance(target, nn.Embedding):
-                raise QError(f"{adapter.path}: adapter targets {module!r}, which is not a linear layer")
-            if a.shape[1] != target.in_features or b.shape[0] != target.out_features or a.shape[0] != b.shape[1]:
-                raise QError(f"{adapter.path}: {module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit "
-                             f"a linear of {target.in_features} -> {target.out_features}")  # fmt: skip
-
-    def add(self, adapter: LoRAAdapter) -> int:
-        """Install an adapter; returns its id (never BASE, never reused)."""
-        self.check(adapter)
+    def add(self, adapter: PeftAdapter) -> int:
+        """Install an adapter (QError if it does not fit the model); returns its id (never BASE, never reused)."""
+        check_fit(self.model, adapter)
         aid, self._next_id = self._next_id, self._next_id + 1
         for module, (a, b) in adapter.weights.items():
             layer = self._wrap(module)
-            a, b = a.to(self.device, self.dtype), b.to(self.device, self.dtype) * adapter.scale[module]
+            a, b = a.to(self.device, self.dtype), b.to(self.device, self.dtype) * adapter.scale(module)
             layer.add_adapter(aid, a.contiguous(), b.contiguous())
         self.adapters[aid] = adapter
         return aid
@@ -290,9 +253,14 @@ class MultiLoRA:
 
     @contextmanager
     def use(self, ids: list[int]):
-        """Within the block, row b of a forward uses adapter `ids[b]` (BASE: none)."""
-        self.rows.set(ids, self.device)
+        """Within the block (one forward of an engine step), row b uses adapter `ids[b]` (BASE: none).
+
+        Owns torch's CPU thread count for the forward: read once on entry, restored on exit whatever
+        the forward did; the LoRA products inside run on one thread (`RowAdapters.one_thread`)."""
+        threads = torch.get_num_threads()
+        self.rows.set(ids, self.device, threads if self.device.type == "cpu" else 1)
         try:
             yield
         finally:
             self.rows.clear()
+            torch.set_num_threads(threads)
