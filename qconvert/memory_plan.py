@@ -34,9 +34,10 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Calibration constants (docs/memory-plan.md, "Calibration"): measured on this project's CPU runs.
-CPU_RUNTIME_BYTES = 420 * MiB  # Python + torch + tokenizer + dataset, resident before the model loads
+CPU_RUNTIME_BYTES = 560 * MiB  # Python, torch and its libraries, tokenizer, dataset: resident besides the tensors
 CUDA_CONTEXT_BYTES = 600 * MiB  # CUDA context and kernels: reserved outside torch's allocator
 CPU_ALLOCATOR_KEEP = 1 * GiB  # qkernels/cpu_caching_allocator.cpp keeps at most this much free
+SAVED_FRACTION = 0.8  # of the tensors autograd could keep per layer, the share resident at the peak (measured)
 ALLOCATOR_SLACK = 0.10  # caching allocators: free blocks held between the peaks of a step, per byte of activations
 LOSS_CHUNK_BYTES = 64 << 20  # qconvert/lm_loss.py CHUNK_BYTES: fp32 logits of one chunk
 
@@ -136,12 +137,13 @@ def optimizer_bytes(n_params: int, bits: int) -> int:
 
 def layer_activation_bytes(shape: Shape, s: Settings, tokens: int) -> int:
     """What autograd keeps for one decoder layer's backward (our LoRALinear keeps no dropout mask
-    and no base weight): the norms' inputs and outputs, q/k/v before and after rope, the attention
-    output and o_proj's input, the four [tokens, intermediate] MLP tensors, the LoRA bottlenecks."""
+    and no base weight): the norms' inputs and outputs, q, k and v as attention reads them, its
+    output and o_proj's input, the four [tokens, intermediate] MLP tensors, the LoRA bottlenecks;
+    scaled by the share of them found resident at the measured peaks."""
     a = s.trainer.residual_bytes or s.compute_bytes()
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_token = 4 * shape.hidden + 4 * q + 3 * kv + 4 * shape.intermediate
-    return tokens * (per_token * a + len(s.target_modules) * s.rank * s.trainer.lora_bytes)
+    per_token = 4 * shape.hidden + 3 * q + 2 * kv + 4 * shape.intermediate
+    return int(SAVED_FRACTION * tokens * (per_token * a + len(s.target_modules) * s.rank * s.trainer.lora_bytes))
 
 
 def _loss_bytes(shape: Shape, s: Settings, tokens: int) -> int:
