@@ -46,6 +46,9 @@ RUNS = [
     ("llama-0.5b", 256, 2, 16, 1, True),
     ("llama-0.5b", 256, 2, 16, 2, True),
     ("llama-1.2b", 128, 2, 16, 1, True),
+    ("llama-0.5b", 512, 2, 64, 1, False),
+    ("llama-1.2b", 256, 2, 64, 1, True),
+    ("smollm2", 256, 4, 64, 2, False),
 ]
 
 

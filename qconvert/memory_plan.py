@@ -146,6 +146,16 @@ def layer_activation_bytes(shape: Shape, s: Settings, tokens: int) -> int:
     return int(SAVED_FRACTION * tokens * (per_token * a + len(s.target_modules) * s.rank * s.trainer.lora_bytes))
 
 
+def activation_bytes(shape: Shape, s: Settings, tokens: int) -> int:
+    """Every layer's saved tensors; with checkpointing, each layer's input and its stashed LoRA
+    bottlenecks (qserve/recompute_stash.py), plus one layer's saved tensors during its recompute."""
+    kept = layer_activation_bytes(shape, s, tokens)
+    if not s.gradient_checkpointing:
+        return shape.layers * kept
+    stash = tokens * len(s.target_modules) * s.rank * s.trainer.lora_bytes
+    return shape.layers * (tokens * shape.hidden * (s.trainer.residual_bytes or s.compute_bytes()) + stash) + kept
+
+
 def _loss_bytes(shape: Shape, s: Settings, tokens: int) -> int:
     a, h = s.compute_bytes(), shape.hidden
     if s.trainer.chunked_loss:  # one chunk of fp32 logits, its softmax in place, and the [N, hidden] grad and input
@@ -215,13 +225,7 @@ def plan(config: dict, settings: Settings, name: str = "config.json") -> Plan:
     elif n > 1:  # DDP: the flat gradient and its all-reduced copy
         dev["DDP all-reduce buffers"] = 2 * lora_g
 
-    kept = layer_activation_bytes(shape, s, tokens)
-    if s.gradient_checkpointing:  # each layer's input and LoRA bottlenecks, plus one layer live in its recompute
-        stash = tokens * len(s.target_modules) * s.rank * s.trainer.lora_bytes
-        act = shape.layers * (tokens * shape.hidden * (s.trainer.residual_bytes or a) + stash) + kept
-    else:
-        act = shape.layers * kept
-    dev["activations"] = act
+    dev["activations"] = act = activation_bytes(shape, s, tokens)
     largest = max(i * o for i, o in shape.linears().values())
     dev["backward buffers"] = 3 * tokens * max(shape.hidden, shape.intermediate) * a + largest * a
     dev["logits/loss chunk"] = _loss_bytes(shape, s, tokens)
@@ -229,6 +233,8 @@ def plan(config: dict, settings: Settings, name: str = "config.json") -> Plan:
     if cuda:
         dev["allocator slack"] = int(ALLOCATOR_SLACK * transient)
         dev["CUDA context"] = CUDA_CONTEXT_BYTES
+        if not s.fsdp_offload:  # PagedAdamW's pages have their home in (pinned) host memory
+            host["optimizer state (paged home)"] = math.ceil(opt / shard)
         host["runtime (Python, torch, tokenizer)"] = CPU_RUNTIME_BYTES
         devices = [Breakdown("cuda", dev), Breakdown("cpu (host, per process)", host)]
     else:  # one process is the device: host and device terms are the same memory

@@ -59,6 +59,24 @@ def test_torchtune_llama31_8b_qlora():
     assert within(gpu.allocated / GiB, 7.4), gpu.allocated / GiB
 
 
+# Peak RSS measured by bench/memory_plan.py on this project's CPU (docs/memory-plan.md): model, seq, batch,
+# rank, processes, checkpointing, measured MB. The plan must stay within 15% of each.
+MEASURED_CPU = [
+    ("smollm2-135m", 256, 4, 16, 1, True, 1063), ("smollm2-135m", 256, 4, 16, 1, False, 1953),
+    ("smollm2-135m", 512, 4, 64, 1, True, 1504), ("smollm2-135m", 256, 4, 16, 2, True, 1085),
+    ("llama-0.5b-random", 256, 2, 16, 1, True, 1541), ("llama-0.5b-random", 256, 2, 16, 2, True, 1573),
+    ("llama-0.5b-random", 512, 2, 64, 1, False, 3754), ("llama-1.2b-random", 128, 2, 16, 1, True, 2164),
+    ("llama-1.2b-random", 256, 2, 64, 1, True, 3004),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model,seq,batch,rank,procs,ckpt,measured_mb", MEASURED_CPU)
+def test_cpu_plan_within_15_percent_of_measured_peak_rss(model, seq, batch, rank, procs, ckpt, measured_mb):
+    s = Settings(seq_len=seq, batch_size=batch, rank=rank, gpus=procs, gradient_checkpointing=ckpt, device="cpu")
+    predicted_mb = plan(config(model), s).devices[0].total / 2**20
+    assert within(predicted_mb, measured_mb, 0.15), (predicted_mb, measured_mb)
+
+
 @pytest.mark.parametrize("s", [Settings(), Settings(device="cpu", gradient_checkpointing=False),
                                Settings(gpus=4, fsdp=True, fsdp_offload=True), Settings(gpus=2, optimizer_bits=8)])  # fmt: skip
 def test_breakdown_sums_to_total(s):
