@@ -64,6 +64,7 @@ def test_torchtune_llama31_8b_qlora():
 MEASURED_CPU = [
     ("smollm2-135m", 256, 4, 16, 1, True, 1063), ("smollm2-135m", 256, 4, 16, 1, False, 1953),
     ("smollm2-135m", 512, 4, 64, 1, True, 1504), ("smollm2-135m", 256, 4, 16, 2, True, 1085),
+    ("smollm2-135m", 256, 4, 64, 2, False, 2219),
     ("llama-0.5b-random", 256, 2, 16, 1, True, 1541), ("llama-0.5b-random", 256, 2, 16, 2, True, 1573),
     ("llama-0.5b-random", 512, 2, 64, 1, False, 3754), ("llama-1.2b-random", 128, 2, 16, 1, True, 2164),
     ("llama-1.2b-random", 256, 2, 64, 1, True, 3004),
