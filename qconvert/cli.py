@@ -42,3 +42,6 @@ main.add_command(eval_cmd)
 from qconvert.cli_finetune import finetune_cmd
 
 main.add_command(finetune_cmd)
+from qconvert.cli_plan import plan_cmd
+
+main.add_command(plan_cmd)
