@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import click
 
-from qconvert.hub import push_after, push_folder
-
 
 @click.command("push")
 @click.argument("path", type=click.Path(file_okay=False, path_type=str))
@@ -45,6 +43,8 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
       qconvert push ./adapter me/smollm2-json-adapter --private
       qconvert push ./merged me/smollm2-merged --revision experiment-1
     """
+    from qformats.hub_push import push_folder  # the Hub client: imported when the command runs, not for --help
+
     result = push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message,
                          token=token, dry_run=dry_run, base_model=base_model, report=lambda line: click.echo(line, err=True))  # fmt: skip
     if dry_run:
@@ -78,5 +78,7 @@ def push_to_hub_option(f):
 def push_if_asked(out, push_to_hub: str | None, push_private: bool = False) -> None:
     """Call at the end of a command that took `push_to_hub_option`."""
     if push_to_hub:
+        from qformats.hub_push import push_after
+
         result = push_after(out, push_to_hub, private=push_private, report=lambda line: click.echo(line, err=True))
         click.echo(result.url)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import click
 
 from qserve.device import device_option
@@ -26,7 +23,7 @@ from qserve.device import device_option
 @click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", default=None,
-              help="When done, publish OUT with its model card (`qconvert push OUT REPO_ID`).")
+              help="When done, verify OUT and push it to this Hub repo, with its model card.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, device, revision, force, push_repo,
                private):  # fmt: skip
@@ -46,11 +43,7 @@ def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, de
     summary = export_merged(model, out, adapter, dtype=dtype, requantize=requantize, eval_text=eval_text,
                             shard_size=shard_size, force=force, revision=revision, device=device)  # fmt: skip
     click.echo(summary.describe())
-    if push_repo:
-        # Publishing lives in qconvert, a layer above qserve: run it as its own command, not an import.
-        cmd = [sys.executable, "-m", "qconvert", "push", str(out), push_repo] + (["--private"] if private else [])
-        code = subprocess.run(cmd, check=False).returncode
-        if code:
-            click.echo(f"error: {out} is complete, but pushing it failed; retry with: qconvert push {out} {push_repo}",
-                       err=True)  # fmt: skip
-            sys.exit(code)
+    if push_repo:  # in this process: the push sits next to the pull, in qformats
+        from qformats.hub_push import push_after
+
+        click.echo(push_after(out, push_repo, private=private, report=lambda line: click.echo(line, err=True)).url)
