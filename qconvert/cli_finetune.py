@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from qconvert.cli_push import push_if_asked, push_to_hub_option
-from qserve.device import device_option
+from qserve.cli_options import device_option, dtype_option, force_option, push_if_asked, push_to_hub_option
 
 FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # mirrors qconvert.sft_data.FORMATS (no torch import)
 
@@ -46,8 +45,7 @@ FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # mirrors qconver
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Keep activations instead of recomputing them.")
-@click.option("--dtype", default=None, help="Compute dtype: float32, bfloat16, float16  [default: bf16 on GPUs "
-              "that have it, float32 on CPU]")  # fmt: skip
+@dtype_option(auto="bfloat16 on GPUs that have it, float32 on CPU")
 @device_option
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Steps between eval losses (0: end only).")
 @click.option("--save-every", type=int, default=0, show_default=True,
@@ -55,7 +53,7 @@ FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # mirrors qconver
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Newest checkpoints kept.")
 @click.option("--checkpoint-dir", default=None, help="[default: OUT-checkpoints]")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint of this run.")
-@click.option("--force", is_flag=True, help="Replace OUT (and earlier checkpoints) if they exist.")
+@force_option("OUT and earlier checkpoints if they exist")
 @click.option("--base-model", metavar="OWNER/NAME",
               help="Hub repo of the base, for adapter_config.json and the card when MODEL's lineage does not show it.")  # fmt: skip
 @click.option("--report-to", multiple=True, metavar="tensorboard",

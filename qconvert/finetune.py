@@ -38,13 +38,14 @@ from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
 from qconvert.train_card import base_record, write_card
 from qconvert.train_metrics import TENSORBOARD_DIR, TensorBoardLog, check_report_to, metric_records, write_reports
+from qformats.dtypes import parse_dtype
 from qformats.errors import QError
 from qformats.lineage import check_base_model_id
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import use_caching_allocator
 from qserve.device import resolve_device
-from qserve.loader import load_model, parse_dtype, resolve_model_dir
+from qserve.loader import load_model, resolve_model_dir
 from qserve.lora import apply_lora, lora_modules, lora_parameters, to_peft_adapter
 from qserve.nf4_linear import NF4Linear
 from qserve.tokenizer import Tokenizer

@@ -6,7 +6,7 @@ for `revision`, and uploads with `upload_folder` (huggingface_hub decides which 
 regular git blobs and which as LFS/xet). Nothing is reported as done until the commit is
 confirmed; any failure is one `QError` line. `dry_run` needs no network: it lists the files,
 their sizes and the card. `push_after` is the tail of `qconvert quantize`/`finetune` and
-`qserve export --push-to-hub`: the same push, in the same
+`qserve export --push-to-hub` (`qserve.cli_options.push_if_asked`): the same push, in the same
 process, with a message that says the local output is intact on failure. It sits in qformats, next
 to the pull, so that every layer above can publish.
 """

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import click
 
-from qserve.device import device_option
+from qserve.cli_options import (
+    device_option,
+    dtype_option,
+    force_option,
+    push_if_asked,
+    push_to_hub_option,
+    revision_option,
+)
 
 
 @click.command("export")
 @click.option("--model", required=True, help="Base model: NF4 (or fp16/bf16) folder or Hub id owner/name.")
 @click.option("--adapter", default=None, help="PEFT LoRA adapter folder or Hub id to merge in (none: just dequantize).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must be new or empty).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]), default=None,
-              help="Dtype of the written weights (default: the base checkpoint's dtype).")  # fmt: skip
+@dtype_option(auto="the base checkpoint's dtype", what="Dtype of the written weights")
 @click.option("--requantize", is_flag=True,
               help="Write NF4 + double-quantized scales again (a 4-bit model with the adapter baked in) and print "
                    "the perplexity change that re-quantizing causes.")  # fmt: skip
@@ -20,13 +26,11 @@ from qserve.device import device_option
               help="With --requantize: UTF-8 text file for the perplexity check (default: a built-in paragraph).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 2GB.")
 @device_option
-@click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
-@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", default=None,
-              help="When done, verify OUT and push it to this Hub repo, with its model card.")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, device, revision, force, push_repo,
-               private):  # fmt: skip
+@revision_option()
+@force_option()
+@push_to_hub_option
+def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, device, revision, force, push_to_hub,
+               push_private):  # fmt: skip
     """Dequantize the base, merge the adapter in fp32 and save an HF checkpoint.
 
     The result loads in transformers (AutoModelForCausalLM.from_pretrained) and vLLM as a plain
@@ -43,7 +47,4 @@ def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, de
     summary = export_merged(model, out, adapter, dtype=dtype, requantize=requantize, eval_text=eval_text,
                             shard_size=shard_size, force=force, revision=revision, device=device)  # fmt: skip
     click.echo(summary.describe())
-    if push_repo:  # in this process: the push sits next to the pull, in qformats
-        from qformats.hub_push import push_after
-
-        click.echo(push_after(out, push_repo, private=private, report=lambda line: click.echo(line, err=True)).url)
+    push_if_asked(out, push_to_hub, push_private)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qformats.checkpoint import CONFIG_FILE, ShardedWriter, copy_extra_files, open_checkpoint, parse_size, sha256_file
+from qformats.dtypes import parse_dtype
 from qformats.errors import QError
 from qformats.lineage import model_origin, portable_name
 from qformats.manifest import MANIFEST_FILE, build_manifest
@@ -36,7 +37,7 @@ from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import adapter_folder, read_adapter
 from qkernels.cpu_quantize import quantize_nf4  # the fused C++ quantizer on CPU, byte-identical to qformats
 from qkernels.ops import dequantize
-from qserve.loader import load_model, parse_dtype, resolve_model_dir
+from qserve.loader import load_model, resolve_model_dir
 from qserve.lora import LoRALinear, load_lora
 from qserve.model import CausalLM
 from qserve.nf4_linear import NF4Linear
@@ -150,8 +151,7 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
 
 def _checkpoint_dtype(config: dict) -> torch.dtype:
     """The dtype the checkpoint was made from (that of its quant states for NF4); float16 if unknown."""
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
-    return parse_dtype(name) or torch.float16
+    return parse_dtype(config.get("dtype") or config.get("torch_dtype")) or torch.float16
 
 
 def _merged_tensors(lm: CausalLM, dtype: torch.dtype):
