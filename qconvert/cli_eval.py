@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qserve.device import device_option
+from qserve.cli_options import device_option, dtype_option, revision_option
 
 
 @click.command("eval")
@@ -18,11 +18,9 @@ from qserve.device import device_option
 @click.option("--stride", default=None, type=click.IntRange(min=1),
               help="Tokens between window starts; each window scores only tokens no earlier window scored "
                    "[default: context / 2].")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Compute dtype; auto is float32 on CPU, the checkpoint's dtype on CUDA.")
+@dtype_option(auto="float32 on CPU, the checkpoint's dtype on CUDA")
 @device_option
-@click.option("--revision", default=None, help="Hub branch, tag or commit (for a Hub id).")
+@revision_option()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_cmd(model_path, text_file, context, stride, dtype, device, revision, as_json):
     """Perplexity of a model on a text file (sliding window), and tokens/s.
@@ -35,7 +33,7 @@ def eval_cmd(model_path, text_file, context, stride, dtype, device, revision, as
     from qconvert.eval import evaluate_file  # torch: imported when the command runs, not for --help
 
     result = evaluate_file(model_path, text_file, context=context, stride=stride,
-                           dtype=None if dtype == "auto" else dtype, device=device, revision=revision,
+                           dtype=dtype, device=device, revision=revision,
                            progress=not as_json)  # fmt: skip
     if as_json:
         click.echo(json.dumps(result.to_dict()))

@@ -1,73 +1,69 @@
-"""`qconvert finetune MODEL DATA OUT`: a thin shell over `qconvert.finetune.finetune`."""
+"""`qconvert finetune MODEL DATA OUT`: a thin shell over `qconvert.finetune.finetune`.
+
+Its flags are `FinetuneConfig`'s fields (`qconvert/finetune_config.py`, each field's metadata is its
+flag), plus the options every command shares (`qserve/cli_options.py`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import click
 
-from qconvert.cli_push import push_if_asked, push_to_hub_option
-from qserve.device import device_option
+from qconvert.finetune_config import FinetuneConfig
+from qserve.cli_options import device_option, dtype_option, force_option, push_if_asked, push_to_hub_option
 
-FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # mirrors qconvert.sft_data.FORMATS (no torch import)
+# Settings that are options every command shares, not flags of their own.
+SHARED = {"dtype": dtype_option(auto="bfloat16 on GPUs that have it, float32 on CPU"), "device": device_option,
+          "force": force_option("OUT and earlier checkpoints if they exist")}  # fmt: skip
+SETTINGS = [f for f in dataclasses.fields(FinetuneConfig) if f.metadata or f.name in SHARED]
+
+
+def _option(f: dataclasses.Field):
+    """The click option of a setting, from its metadata (see `qconvert.finetune_config.flag`)."""
+    if f.name in SHARED:
+        return SHARED[f.name]
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):  # a flag: on when the field's default is False, off when it is True
+        names = meta["names"] or ((f"--no-{f.name}" if default else f"--{f.name}").replace("_", "-"),)
+        return click.option(*names, f.name, is_flag=True, help=meta["help"])
+    names = meta["names"] or (f"--{f.name.replace('_', '-')}",)
+    default = meta["default"] if meta["default"] is not None else default
+    kind = meta["type"]
+    if meta["choices"]:
+        kind = click.Choice(meta["choices"])
+    elif kind == "file":
+        kind = click.Path(dir_okay=False)
+    return click.option(*names, f.name, type=kind, default=default, show_default=meta["show_default"] and default is not None,
+                        metavar=meta["metavar"], multiple=meta["multiple"], help=meta["help"])  # fmt: skip
+
+
+def _setting(f: dataclasses.Field, value):
+    """The field's value from what the command line gave."""
+    meta = f.metadata
+    if f.name in SHARED:
+        return value
+    if isinstance(f.default, bool) and f.default:
+        return not value
+    return meta["parse"](value) if meta["parse"] else value
+
+
+def settings_options(fn):
+    """Every setting's option, in the order of FinetuneConfig's fields."""
+    for f in reversed(SETTINGS):
+        fn = _option(f)(fn)
+    return fn
 
 
 @click.command("finetune")
 @click.argument("model")
 @click.argument("data", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--eval-file", type=click.Path(dir_okay=False), help="Held-out JSONL for eval loss (same format as DATA).")
-@click.option("--eval-fraction", type=float, default=0.0, help="Hold out this fraction of DATA for eval loss instead.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="Record shape of the JSONL  [default: detected from the first line]")  # fmt: skip
-@click.option("--max-seq-len", type=int, default=1024, show_default=True,
-              help="Longer examples are truncated (and dropped if no response token is left).")  # fmt: skip
-@click.option("--train-on-prompt", is_flag=True, help="Loss on every token, not only on the responses.")
-@click.option("--no-chat-template", is_flag=True, help="Concatenate prompt and response as plain text.")
-@click.option("--rank", "-r", type=int, default=64, show_default=True, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scaling alpha / r).")
-@click.option("--dropout", type=float, default=0.05, show_default=True, help="Dropout on the LoRA input.")
-@click.option("--target-modules", default="all-linear", show_default=True,
-              help="Comma-separated module names (q_proj,v_proj) or a regex; all-linear = every decoder linear.")  # fmt: skip
-@click.option("--rslora", is_flag=True, help="Rank-stabilized LoRA: scaling alpha / sqrt(r).")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate.")
-@click.option("--schedule", type=click.Choice(("constant", "linear", "cosine")), default="constant",
-              show_default=True, help="Learning-rate schedule after warmup.")  # fmt: skip
-@click.option("--warmup-ratio", type=float, default=0.03, show_default=True, help="Fraction of steps of linear warmup.")
-@click.option("--max-grad-norm", type=float, default=0.3, show_default=True, help="Gradient clipping.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--optimizer-bits", type=click.Choice(("32", "8")), default="32", show_default=True,
-              help="Paged AdamW state precision (8: bitsandbytes' blockwise 8-bit scheme).")  # fmt: skip
-@click.option("--optimizer-budget", default=None, metavar="SIZE",
-              help="Device memory for optimizer state pages, e.g. 2GB  [default: whatever is free]")  # fmt: skip
-@click.option("--steps", type=int, default=None, help="Optimizer steps to run  [default: --epochs over DATA]")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Examples per micro-batch per process.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--no-gradient-checkpointing", is_flag=True, help="Keep activations instead of recomputing them.")
-@click.option("--dtype", default=None, help="Compute dtype: float32, bfloat16, float16  [default: bf16 on GPUs "
-              "that have it, float32 on CPU]")  # fmt: skip
-@device_option
-@click.option("--eval-every", type=int, default=0, show_default=True, help="Steps between eval losses (0: end only).")
-@click.option("--save-every", type=int, default=0, show_default=True,
-              help="Steps between checkpoints (0: only on ctrl-C).")  # fmt: skip
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Newest checkpoints kept.")
-@click.option("--checkpoint-dir", default=None, help="[default: OUT-checkpoints]")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint of this run.")
-@click.option("--force", is_flag=True, help="Replace OUT (and earlier checkpoints) if they exist.")
-@click.option("--base-model", metavar="OWNER/NAME",
-              help="Hub repo of the base, for adapter_config.json and the card when MODEL's lineage does not show it.")  # fmt: skip
-@click.option("--report-to", multiple=True, metavar="tensorboard",
-              help="Also write the metrics as TensorBoard event files (OUT/runs; live in the checkpoint folder). "
-                   "metrics.jsonl and the card's loss curve are always written.")  # fmt: skip
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@settings_options
 @push_to_hub_option
-def finetune_cmd(model, data, out, eval_file, eval_fraction, fmt, max_seq_len, train_on_prompt, no_chat_template,
-                 rank, alpha, dropout, target_modules, rslora, lr, schedule, warmup_ratio, max_grad_norm,
-                 weight_decay, optimizer_bits, optimizer_budget, steps, epochs, batch_size, grad_accum, seed,
-                 no_gradient_checkpointing, dtype, device, eval_every, save_every, keep_checkpoints, checkpoint_dir,
-                 resume, force, base_model, report_to, quiet, push_to_hub, push_private):  # fmt: skip
+def finetune_cmd(model, data, out, push_to_hub, push_private, **settings):
     """Train a LoRA adapter for MODEL on DATA (JSONL), written as a PEFT adapter folder OUT.
 
     MODEL is an NF4 checkpoint folder (from `qconvert quantize`), a bitsandbytes-4bit Hub repo, or
@@ -88,24 +84,10 @@ def finetune_cmd(model, data, out, eval_file, eval_fraction, fmt, max_seq_len, t
       qconvert finetune ./smollm2-nf4 train.jsonl ./my-adapter --eval-file eval.jsonl --epochs 3
       qconvert finetune ./smollm2-nf4 train.jsonl ./my-adapter --resume
     """
-    from qconvert.finetune import FinetuneConfig, finetune
-    from qformats.sharded_writer import parse_size
+    from qconvert.finetune import finetune  # torch: imported when the command runs, not for --help
 
-    targets = None if target_modules == "all-linear" else target_modules
-    if targets and not any(c in targets for c in "*()[]|\\$^+?"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    cfg = FinetuneConfig(
-        model=model, data=data, output=out, eval_file=eval_file, eval_fraction=eval_fraction, format=fmt,
-        max_seq_len=max_seq_len, train_on_prompt=train_on_prompt, chat_template=not no_chat_template, rank=rank,
-        alpha=alpha, dropout=dropout, target_modules=targets, rslora=rslora, lr=lr, schedule=schedule,
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-        optimizer_bits=int(optimizer_bits), optimizer_budget=parse_size(optimizer_budget) if optimizer_budget else None,
-        steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        gradient_checkpointing=not no_gradient_checkpointing, dtype=dtype, device=device, eval_every=eval_every,
-        save_every=save_every, keep_checkpoints=keep_checkpoints, checkpoint_dir=checkpoint_dir, resume=resume,
-        force=force, progress=not quiet, base_model=base_model,
-        report_to=[name.strip() for group in report_to for name in group.split(",") if name.strip()],
-    )  # fmt: skip
+    cfg = FinetuneConfig(model=model, data=data, output=out,
+                         **{f.name: _setting(f, settings[f.name]) for f in SETTINGS})  # fmt: skip
     result = finetune(cfg, echo=lambda msg: click.echo(msg, err=True))
     import os
 

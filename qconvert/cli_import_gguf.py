@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-_DTYPES = ("float16", "bfloat16", "float32")
+from qserve.cli_options import dtype_option, force_option
 
 
 def resolve_gguf(file: str) -> Path:
@@ -23,14 +23,8 @@ def resolve_gguf(file: str) -> Path:
 @click.command("import-gguf")
 @click.argument("file", metavar="FILE")
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--dtype",
-    type=click.Choice(list(_DTYPES)),
-    default="float16",
-    show_default=True,
-    help="dtype of the written weights (quantized GGUF blocks are dequantized to it).",
-)
-@click.option("--force", is_flag=True, help="Replace OUT even if it is not empty.")
+@dtype_option(None, what="Dtype of the written weights (quantized GGUF blocks are dequantized to it)", default="float16")
+@force_option()
 def import_gguf_command(file: str, out: Path, dtype: str, force: bool) -> None:
     """Turn a Llama-architecture GGUF file into a Hugging Face checkpoint folder.
 

@@ -50,8 +50,9 @@ def plan_cmd(model, seq_len, batch_size, rank, target_modules, gpus, gpu_memory,
       qconvert plan meta-llama/Llama-2-70b-hf --seq-len 2048 --batch-size 2 --gpus 2 --fsdp --fsdp-offload --gpu-memory 24GiB
     """
     from qconvert.memory_plan import Settings, cheapest_fit, plan
-    from qformats.checkpoint import load_config, parse_size
+    from qformats.checkpoint import load_config
     from qformats.hub_pull import resolve_source
+    from qformats.sharded_writer import parse_size
 
     settings = Settings(seq_len=seq_len, batch_size=batch_size, rank=rank, target_modules=_targets(target_modules),
                         gpus=gpus, fsdp=fsdp, fsdp_offload=fsdp_offload, optimizer_bits=int(optimizer_bits),

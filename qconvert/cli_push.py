@@ -1,14 +1,11 @@
 """`qconvert push PATH REPO_ID`: publish an NF4 checkpoint, adapter or merged model with its model card.
 
-Also `push_to_hub_option`, the `--push-to-hub REPO_ID` option that `quantize`, `finetune` and
-`export` add, and `push_if_asked`, which they call after writing their output.
+The `--push-to-hub REPO_ID` that `quantize`, `finetune` and `export` take is `qserve.cli_options.push_to_hub_option`.
 """
 
 from __future__ import annotations
 
 import click
-
-from qconvert.hub import push_after, push_folder
 
 
 @click.command("push")
@@ -45,6 +42,8 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
       qconvert push ./adapter me/smollm2-json-adapter --private
       qconvert push ./merged me/smollm2-merged --revision experiment-1
     """
+    from qformats.hub_push import push_folder  # the Hub client: imported when the command runs, not for --help
+
     result = push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message,
                          token=token, dry_run=dry_run, base_model=base_model, report=lambda line: click.echo(line, err=True))  # fmt: skip
     if dry_run:
@@ -66,17 +65,3 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError
-
-
-def push_to_hub_option(f):
-    """Adds `--push-to-hub REPO_ID` and `--private` (for the pushed repo) to a command that writes a folder."""
-    f = click.option("--private", "push_private", is_flag=True, help="With --push-to-hub: create the repo private.")(f)
-    return click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID",
-                        help="When done, verify the output and push it to this Hub repo, with its model card.")(f)  # fmt: skip
-
-
-def push_if_asked(out, push_to_hub: str | None, push_private: bool = False) -> None:
-    """Call at the end of a command that took `push_to_hub_option`."""
-    if push_to_hub:
-        result = push_after(out, push_to_hub, private=push_private, report=lambda line: click.echo(line, err=True))
-        click.echo(result.url)

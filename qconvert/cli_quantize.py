@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import click
 
-from qconvert.cli_push import push_if_asked, push_to_hub_option
-from qserve.device import device_option
-
-# Mirrors qconvert.quantize.COMPUTE_DTYPES; importing that module (and torch) waits until the command runs.
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+from qserve.cli_options import (
+    device_option,
+    dtype_option,
+    force_option,
+    push_if_asked,
+    push_to_hub_option,
+    revision_option,
+)
 
 
 @click.command("quantize")
@@ -17,15 +20,14 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 @click.option("--blocksize", default=64, show_default=True, type=int,
               help="Elements per absmax block (a power of two, 32..4096).")  # fmt: skip
 @click.option("--no-double-quant", is_flag=True, help="Store fp32 absmax instead of 8-bit double-quantized scales.")
-@click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default=None,
-              help="bnb_4bit_compute_dtype recorded for loaders  [default: the source dtype]")  # fmt: skip
+@dtype_option(auto="the source dtype", name="--compute-dtype", what="bnb_4bit_compute_dtype recorded for loaders")
 @click.option("--skip-modules", multiple=True, metavar="NAMES",
               help="Modules to keep unquantized (comma-separated or repeated), matched like transformers' "
                    "llm_int8_skip_modules: a prefix, a regex or a suffix, e.g. mlp.down_proj.")  # fmt: skip
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @device_option
-@click.option("--force", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
-@click.option("--revision", default=None, help="Branch, tag or commit when SRC is a Hub repo id.")
+@force_option()
+@revision_option("SRC")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Quantize source tensors holding NaN or inf (refused by default, naming the tensor).")  # fmt: skip
 @click.option("--base-model", metavar="OWNER/NAME",
@@ -53,7 +55,7 @@ def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, 
     import os
 
     # Before torch loads OpenMP: between the offset's short parallel means an OpenMP worker would
-    # spin (measured: 1.7 s of CPU per 2.2 GB of source) on the cores the reader and writer need.
+    # spin on the cores the reader and writer need.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from qconvert.quantize import quantize_checkpoint
 

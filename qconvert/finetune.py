@@ -33,11 +33,13 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from qconvert import train_checkpoint as ckpt
+from qconvert.finetune_config import SCHEDULES, FinetuneConfig
 from qconvert.lm_loss import causal_lm_loss, count_trained
 from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
 from qconvert.train_card import base_record, write_card
 from qconvert.train_metrics import TENSORBOARD_DIR, TensorBoardLog, check_report_to, metric_records, write_reports
+from qformats.dtypes import parse_dtype
 from qformats.errors import QError
 from qformats.lineage import check_base_model_id
 from qformats.manifest import sha256_file
@@ -45,56 +47,10 @@ from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import caching_allocator
 from qserve.device import resolve_device
-from qserve.loader import load_model, parse_dtype, resolve_model_dir
+from qserve.loader import load_model, resolve_model_dir
 from qserve.lora import apply_lora, lora_adapter, lora_config, lora_modules, lora_parameters
 from qserve.nf4_linear import NF4Linear
 from qserve.tokenizer import Tokenizer
-
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-@dataclass
-class FinetuneConfig:
-    """Every setting of a run; the defaults are the QLoRA paper's."""
-
-    model: str
-    data: str
-    output: str
-    eval_file: str | None = None
-    eval_fraction: float = 0.0
-    format: str | None = None
-    max_seq_len: int = 1024
-    train_on_prompt: bool = False
-    chat_template: bool = True
-    rank: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] | str | None = None  # None: every linear layer of the decoder
-    rslora: bool = False
-    lr: float = 2e-4
-    schedule: str = "constant"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 0.3
-    weight_decay: float = 0.0
-    optimizer_bits: int = 32
-    optimizer_budget: int | None = None  # bytes of optimizer state on the device; None: whatever is free
-    steps: int | None = None  # None: `epochs` passes over the data
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    seed: int = 42
-    gradient_checkpointing: bool = True
-    dtype: str | None = None  # None: bf16 on a GPU that has it, fp32 on CPU
-    device: str | torch.device | None = None  # None or "auto": the local GPU if there is one, else CPU
-    eval_every: int = 0  # steps between eval losses (0: only before and after)
-    save_every: int = 0  # steps between checkpoints (0: only on ctrl-C)
-    keep_checkpoints: int = 2
-    checkpoint_dir: str | None = None  # default: <output>-checkpoints
-    resume: bool = False
-    force: bool = False
-    progress: bool = True
-    base_model: str | None = None  # Hub repo id of the base where its lineage does not show one
-    report_to: list[str] = field(default_factory=list)  # "tensorboard"; metrics.jsonl is always written
 
 
 @dataclass

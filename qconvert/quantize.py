@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from qconvert.quantize_stream import Job, Settings
 from qconvert.quantize_stream import run as run_stream
+from qformats import dtypes
 from qformats.checkpoint import CONFIG_FILE, Checkpoint, open_checkpoint
 from qformats.errors import QError
 from qformats.lineage import check_base_model_id, model_origin, portable_name
@@ -39,7 +40,6 @@ _DECODER_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\.")
 _NOT_LINEAR = ("norm", "embed", "ln_", "wte", "wpe")
 # Files fetched from the Hub: weights, configs, tokenizer, chat template.
 HUB_PATTERNS = ("*.safetensors", "*.json", "*.model", "*.txt", "*.jinja")
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -184,8 +184,7 @@ def quantize_checkpoint(
     check_blocksize(blocksize)
     check_base_model_id(base_model)
     shard_bytes = parse_size(shard_size)
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise QError(f"--compute-dtype {compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+    compute_dtype = dtypes.dtype_name(compute_dtype, "--compute-dtype")
     dev = resolve_device(device)
     skip_modules = [m for m in skip_modules if m]
     quiet = {} if progress else {"report": None}

@@ -1,6 +1,6 @@
 """What a fine-tuned adapter folder says about itself: the qconvert.json manifest and the README.md card.
 
-The manifest's `training` section holds the hyperparameters, data and losses; `qconvert.model_card`
+The manifest's `training` section holds the hyperparameters, data and losses; `qformats.model_card`
 renders the card from it (the same card `qconvert push` publishes), so there is one card format.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qconvert.model_card import read_artifact, render_card
 from qconvert.sft_data import Dataset
 from qformats.lineage import model_origin, portable_name, repo_id_of
 from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
+from qformats.model_card import read_artifact, render_card
 
 
 def base_record(model: str | Path, model_dir: Path, base_model: str | None = None) -> dict:

@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 
 from qformats.errors import QError
+from qformats.model_card import LOSS_CURVE, METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "runs"
-LOSS_CURVE = "loss.png"
 REPORTERS = ("tensorboard",)
 # record key -> TensorBoard tag (the names transformers' Trainer uses, so runs compare side by side)
 _TAGS = {"loss": "train/loss", "eval_loss": "eval/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from qformats.dtypes import dtype_name
 from qformats.errors import QError
 from qformats.gguf_file import GGUFFile
 from qformats.gguf_tokenizer import tokenizer_files
 from qformats.output_folder import check_out_apart_from_sources, check_output_folder
 from qformats.sharded_writer import ShardedWriter
 
-SUPPORTED_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 
 # GGUF name inside block N -> HF name inside model.layers.N
@@ -124,8 +124,8 @@ def _llama_config(gguf: GGUFFile, dtype: torch.dtype) -> dict[str, Any]:
         "initializer_range": 0.02,
         "use_cache": True,
         **special,
-        "dtype": SUPPORTED_DTYPES[dtype],
-        "torch_dtype": SUPPORTED_DTYPES[dtype],
+        "dtype": dtype_name(dtype),
+        "torch_dtype": dtype_name(dtype),
     }
 
 
@@ -181,7 +181,7 @@ def _load_tensor(gguf: GGUFFile, gguf_name: str, config: dict[str, Any], dtype: 
         raise QError(f"{gguf.path}: tensor {gguf_name} has non-finite values")
     if largest > torch.finfo(dtype).max:
         raise QError(
-            f"{gguf.path}: tensor {gguf_name} has values up to {largest:g}, beyond {SUPPORTED_DTYPES[dtype]}"
+            f"{gguf.path}: tensor {gguf_name} has values up to {largest:g}, beyond {dtype_name(dtype)}"
             " (use --dtype bfloat16)"
         )
     return w.to(dtype).contiguous()
@@ -200,8 +200,8 @@ def import_gguf(
     bytes. A non-empty `out_dir` is refused unless `overwrite` (then it is replaced as a whole).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if dtype not in SUPPORTED_DTYPES:
-        raise QError(f"dtype {dtype} is not supported; use float16, bfloat16 or float32")
+    if dtype_name(dtype) is None:
+        raise QError("dtype None is not supported; use float16, bfloat16 or float32")
     if not gguf_path.is_file():
         raise QError(f"{gguf_path}: no such file")
     check_output_folder(out_dir, overwrite)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import click
 
-from qserve.device import device_option
+from qserve.cli_options import (
+    device_option,
+    dtype_option,
+    force_option,
+    push_if_asked,
+    push_to_hub_option,
+    revision_option,
+)
 
 
 @click.command("export")
 @click.option("--model", required=True, help="Base model: NF4 (or fp16/bf16) folder or Hub id owner/name.")
 @click.option("--adapter", default=None, help="PEFT LoRA adapter folder or Hub id to merge in (none: just dequantize).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must be new or empty).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]), default=None,
-              help="Dtype of the written weights (default: the base checkpoint's dtype).")  # fmt: skip
+@dtype_option(auto="the base checkpoint's dtype", what="Dtype of the written weights")
 @click.option("--requantize", is_flag=True,
               help="Write NF4 + double-quantized scales again (a 4-bit model with the adapter baked in) and print "
                    "the perplexity change that re-quantizing causes.")  # fmt: skip
@@ -23,13 +26,11 @@ from qserve.device import device_option
               help="With --requantize: UTF-8 text file for the perplexity check (default: a built-in paragraph).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard, e.g. 2GB.")
 @device_option
-@click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
-@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
-@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", default=None,
-              help="When done, publish OUT with its model card (`qconvert push OUT REPO_ID`).")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, device, revision, force, push_repo,
-               private):  # fmt: skip
+@revision_option()
+@force_option()
+@push_to_hub_option
+def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, device, revision, force, push_to_hub,
+               push_private):  # fmt: skip
     """Dequantize the base, merge the adapter in fp32 and save an HF checkpoint.
 
     The result loads in transformers (AutoModelForCausalLM.from_pretrained) and vLLM as a plain
@@ -46,11 +47,4 @@ def export_cmd(model, adapter, out, dtype, requantize, eval_text, shard_size, de
     summary = export_merged(model, out, adapter, dtype=dtype, requantize=requantize, eval_text=eval_text,
                             shard_size=shard_size, force=force, revision=revision, device=device)  # fmt: skip
     click.echo(summary.describe())
-    if push_repo:
-        # Publishing lives in qconvert, a layer above qserve: run it as its own command, not an import.
-        cmd = [sys.executable, "-m", "qconvert", "push", str(out), push_repo] + (["--private"] if private else [])
-        code = subprocess.run(cmd, check=False).returncode
-        if code:
-            click.echo(f"error: {out} is complete, but pushing it failed; retry with: qconvert push {out} {push_repo}",
-                       err=True)  # fmt: skip
-            sys.exit(code)
+    push_if_asked(out, push_to_hub, push_private)

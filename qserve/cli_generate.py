@@ -7,7 +7,7 @@ import time
 
 import click
 
-from qserve.device import device_option
+from qserve.cli_options import device_option, dtype_option, revision_option
 
 
 @click.command("generate")
@@ -25,11 +25,9 @@ from qserve.device import device_option
               help="Keep only the K most likely tokens (0: all).")
 @click.option("--seed", default=None, type=int, help="Random seed for sampling (reproducible answers).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable): the answer ends before it.")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Compute dtype; auto is float32 on CPU, the checkpoint's dtype on CUDA.")
+@dtype_option(auto="float32 on CPU, the checkpoint's dtype on CUDA")
 @device_option
-@click.option("--revision", default=None, help="Hub branch, tag or commit (for a Hub id).")
+@revision_option()
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the decode step (faster decoding after a one-time compile).")
 @click.option("--stats", is_flag=True, help="Print token counts and tokens/s to stderr at the end.")
@@ -46,7 +44,7 @@ def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_
     # torch and the runtime: imported when the command runs, not for --help
     from qformats.checkpoint import load_config
     from qserve.generate import Generator, SamplingParams, check_prompt_length
-    from qserve.loader import load_model, parse_dtype, resolve_model_dir
+    from qserve.loader import load_model, resolve_model_dir
     from qserve.model import ModelArgs
     from qserve.tokenizer import Tokenizer
 
@@ -63,7 +61,7 @@ def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_
     # Refuse a prompt that cannot fit before spending time on loading the weights.
     context = ModelArgs.from_config(load_config(model_dir)).max_position_embeddings
     check_prompt_length(len(prompt_ids), context)
-    model = load_model(model_dir, dtype=parse_dtype(dtype), device=device, progress=True)
+    model = load_model(model_dir, dtype=dtype, device=device, progress=True)
     generator = Generator(model, tokenizer, compile=compile_)
     start = time.perf_counter()
     for delta in generator.stream(prompt_ids, params):

@@ -8,7 +8,7 @@ import click
 
 from qformats.errors import QError
 from qserve.cli_group import ErrorHandlingGroup
-from qserve.device import device_option
+from qserve.cli_options import device_option, dtype_option, revision_option
 
 
 class ServeByDefaultGroup(ErrorHandlingGroup):
@@ -58,10 +58,9 @@ def adapter_map(specs: tuple[str, ...]) -> dict[str, str]:
               help="Requests waiting for a slot before new ones get HTTP 429.")  # fmt: skip
 @click.option("--max-model-len", default=None, type=click.IntRange(min=2),
               help="Context per request, prompt plus answer (default: the model's, at most 2048).")  # fmt: skip
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Compute dtype; auto is float32 on CPU, the checkpoint's dtype on CUDA.")  # fmt: skip
+@dtype_option(auto="float32 on CPU, the checkpoint's dtype on CUDA")
 @device_option
-@click.option("--revision", default=None, help="Hub branch, tag or commit of --model.")
+@revision_option()
 @click.option("--engine", "engine_kind", default="native", show_default=True, type=click.Choice(["native", "vllm"]),
               help="native: this process; vllm: check the model and adapters against vLLM's limits and run "
                    "`vllm serve` with the matching flags (for GPUs and more traffic).")  # fmt: skip
@@ -111,7 +110,7 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
 
         cmd = vllm_command(model, named, host=host, port=port, max_batch=max_batch, max_model_len=max_model_len,
                            served_model_name=served_model_name, tensor_parallel_size=tensor_parallel_size,
-                           pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, revision=revision,
+                           pipeline_parallel_size=pipeline_parallel_size, dtype=dtype or "auto", revision=revision,
                            api_key=api_key or None)  # fmt: skip
         if dry_run:
             click.echo(cmd.shell())
@@ -123,7 +122,6 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
                      "runs on one device")  # fmt: skip
     if adapter_root and not enable_lora_loading:
         raise QError("--adapter-root applies to adapters loaded at run time: add --enable-lora-loading")
-    from qserve.loader import parse_dtype
     from qserve.request_guard import ServerPolicy
     from qserve.server import build_server, run_server
 
@@ -133,7 +131,7 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
                           max_prompts=max_prompts)  # fmt: skip
     app, engine = build_server(model, named, served_model_name=served_model_name, max_batch=max_batch,
                                max_queue=max_queue, max_model_len=max_model_len,
-                               dtype=parse_dtype(dtype), device=device, revision=revision, progress=True,
+                               dtype=dtype, device=device, revision=revision, progress=True,
                                policy=policy)  # fmt: skip
     state = app.state.qserve
     names = ", ".join([state.model_name, *engine.adapter_ids])

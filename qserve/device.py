@@ -1,4 +1,4 @@
-"""`--device`: the one option every computing command takes, and the one resolver of its value.
+"""`--device`: the one resolver of the value every computing command takes (the option: `qserve.cli_options`).
 
 `auto` (the default) is CUDA when `torch.cuda.is_available()`, else the CPU; `cpu`, `cuda` and
 `cuda:N` are checked against this machine. A bad value is one `QError` line (the CLIs' error
@@ -15,8 +15,6 @@ from __future__ import annotations
 import re
 import sys
 from typing import TYPE_CHECKING, TextIO
-
-import click
 
 from qformats.errors import QError
 
@@ -69,15 +67,3 @@ def announce_device(device: torch.device, spec: str = "", stream: TextIO | None 
     stream = stream or sys.stderr
     if device.type != "cpu" or stream.isatty():
         print(describe_device(device, spec), file=stream, flush=True)
-
-
-def _resolve_option(ctx: click.Context, param: click.Parameter, value: str) -> torch.device:
-    device = resolve_device(value)
-    announce_device(device, value)
-    return device
-
-
-def device_option(fn):
-    """`@device_option`: `--device`, default `auto`; the command receives the resolved torch.device."""
-    return click.option("--device", default="auto", show_default=True, callback=_resolve_option,
-                        help=f"Where to compute: {DEVICE_CHOICES} (auto: CUDA when present, else CPU).")(fn)  # fmt: skip

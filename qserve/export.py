@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qformats.checkpoint import CONFIG_FILE, open_checkpoint
+from qformats.dtypes import parse_dtype
 from qformats.errors import QError
 from qformats.lineage import model_origin, portable_name
 from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
@@ -36,7 +37,7 @@ from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import adapter_folder, read_adapter
 from qformats.sharded_writer import ShardedWriter, copy_extra_files, parse_size
 from qkernels.ops import quantize_nf4  # on CPU the fused C++ quantizer, byte-identical to qformats
-from qserve.loader import load_model, parse_dtype, resolve_model_dir
+from qserve.loader import load_model, resolve_model_dir
 from qserve.lora import load_lora, merged_tensors
 from qserve.model import CausalLM
 from qserve.nf4_linear import NF4Linear
@@ -150,5 +151,4 @@ def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None
 
 def _checkpoint_dtype(config: dict) -> torch.dtype:
     """The dtype the checkpoint was made from (that of its quant states for NF4); float16 if unknown."""
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float16").removeprefix("torch.")
-    return parse_dtype(name) or torch.float16
+    return parse_dtype(config.get("dtype") or config.get("torch_dtype")) or torch.float16

@@ -21,27 +21,14 @@ from torch import nn
 from tqdm import tqdm
 
 from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
+from qformats.dtypes import known_dtype, parse_dtype
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
 from qformats.nf4 import NF4_PART_SUFFIXES, QUANT_STATE_SUFFIX, NF4Weight, read_quant_state
 from qserve.model import CausalLM, ModelArgs
 from qserve.nf4_linear import NF4Linear
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """`float32`/`fp32`, `bfloat16`/`bf16`, `float16`/`fp16`, or None/`auto` (None)."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-    key = aliases.get(name.lower(), name.lower()).removeprefix("torch.")
-    if key == "auto":
-        return None
-    if key not in _DTYPES:
-        raise QError(f"dtype {name!r} is not supported: use auto, float32, bfloat16 or float16")
-    return _DTYPES[key]
 
 
 def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
@@ -71,8 +58,7 @@ def default_dtype(cfg: dict, device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.float32
     q = quantization_of(cfg) or {}
-    name = q.get("bnb_4bit_compute_dtype") or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+    return known_dtype(q.get("bnb_4bit_compute_dtype") or cfg.get("dtype") or cfg.get("torch_dtype")) or torch.float32
 
 
 def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",

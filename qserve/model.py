@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qformats.dtypes import known_dtype
 from qformats.errors import QError
 from qserve.recompute_stash import checkpoint_layer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -117,8 +117,7 @@ class ModelArgs:
                          f"num_key_value_heads {args.num_key_value_heads}")  # fmt: skip
         args.rope = _read_rope(cfg, args.max_position_embeddings, name)
         args.sliding_window = _read_sliding_window(cfg, model_type, n_layers)
-        dtype_name = cfg.get("dtype") or cfg.get("torch_dtype")
-        args.dtype = _DTYPES.get(str(dtype_name).removeprefix("torch.")) if dtype_name else None
+        args.dtype = known_dtype(cfg.get("dtype") or cfg.get("torch_dtype"))
         return args
 
 

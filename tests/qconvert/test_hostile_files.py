@@ -30,13 +30,13 @@ from test_hub import hub  # noqa: F401 (the fake Hub fixture)
 from tiny_models import save_tiny
 
 from qconvert.cli import main as qconvert_main
-from qconvert.model_card import read_artifact, render_card
 from qconvert.sft_data import read_jsonl
 from qconvert.train_checkpoint import load_rng
 from qformats.checkpoint import open_checkpoint
 from qformats.errors import QError
 from qformats.gguf_file import GGUFFile
 from qformats.hub_pull import pull
+from qformats.model_card import read_artifact, render_card
 from qformats.peft_adapter import AdapterConfig, PeftAdapter, write_adapter
 from qformats.safetensors_file import read_safetensors_header
 from qserve.cli import main as qserve_main

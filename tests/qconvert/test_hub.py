@@ -24,10 +24,10 @@ from huggingface_hub import ModelCard
 
 from qconvert.cli import main as qconvert_main
 from qconvert.cli_push import push as push_command
-from qconvert.hub import push_after, push_folder
-from qconvert.model_card import CARD_MARKER
 from qformats.errors import QError
 from qformats.hub_pull import pull, resolve_source
+from qformats.hub_push import push_after, push_folder
+from qformats.model_card import CARD_MARKER
 
 ORIGINAL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GOOD, BAD = "hf_good", "hf_bad"

@@ -20,7 +20,7 @@ from test_hub import GOOD, hub  # noqa: F401  (the fake Hub)
 
 from qconvert.cli import main as qconvert_main
 from qconvert.finetune import _Run, finetune
-from qconvert.hub import push_folder
+from qformats.hub_push import push_folder
 
 TAGS = {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "train/memory_bytes", "eval/loss"}
 

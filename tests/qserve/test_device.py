@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from qconvert.cli import main as qconvert_main
 from qformats.errors import QError
 from qserve.cli import main as qserve_main
-from qserve.device import announce_device, describe_device, device_option, resolve_device
+from qserve.cli_options import device_option
+from qserve.device import announce_device, describe_device, resolve_device
 
 # Every command that computes, with the arguments it needs to parse.
 COMMANDS = [

@@ -5,8 +5,10 @@ PEFT fields of an adapter), writes or refreshes the model card, then creates the
 for `revision`, and uploads with `upload_folder` (huggingface_hub decides which files go as
 regular git blobs and which as LFS/xet). Nothing is reported as done until the commit is
 confirmed; any failure is one `QError` line. `dry_run` needs no network: it lists the files,
-their sizes and the card. `push_after` is the tail of `quantize`/`finetune`/`export
---push-to-hub`: the same push, with a message that says the local output is intact on failure.
+their sizes and the card. `push_after` is the tail of `qconvert quantize`/`finetune` and
+`qserve export --push-to-hub` (`qserve.cli_options.push_if_asked`): the same push, in the same
+process, with a message that says the local output is intact on failure. It sits in qformats, next
+to the pull, so that every layer above can publish.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qconvert.model_card import Artifact, card_text, read_artifact, refresh_card
 from qformats.errors import QError
 from qformats.hub_pull import explain_hub_error, hub_endpoint, hub_offline, is_repo_id
 from qformats.lineage import check_base_model_id, portable_name
 from qformats.manifest import MANIFEST_FILE
+from qformats.model_card import Artifact, card_text, read_artifact, refresh_card
 
 # Never published: hidden files and folders, temporaries, caches, training checkpoints.
 IGNORE_PATTERNS = [".*", "*/.*", "*.tmp", "*.partial", "__pycache__/*", "*/__pycache__/*",

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qconvert.train_metrics import LOSS_CURVE, METRICS_FILE
 from qformats.errors import QError
 from qformats.json_file import read_json_object
 from qformats.lineage import CARD_MARKER, model_origin, repo_id_of
@@ -31,6 +30,9 @@ _MARKUP = re.compile(r"([\\`*_\[\]<>|&])")
 _QLORA_TAGS = ["qlora", "nf4", "4-bit", "bitsandbytes"]
 _TEMPLATE_FILLER = "[More Information Needed]"
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# What `qconvert finetune` leaves in an adapter folder for the card: every step's losses, and their plot.
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE = "loss.png"
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""`qconvert finetune`'s flags are FinetuneConfig's fields: every field has its flag and help, and the command
+line becomes the config the library function receives (defaults equal, values converted)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import qconvert.finetune
+from qconvert.cli import main as qconvert_main
+from qconvert.finetune_config import FinetuneConfig
+
+
+class _Captured(Exception):
+    pass
+
+
+def _config(monkeypatch, *args: str) -> FinetuneConfig:
+    """The FinetuneConfig `qconvert finetune m d.jsonl out ARGS` hands to `finetune` (which is not run)."""
+    seen = []
+
+    def fake_finetune(cfg, echo):
+        seen.append(cfg)
+        raise _Captured
+
+    monkeypatch.setattr(qconvert.finetune, "finetune", fake_finetune)
+    r = CliRunner().invoke(qconvert_main, ["finetune", "m", "d.jsonl", "out", *args])
+    assert isinstance(r.exception, _Captured), r.output
+    return seen[0]
+
+
+def test_every_setting_has_a_flag_with_help():
+    params = {p.name: p for p in qconvert_main.commands["finetune"].params}
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in ("model", "data", "output"):  # MODEL DATA OUT
+            assert params[{"output": "out"}.get(f.name, f.name)].param_type_name == "argument"
+            continue
+        assert f.name in params, f"FinetuneConfig.{f.name} has no flag"
+        assert params[f.name].help, f"--{f.name} has no help"
+    help_text = CliRunner().invoke(qconvert_main, ["finetune", "--help"]).output
+    for flag in ("--rank", "-r", "--no-chat-template", "--no-gradient-checkpointing", "--quiet", "--target-modules",
+                 "--optimizer-bits", "--report-to", "--push-to-hub", "--dtype", "--device", "--force"):  # fmt: skip
+        assert flag in help_text
+
+
+def test_defaults_are_the_configs(monkeypatch):
+    cfg = _config(monkeypatch)
+    want = FinetuneConfig(model="m", data="d.jsonl", output="out")
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name == "device":
+            assert getattr(cfg, f.name) == torch.device("cpu")  # resolved from auto on a machine without CUDA
+        else:
+            assert getattr(cfg, f.name) == getattr(want, f.name), f.name
+
+
+def test_command_line_values_become_settings(monkeypatch):
+    cfg = _config(monkeypatch, "-r", "8", "--target-modules", "q_proj, v_proj", "--optimizer-bits", "8",
+                  "--optimizer-budget", "2GB", "--no-chat-template", "--no-gradient-checkpointing", "--quiet",
+                  "--report-to", "tensorboard", "--dtype", "bf16", "--format", "alpaca", "--steps", "3", "--force")  # fmt: skip
+    assert (cfg.rank, cfg.target_modules, cfg.optimizer_bits, cfg.optimizer_budget) == (8, ["q_proj", "v_proj"], 8, 2 * 10**9)
+    assert (cfg.chat_template, cfg.gradient_checkpointing, cfg.progress) == (False, False, False)
+    assert (cfg.report_to, cfg.dtype, cfg.format, cfg.steps, cfg.force) == (["tensorboard"], "bfloat16", "alpaca", 3, True)
+    assert _config(monkeypatch, "--target-modules", r".*\.(q|v)_proj").target_modules == r".*\.(q|v)_proj"
+
+
+@pytest.mark.parametrize("args", [["--schedule", "steep"], ["--format", "csv"], ["--optimizer-bits", "4"]])
+def test_choices_are_checked_while_parsing(args):
+    r = CliRunner().invoke(qconvert_main, ["finetune", "m", "d.jsonl", "out", *args])
+    assert r.exit_code == 2 and "Invalid value for" in r.output
