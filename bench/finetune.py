@@ -76,7 +76,6 @@ def worker_ours(args) -> dict:
     import torch
 
     from qconvert.finetune import prepare_for_training
-    from qconvert.lm_loss import causal_lm_loss
     from qconvert.paged_adamw import PagedAdamW
     from qserve.loader import load_model
     from qserve.lora import apply_lora, lora_parameters
@@ -90,7 +89,7 @@ def worker_ours(args) -> dict:
     tokens = batch(args, model.args.vocab_size).to(device)
     n = tokens.numel() - tokens.shape[0]
 
-    return timed(lambda: causal_lm_loss(model, tokens, tokens, n), params, opt, args)  # qconvert finetune's loss
+    return timed(lambda: model.loss(tokens, tokens, n), params, opt, args)  # qconvert finetune's loss
 
 
 def worker_peft(args) -> dict:

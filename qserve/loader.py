@@ -25,7 +25,8 @@ from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
 from qformats.nf4 import NF4Weight
-from qserve.model import CausalLM, ModelArgs
+from qserve.model import CausalLM
+from qserve.model_config import ModelArgs
 from qserve.nf4_linear import NF4Linear
 
 _NF4_STATE = ".quant_state.bitsandbytes__nf4"

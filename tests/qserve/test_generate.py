@@ -162,7 +162,7 @@ def test_tokenizer_and_chat_template_equal_transformers(chat_model):
 
 def test_prompt_longer_than_context(chat_model):
     gen = Generator(load_model(chat_model), Tokenizer.from_dir(chat_model))
-    with pytest.raises(QError, match=r"the prompt is 200 tokens, longer than the model's context of 128 tokens"):
+    with pytest.raises(QError, match=r"the prompt is 200 tokens, but the maximum context length is 128 tokens"):
         gen.generate([[5] * 200])
     # A prompt that fits but leaves less room than max_new_tokens: it stops at the context.
     got = gen.generate([[5] * 120], SamplingParams(max_new_tokens=50, stop_token_ids=()))[0]
@@ -183,7 +183,7 @@ def test_cli_generate_bad_input_one_line(chat_model, tmp_path):
     runner = CliRunner()
     long_prompt = " ".join(["word"] * 300)
     cases = [
-        (["--model", str(chat_model), "--prompt", long_prompt], "longer than the model's context of 128 tokens"),
+        (["--model", str(chat_model), "--prompt", long_prompt], "but the maximum context length is 128 tokens"),
         (["--model", str(tmp_path / "nope"), "--prompt", "x"], "no such folder"),
     ]
     for args, message in cases:
