@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from qserve.engine import Event
+    from qserve.engine_request import Event
 
 
 class Histogram:
