@@ -11,6 +11,9 @@ and runs on one background thread. Each loop iteration is one step:
 3. one decode forward for every running row: row b feeds its last token at its own position in its
    own slot, with its own adapter (`MultiLoRA.use`), and samples with its own parameters and seed.
 
+Both forwards are the model's own steps, `CausalLM.prefill` and `CausalLM.decode` (which `Generator`
+runs too); `compile=True` runs the decode step through torch.compile (`CausalLM.compile_decode`).
+
 Rows leave as soon as they finish (stop token, stop string, max_tokens) or are cancelled; their slot
 is reused by the next step's newcomers, after the positions its last occupant wrote are zeroed: a
 masked cache entry still reaches attention arithmetic (0 x NaN = NaN), so nothing a request leaves

@@ -169,6 +169,15 @@ def test_prompt_longer_than_context(chat_model):
     assert len(got.token_ids) == 8 and got.finish_reason == "length"
 
 
+def test_prompt_checks_are_the_engines(chat_model):
+    """Generator and engine refuse the same prompts with the same words (qserve.generate.check_prompt)."""
+    gen = Generator(load_model(chat_model), Tokenizer.from_dir(chat_model))
+    with pytest.raises(QError, match=r"prompt token id 100000 is outside the vocabulary \(0\.\.319\)"):
+        gen.generate([[5, 100000]])
+    with pytest.raises(QError, match="the prompt is empty"):
+        gen.generate([[]])
+
+
 def test_cli_generate_streams_the_generator_text(chat_model):
     tok = Tokenizer.from_dir(chat_model)
     want = Generator(load_model(chat_model), tok).generate(
