@@ -77,7 +77,6 @@ def worker_ours(args) -> dict:
     import torch
 
     from qconvert.finetune import prepare_for_training
-    from qconvert.lm_loss import causal_lm_loss
     from qconvert.paged_adamw import PagedAdamW
     from qkernels.cpu_allocator import caching_allocator
     from qserve.loader import load_model
@@ -93,7 +92,7 @@ def worker_ours(args) -> dict:
     n = tokens.numel() - tokens.shape[0]
 
     with caching_allocator() if device == "cpu" else contextlib.nullcontext():  # as qconvert finetune runs
-        return timed(lambda: causal_lm_loss(model, tokens, tokens, n), params, opt, args)  # qconvert finetune's loss
+        return timed(lambda: model.loss(tokens, tokens, n), params, opt, args)  # qconvert finetune's loss
 
 
 def worker_peft(args) -> dict:

@@ -37,7 +37,8 @@ def random_nf4_llama(out: Path, shape: dict, device: torch.device, seed: int = 0
     from qformats.checkpoint import CONFIG_FILE
     from qformats.nf4 import quantize_nf4
     from qformats.sharded_writer import ShardedWriter
-    from qserve.model import CausalLM, ModelArgs
+    from qserve.model import CausalLM
+    from qserve.model_config import ModelArgs
 
     if (out / CONFIG_FILE).is_file():
         return out

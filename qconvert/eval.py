@@ -16,15 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from qformats.errors import QError
+from qserve.lm_loss import IGNORE
 from qserve.loader import load_model, resolve_model_dir
 from qserve.model import CausalLM
 from qserve.tokenizer import Tokenizer
-
-_LOGIT_CHUNK = 256  # positions per lm_head + cross-entropy chunk: bounds the [T, vocab] fp32 logits
 
 
 @dataclass
@@ -65,19 +63,15 @@ def perplexity(model: CausalLM, token_ids: list[int], context: int, stride: int 
         raise QError(f"context {context} exceeds the model's {model.args.max_position_embeddings} positions")
     if len(token_ids) < 2:
         raise QError(f"the text is {len(token_ids)} token(s); perplexity needs at least 2")
-    device = model.model.embed_tokens.weight.device
-    ids = torch.tensor(token_ids, device=device)
+    ids = torch.tensor(token_ids, device=model.device)
     spans = window_spans(len(token_ids), context, stride)
     nll_sum, scored, pushed = 0.0, 0, 0
     start = time.perf_counter()
     for begin, end, first in tqdm(spans, desc="windows", disable=None if progress else True, leave=False):
-        window = ids[begin:end]
-        hidden = model.model(window[None])[0]  # [T, H]
-        # Position t predicts token t+1; score targets first..end-1, i.e. positions first-1-begin .. T-2.
-        for lo in range(first - 1 - begin, end - 1 - begin, _LOGIT_CHUNK):
-            hi = min(lo + _LOGIT_CHUNK, end - 1 - begin)
-            logits = model.lm_head(hidden[lo:hi]).float()
-            nll_sum += F.cross_entropy(logits, window[lo + 1 : hi + 1], reduction="sum").item()
+        window = ids[begin:end][None]
+        labels = window.clone()
+        labels[:, : first - begin] = IGNORE  # score targets first..end-1 only
+        nll_sum += model.loss(window, labels, 1).item()
         scored += end - first
         pushed += end - begin
     seconds = time.perf_counter() - start

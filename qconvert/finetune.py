@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from qconvert import train_checkpoint as ckpt
 from qconvert.finetune_config import SCHEDULES, FinetuneConfig
-from qconvert.lm_loss import causal_lm_loss, count_trained
 from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
 from qconvert.train_card import base_record, write_card
@@ -47,6 +46,7 @@ from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import caching_allocator
 from qserve.device import resolve_device
+from qserve.lm_loss import count_trained
 from qserve.loader import load_model, resolve_model_dir
 from qserve.lora import apply_lora, lora_adapter, lora_config, lora_modules, lora_parameters
 from qserve.nf4_linear import NF4Linear
@@ -409,7 +409,7 @@ class _Run:
         """One micro-batch. Out of memory: evict the optimizer's resident pages first and retry once,
         when no gradient has been accumulated yet in this step (a retry would count it twice)."""
         try:
-            loss = causal_lm_loss(self.model, tokens, labels, n_tokens)
+            loss = self.model.loss(tokens, labels, n_tokens)
             loss.backward()
             return loss
         except torch.OutOfMemoryError:
@@ -422,7 +422,7 @@ class _Run:
         self.pressure = True
         self.note(f"out of memory: evicted {freed / 2**20:.0f} MiB of optimizer pages to host memory and retried; "
                   "they now stay there between steps")  # fmt: skip
-        loss = causal_lm_loss(self.model, tokens, labels, n_tokens)
+        loss = self.model.loss(tokens, labels, n_tokens)
         loss.backward()
         return loss
 
@@ -438,7 +438,7 @@ class _Run:
         for k in range(0, len(mine), bs):
             exs = [self.eval.examples[i] for i in mine[k : k + bs]]
             tokens, labels = collate(exs, self.pad_id, self.device)
-            total[0] += float(causal_lm_loss(self.model, tokens, labels, 1))
+            total[0] += float(self.model.loss(tokens, labels, 1))
             total[1] += count_trained(labels)
         total = self.dist.sum_(total)
         self.model.train()

@@ -39,7 +39,7 @@ CUDA_CONTEXT_BYTES = 600 * MiB  # CUDA context and kernels: reserved outside tor
 CPU_ALLOCATOR_KEEP = 1 * GiB  # qkernels/cpu_caching_allocator.cpp keeps at most this much free
 SAVED_FRACTION = 0.8  # of the tensors autograd could keep per layer, the share resident at the peak (measured)
 ALLOCATOR_SLACK = 0.10  # caching allocators: free blocks held between the peaks of a step, per byte of activations
-LOSS_CHUNK_BYTES = 64 << 20  # qconvert/lm_loss.py CHUNK_BYTES: fp32 logits of one chunk
+LOSS_CHUNK_BYTES = 64 << 20  # qserve/lm_loss.py CHUNK_BYTES: fp32 logits of one chunk
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Shape:
 
     @classmethod
     def from_config(cls, config: dict, name: str = "config.json") -> Shape:
-        from qserve.model import ModelArgs  # the one reader of config.json: unsupported model_type -> QError
+        from qserve.model_config import ModelArgs  # the one reader of config.json: unsupported model_type -> QError
 
         a = ModelArgs.from_config(config, name)
         return cls(a.hidden_size, a.intermediate_size, a.num_hidden_layers, a.num_attention_heads,

@@ -26,9 +26,9 @@ import torch
 
 from qconvert.finetune_config import FORMATS
 from qformats.errors import QError
+from qserve.lm_loss import IGNORE
 from qserve.tokenizer import CHAT_ROLES
 
-IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
 ROLES = CHAT_ROLES  # the one list: the server accepts exactly these
 ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")  # fmt: skip

@@ -43,9 +43,9 @@ def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_
     """
     # torch and the runtime: imported when the command runs, not for --help
     from qformats.checkpoint import load_config
-    from qserve.generate import Generator, SamplingParams, check_prompt_length
+    from qserve.generate import Generator, SamplingParams, check_prompt
     from qserve.loader import load_model, resolve_model_dir
-    from qserve.model import ModelArgs
+    from qserve.model_config import ModelArgs
     from qserve.tokenizer import Tokenizer
 
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -59,8 +59,8 @@ def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_
     else:
         prompt_ids = tokenizer.encode(prompt)
     # Refuse a prompt that cannot fit before spending time on loading the weights.
-    context = ModelArgs.from_config(load_config(model_dir)).max_position_embeddings
-    check_prompt_length(len(prompt_ids), context)
+    args = ModelArgs.from_config(load_config(model_dir))
+    check_prompt(prompt_ids, args.vocab_size, args.max_position_embeddings)
     model = load_model(model_dir, dtype=dtype, device=device, progress=True)
     generator = Generator(model, tokenizer, compile=compile_)
     start = time.perf_counter()

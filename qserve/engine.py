@@ -11,6 +11,9 @@ and runs on one background thread. Each loop iteration is one step:
 3. one decode forward for every running row: row b feeds its last token at its own position in its
    own slot, with its own adapter (`MultiLoRA.use`), and samples with its own parameters and seed.
 
+Both forwards are the model's own steps, `CausalLM.prefill` and `CausalLM.decode` (which `Generator`
+runs too); `compile=True` runs the decode step through torch.compile (`CausalLM.compile_decode`).
+
 Rows leave as soon as they finish (stop token, stop string, max_tokens) or are cancelled; their slot
 is reused by the next step's newcomers, after the positions its last occupant wrote are zeroed: a
 masked cache entry still reaches attention arithmetic (0 x NaN = NaN), so nothing a request leaves
@@ -32,24 +35,32 @@ to its event loop). `Engine.generate` is the blocking form for tests, benchmarks
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from qformats.errors import QError
 from qformats.peft_adapter import PeftAdapter, read_adapter
-from qserve.generate import Completion, DecodeRow, SamplingParams, sample
+from qserve.engine_metrics import EngineMetrics
+from qserve.engine_request import Event, Request
+from qserve.generate import (
+    Completion,
+    ContextTooLong,
+    DecodeRow,
+    SamplingParams,
+    check_prompt,
+    sample,
+    seeded_generator,
+    stop_ids,
+)
 from qserve.logprobs import TokenLogprob, token_logprobs
-from qserve.lora import BASE, MultiLoRA
+from qserve.lora import MultiLoRA
 from qserve.model import CausalLM
 from qserve.tokenizer import Tokenizer
 
@@ -67,102 +78,13 @@ class UnknownAdapter(QError):
     """No adapter of that name is loaded (HTTP 404)."""
 
 
-class ContextTooLong(QError):
-    """Prompt (plus max_tokens) does not fit `max_model_len` (HTTP 400)."""
-
-
-@dataclass
-class Event:
-    """What a request gets back after each step it took part in; the last one has `finish_reason` or `error`."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked (params.logprobs)
-    # On the request's first event, when it asked (params.prompt_logprobs): None for the first prompt token.
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count (seconds)."""
-
-    def __init__(self, buckets: Sequence[float]):
-        self.buckets = list(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, edge in enumerate(self.buckets):
-            if value <= edge:
-                self.counts[i] += 1
-
-
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-@dataclass
-class EngineMetrics:
-    """Counters and gauges the server exports at /metrics."""
-
-    received: int = 0
-    rejected: int = 0  # queue full
-    finished_by_reason: dict[str, int] = field(default_factory=dict)  # stop, length, cancelled, error
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    steps: int = 0
-    batch_size: int = 0  # rows in the last decode step
-    ttft: Histogram = field(default_factory=lambda: Histogram(_LATENCY_BUCKETS))
-    inter_token: Histogram = field(default_factory=lambda: Histogram(_LATENCY_BUCKETS))
-    latency: Histogram = field(default_factory=lambda: Histogram(_LATENCY_BUCKETS))
-
-    def finished(self, event: Event, seconds: float, prompt_tokens: int) -> None:
-        reason = "error" if event.error else event.finish_reason
-        self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
-        self.prompt_tokens += prompt_tokens
-        self.latency.observe(seconds)
-
-
-_ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: str | None
-    emit: Callable[[Event], None]
-    id: int = field(default_factory=lambda: next(_ids))
-    arrival: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-    # Set by the engine:
-    adapter_id: int = BASE
-    slot: int = -1
-    pos: int = 0  # cache position of the pending token (= tokens in the cache so far)
-    pending: int = -1  # the last sampled token, fed at the next decode
-    row: DecodeRow | None = None
-    generator: torch.Generator | None = None
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    done: bool = False
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # computed at prefill, sent with the first event
-
-
 class Engine:
     """Continuous batching over one `CausalLM` and any number of LoRA adapters (see module doc)."""
 
     prompt_logprob_chunk = 256  # prompt positions whose logits exist at once when scoring
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, *, max_batch: int = 8, max_queue: int = 64,
-                 max_model_len: int | None = None, prefill_tokens: int = 2048):  # fmt: skip
+                 max_model_len: int | None = None, prefill_tokens: int = 2048, compile: bool = False):  # fmt: skip
         if max_batch < 1 or max_queue < 0:
             raise QError(f"max batch must be >= 1 and max queue >= 0 (got {max_batch}, {max_queue})")
         context = model.args.max_position_embeddings
@@ -172,8 +94,10 @@ class Engine:
             raise QError(f"--max-model-len {max_model_len} exceeds the model's context of {context} tokens")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.device
         model.setup_cache(max_batch, self.max_model_len)
+        if compile:  # the decode step through torch.compile: compiled once per batch size it meets
+            model.compile_decode()
         self.lora = MultiLoRA(model)
         self.adapter_ids: dict[str, int] = {}  # served name -> id; unloaded names leave at once
         self._retired: set[int] = set()  # unloaded ids whose weights wait for their last request
@@ -209,21 +133,12 @@ class Engine:
         if adapter is not None and adapter not in self.adapter_ids:
             raise UnknownAdapter(f"no adapter named {adapter!r} is loaded")
         params.check()
-        n, limit = len(prompt_ids), self.max_model_len
-        if n >= limit:
-            raise ContextTooLong(f"the prompt is {n} tokens, but the maximum context length is {limit} tokens "
-                                 f"(at most {limit - 1} leave room for an answer)")  # fmt: skip
-        if n + params.max_new_tokens > limit:
+        ids, limit = check_prompt(prompt_ids, self.model.args.vocab_size, self.max_model_len), self.max_model_len
+        if len(ids) + params.max_new_tokens > limit:
+            n = len(ids)
             raise ContextTooLong(f"the maximum context length is {limit} tokens, but {n + params.max_new_tokens} were "
                                  f"requested ({n} in the prompt, {params.max_new_tokens} to generate); "
                                  f"lower max_tokens to {limit - n} or less")  # fmt: skip
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
-            raise QError("the prompt is empty")
-        vocab = self.model.args.vocab_size
-        if not all(0 <= i < vocab for i in ids):
-            raise QError(f"prompt token id {next(i for i in ids if not 0 <= i < vocab)} is outside the vocabulary "
-                         f"(0..{vocab - 1})")  # fmt: skip
         req = Request(ids, params, adapter, emit)
         with self._lock:
             if adapter is not None:
@@ -357,12 +272,8 @@ class Engine:
                 break
             req = self.waiting.popleft()
             try:
-                req.row = DecodeRow(self.tokenizer, req.params, self._stop_ids(req.params))
-                req.generator = torch.Generator(self.device)
-                if req.params.seed is not None:
-                    req.generator.manual_seed(req.params.seed)
-                else:
-                    req.generator.seed()
+                req.row = DecodeRow(self.tokenizer, req.params, stop_ids(req.params, self.tokenizer))
+                req.generator = seeded_generator(req.params.seed, self.device)
             except Exception as e:  # noqa: BLE001 (fails this request only; it holds no slot yet)
                 self._fail(req, e)
                 continue
@@ -370,11 +281,6 @@ class Engine:
             self.running[req.slot] = req
             joiners.append(req)
         return joiners
-
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
-        if params.stop_token_ids is not None:
-            return set(params.stop_token_ids)
-        return set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
 
     def _free_retired(self) -> None:
         with self._lock:
@@ -411,18 +317,12 @@ class Engine:
 
     def _prefill_forward(self, reqs: list[Request]) -> torch.Tensor:
         lens = [len(r.prompt_ids) for r in reqs]
-        t = max(lens)
-        tokens = torch.tensor([r.prompt_ids + r.prompt_ids[-1:] * (t - n) for r, n in zip(reqs, lens)])
-        dev = self.device
-        # Right padding (the row's own last token: see the module doc) lands in cache positions that each
-        # row overwrites before it ever attends there.
         with self.lora.use([r.adapter_id for r in reqs]):
-            hidden = self.model.model(tokens.to(dev), torch.arange(t, device=dev).expand(len(reqs), t),
-                                      torch.tensor([r.slot for r in reqs], device=dev), kv_len=t)  # fmt: skip
+            hidden = self.model.prefill([r.prompt_ids for r in reqs], [r.slot for r in reqs])
             for i, (r, n) in enumerate(zip(reqs, lens)):
                 if r.params.prompt_logprobs is not None:
                     r.prompt_logprobs = [None, *self._prompt_logprobs(hidden[i, : n - 1], r)]
-            return self._logits(hidden[torch.arange(len(reqs), device=dev), torch.tensor(lens, device=dev) - 1])
+            return self.model.logits(hidden, torch.tensor(lens, device=self.device) - 1)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req: Request) -> list[TokenLogprob]:
         """Position j's logits score prompt token j + 1; `prompt_logprob_chunk` positions at a time, so a long
@@ -431,7 +331,7 @@ class Engine:
         step = self.prompt_logprob_chunk
         for start in range(0, hidden.shape[0], step):
             chunk = hidden[start : start + step]
-            out += token_logprobs(self._logits(chunk), req.prompt_ids[start + 1 : start + 1 + chunk.shape[0]],
+            out += token_logprobs(self.model.logits(chunk), req.prompt_ids[start + 1 : start + 1 + chunk.shape[0]],
                                   req.params.prompt_logprobs)  # fmt: skip
         return out
 
@@ -444,20 +344,7 @@ class Engine:
         slots = None if contiguous else torch.tensor([r.slot for r in reqs], device=dev)
         positions = torch.tensor([r.pos for r in reqs], device=dev)
         with self.lora.use([r.adapter_id for r in reqs]):
-            hidden = self.model.model(tokens[:, None], positions[:, None], slots, kv_len=max(r.pos for r in reqs) + 1)
-            return self._logits(hidden[:, 0])
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """lm_head over hidden [B, H] -> [B, vocab] (CausalLM.forward's last step).
-
-        For several rows on CPU as W @ h^T: MKL runs that tall-skinny product ~2x faster than h @ W^T
-        at 16-32 rows, and the lm_head is the largest matmul of a decode step (measured on this repo's
-        2-core CPU: 80 vs 155 ms at 16 rows for SmolLM2's 49152 x 576). Same values up to fp32 rounding.
-        """
-        head = self.model.lm_head
-        if hidden.shape[0] >= 4 and hidden.device.type == "cpu" and type(head) is nn.Linear and head.bias is None:
-            return torch.mm(head.weight, hidden.T).T
-        return head(hidden)
+            return self.model.decode(tokens, positions, slots, kv_len=max(r.pos for r in reqs) + 1)
 
     def _forward_isolated(self, reqs: list[Request], forward) -> dict[Request, torch.Tensor]:
         """Logits per request; if the batched forward raises, each row alone, failing only rows that fail alone."""

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from qformats.checkpoint import CONFIG_FILE, open_checkpoint
@@ -81,10 +80,9 @@ def text_perplexity(model: CausalLM, ids: list[int]) -> float:
     ids = ids[: model.args.max_position_embeddings]
     if len(ids) < 2:
         raise QError("the evaluation text is shorter than 2 tokens")
-    tokens = torch.tensor([ids], device=model.model.embed_tokens.weight.device)
+    tokens = torch.tensor([ids], device=model.device)
     with torch.inference_mode():
-        logits = model(tokens)[0, :-1].float()
-    return math.exp(F.cross_entropy(logits, tokens[0, 1:]).item())
+        return math.exp(model.loss(tokens, tokens, len(ids) - 1).item())
 
 
 def export_merged(model: str | Path, out: str | Path, adapter: str | Path | None = None, *,

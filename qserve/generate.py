@@ -9,8 +9,9 @@ joined, they equal `generate(...)[0].text`.
 
 Sampling follows transformers' order: temperature, then top-k, then top-p, then a draw from the
 softmax with a `torch.Generator` seeded by `seed`. `temperature == 0` is greedy (argmax).
-With `compile=True` the one-token decode step runs through `torch.compile` (static shapes: the
-batch fills the whole cache and attention spans all of it); the eager path is the default.
+The steps are the serving engine's (`CausalLM.prefill` and `CausalLM.decode`, qserve/engine.py);
+with `compile=True` the decode step runs through `torch.compile` (`CausalLM.compile_decode`; static
+shapes: the batch fills the whole cache and attention spans all of it); eager is the default.
 """
 
 from __future__ import annotations
@@ -93,10 +94,39 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_prompt_length(n_tokens: int, context: int) -> None:
-    if n_tokens >= context:
-        raise QError(f"the prompt is {n_tokens} tokens, longer than the model's context of {context} tokens "
-                     f"(at most {context - 1} leave room for an answer)")  # fmt: skip
+class ContextTooLong(QError):
+    """Prompt (plus max_tokens) does not fit the context (HTTP 400)."""
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, context: int) -> list[int]:
+    """The prompt as a list of ints, refused if empty, outside the vocabulary or leaving no room for an answer."""
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise QError("the prompt is empty")
+    if not all(0 <= i < vocab_size for i in ids):
+        raise QError(f"prompt token id {next(i for i in ids if not 0 <= i < vocab_size)} is outside the vocabulary "
+                     f"(0..{vocab_size - 1})")  # fmt: skip
+    if len(ids) >= context:
+        raise ContextTooLong(f"the prompt is {len(ids)} tokens, but the maximum context length is {context} tokens "
+                             f"(at most {context - 1} leave room for an answer)")  # fmt: skip
+    return ids
+
+
+def stop_ids(params: SamplingParams, tokenizer: Tokenizer | None) -> set[int]:
+    """The token ids that end a completion: the request's, else the tokenizer's EOS ids."""
+    if params.stop_token_ids is not None:
+        return set(params.stop_token_ids)
+    return set(tokenizer.eos_token_ids) if tokenizer else set()
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """The random stream of one sampling run: from `seed`, or from fresh entropy without one."""
+    generator = torch.Generator(device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator
 
 
 class StopStrings:
@@ -137,8 +167,8 @@ class Generator:
         hold_embeddings_16bit(model)  # the output layer's bytes per token halved where that is exact
         self.context = context or model.args.max_position_embeddings
         self.compile = compile
-        self._compiled_decode = None
-        self.device = model.model.embed_tokens.weight.device
+        if compile:
+            model.compile_decode()
         self.last_completion: Completion | None = None  # set when a stream() iterator is exhausted
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
@@ -146,16 +176,7 @@ class Generator:
             if self.tokenizer is None:
                 raise QError("a text prompt needs a tokenizer")
             prompt = self.tokenizer.encode(prompt)
-        ids = [int(i) for i in prompt]
-        if not ids:
-            raise QError("the prompt is empty")
-        check_prompt_length(len(ids), self.context)
-        return ids
-
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
-        if params.stop_token_ids is not None:
-            return set(params.stop_token_ids)
-        return set(self.tokenizer.eos_token_ids) if self.tokenizer else set()
+        return check_prompt(prompt, self.model.args.vocab_size, self.context)
 
     def _ensure_cache(self, batch: int, seq: int) -> None:
         m = self.model
@@ -163,49 +184,32 @@ class Generator:
             seq = max(seq, m.max_seq)
             if m.max_batch != batch or m.max_seq != seq:
                 m.setup_cache(batch, seq)
-                self._compiled_decode = None
         elif m.max_batch < batch or m.max_seq < seq:
             m.setup_cache(max(batch, m.max_batch), max(seq, m.max_seq))
-
-    def _decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        if not self.compile:
-            return self.model(tokens, pos, kv_len=kv_len)[:, -1]
-        if self._compiled_decode is None:
-            self._compiled_decode = torch.compile(lambda t, p: self.model(t, p)[:, -1], fullgraph=True, dynamic=False)
-        return self._compiled_decode(tokens, pos)
 
     @torch.inference_mode()
     def token_steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, [B] on the CPU, for up to max_new_tokens steps.
 
         Rows never stop early here (the caller decides); the caller stops iterating when all are done.
+        The steps are the engine's (`CausalLM.prefill` / `decode`); rows share one random stream.
         """
         params.check()
         lens = [len(p) for p in prompts]
         b, t = len(prompts), max(lens)
         steps = min(params.max_new_tokens, self.context - t)
         self._ensure_cache(b, t + steps)
-        dev = self.device
-        tokens = torch.zeros(b, t, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
-        tokens = tokens.to(dev)
-        generator = torch.Generator(dev)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
+        dev = self.model.device
+        generator = seeded_generator(params.seed, dev)
         pos = torch.tensor(lens, device=dev)
         for row in range(b):  # nothing an earlier call left in the cache may reach this one
             self.model.clear_cache(row, t + steps)
-        # Right-padded prefill: padding lands in cache positions a row overwrites before it attends there.
-        logits = self.model(tokens, torch.arange(t, device=dev).expand(b, t), logits_at=pos - 1, kv_len=t)[:, -1]
+        logits = self.model.logits(self.model.prefill(prompts, range(b)), pos - 1)
         for _ in range(steps):
             nxt = sample(logits, params, generator)
             yield nxt.cpu()
-            logits = self._decode_step(nxt[:, None], pos[:, None], int(max(lens)) + 1)
             pos = pos + 1
-            lens = [n + 1 for n in lens]
+            logits = self.model.decode(nxt, pos - 1, kv_len=int(pos.max()))
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
                  ) -> list[Completion]:  # fmt: skip
@@ -213,7 +217,7 @@ class Generator:
         params = params or SamplingParams()
         ids = [self._prompt_ids(p) for p in prompts]
         start = time.perf_counter()
-        rows = [DecodeRow(self.tokenizer, params, self._stop_ids(params)) for _ in ids]
+        rows = [DecodeRow(self.tokenizer, params, stop_ids(params, self.tokenizer)) for _ in ids]
         for nxt in self.token_steps(ids, params):
             for row, tok in zip(rows, nxt.tolist()):
                 if not row.done:
@@ -229,7 +233,7 @@ class Generator:
             raise QError("streaming text needs a tokenizer")
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
-        row = DecodeRow(self.tokenizer, params, self._stop_ids(params))
+        row = DecodeRow(self.tokenizer, params, stop_ids(params, self.tokenizer))
         for nxt in self.token_steps([ids], params):
             delta = row.push(int(nxt[0]))
             if delta:

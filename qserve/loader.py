@@ -25,7 +25,8 @@ from qformats.dtypes import known_dtype, parse_dtype
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
 from qformats.nf4 import NF4_PART_SUFFIXES, QUANT_STATE_SUFFIX, NF4Weight, read_quant_state
-from qserve.model import CausalLM, ModelArgs
+from qserve.model import CausalLM
+from qserve.model_config import ModelArgs
 from qserve.nf4_linear import NF4Linear
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]

@@ -5,7 +5,10 @@ Module names are exactly those of transformers' `LlamaForCausalLM` (`model.embed
 state-dict keys equal checkpoint keys and PEFT adapter keys map 1:1. Linear layers are plain
 `nn.Linear`; the loader swaps in `NF4Linear` for quantized weights, so this file knows nothing of NF4.
 
-Two ways to call `CausalLM.forward`:
+The head is the model's: `hidden(...)` (decoder output after the final norm), `logits(hidden, rows)`
+(fp32, the one place the output layer is applied) and `loss(tokens, labels, normalizer)` (the fused,
+chunked cross-entropy of qserve/lm_loss.py); engine, generation, eval, training and export call these.
+Two ways to run the decoder (`hidden`, or `forward` for logits of every position):
 
 - Training / scoring (`input_pos=None`): a plain causal forward over `tokens[B, T]`, no cache,
   autograd everywhere except through frozen weights. An optional `attention_mask[B, T]` (1 = real
@@ -17,201 +20,22 @@ Two ways to call `CausalLM.forward`:
   cache positions 0..p of its slot. Entries beyond p are masked, but an additive mask does not
   protect against what they hold (0 x NaN = NaN, NaN + finfo.min = NaN): whoever reuses a slot for
   a new sequence clears what the last one wrote there first (`clear_cache`), then prefills from 0.
-  `prefill(tokens, slot)` and `decode(tokens, slots, positions)` are the serving-engine shorthands.
+  `prefill(prompts, slots)` and `decode(tokens, positions, slots)` are the steps of the one decode loop
+  (qserve/engine.py; qserve/generate.py runs the same steps); `compile_decode()` compiles the decode step.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qformats.dtypes import known_dtype
 from qformats.errors import QError
+from qserve.lm_loss import IGNORE, linear_cross_entropy, shifted_targets
+from qserve.model_config import ModelArgs, rope_inv_freq
 from qserve.recompute_stash import checkpoint_layer
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-@dataclass
-class RopeConfig:
-    theta: float = 10000.0
-    type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
-    original_max_position_embeddings: int | None = None  # llama3, yarn
-    beta_fast: float = 32.0  # yarn
-    beta_slow: float = 1.0  # yarn
-    attention_factor: float | None = None  # yarn
-    mscale: float | None = None  # yarn
-    mscale_all_dim: float | None = None  # yarn
-    truncate: bool = True  # yarn
-
-
-@dataclass
-class ModelArgs:
-    """The architecture, read from config.json as transformers 4.x or 5.x writes it."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rope
-    rope: RopeConfig = field(default_factory=RopeConfig)
-    sliding_window: list[int | None] = field(default_factory=list)  # per layer, None = full attention
-    dtype: torch.dtype | None = None  # the checkpoint's dtype, if config.json says
-
-    @classmethod
-    def from_config(cls, cfg: dict, name: str = "config.json") -> ModelArgs:
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise QError(f"{name}: model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, SmolLM2)")  # fmt: skip
-        act = cfg.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise QError(f"{name}: hidden_act {act!r} is not supported, only silu")
-        try:
-            hidden, n_heads, n_layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
-            args = cls(
-                model_type=model_type,
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_hidden_layers=n_layers,
-                num_attention_heads=n_heads,
-                num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
-                head_dim=int(cfg.get("head_dim") or hidden // n_heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            )
-        except KeyError as e:
-            raise QError(f"{name}: missing field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise QError(f"{name}: unreadable field ({e})") from None
-        if model_type == "llama":
-            args.qkv_bias = args.o_bias = bool(cfg.get("attention_bias", False))
-            args.mlp_bias = bool(cfg.get("mlp_bias", False))
-        elif model_type == "qwen2":
-            args.qkv_bias = True  # Qwen2 always has q/k/v biases and none on o_proj
-        elif model_type == "qwen3":
-            args.qkv_bias = args.o_bias = bool(cfg.get("attention_bias", False))
-            args.qk_norm = True
-        if args.num_attention_heads % args.num_key_value_heads:
-            raise QError(f"{name}: num_attention_heads {n_heads} is not a multiple of "
-                         f"num_key_value_heads {args.num_key_value_heads}")  # fmt: skip
-        args.rope = _read_rope(cfg, args.max_position_embeddings, name)
-        args.sliding_window = _read_sliding_window(cfg, model_type, n_layers)
-        args.dtype = known_dtype(cfg.get("dtype") or cfg.get("torch_dtype"))
-        return args
-
-
-def _read_rope(cfg: dict, max_pos: int, name: str) -> RopeConfig:
-    # transformers 5.x: rope_parameters = {"rope_type", "rope_theta", ...}; 4.x: rope_theta + rope_scaling.
-    params = dict(cfg.get("rope_scaling") or {})
-    params.update(cfg.get("rope_parameters") or {})
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise QError(f"{name}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope = RopeConfig(theta=float(theta), type=rope_type)
-    if rope_type != "default":
-        rope.factor = float(params.get("factor", 1.0) or 1.0)
-    if rope_type in ("llama3", "yarn"):
-        rope.original_max_position_embeddings = int(
-            cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos
-        )
-    if rope_type == "llama3":
-        rope.low_freq_factor = float(params["low_freq_factor"])
-        rope.high_freq_factor = float(params["high_freq_factor"])
-    if rope_type == "yarn":
-        rope.beta_fast = float(params.get("beta_fast") or 32)
-        rope.beta_slow = float(params.get("beta_slow") or 1)
-        rope.attention_factor = params.get("attention_factor")
-        rope.mscale, rope.mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-        rope.truncate = bool(params.get("truncate", True))
-        if params.get("factor") is None:
-            rope.factor = max_pos / rope.original_max_position_embeddings
-    return rope
-
-
-def _read_sliding_window(cfg: dict, model_type: str, n_layers: int) -> list[int | None]:
-    window = cfg.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-        window = None
-    if window is None:
-        return [None] * n_layers
-    layer_types = cfg.get("layer_types")
-    if layer_types is None:
-        if model_type == "mistral":
-            layer_types = ["sliding_attention"] * n_layers
-        else:
-            first = int(cfg.get("max_window_layers", 28))
-            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-    return [int(window) if t == "sliding_attention" else None for t in layer_types]
-
-
-def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [head_dim/2] and the cos/sin scale, as transformers' ROPE_INIT_FUNCTIONS compute them."""
-    r, dim = args.rope, args.head_dim
-    inv_freq = 1.0 / (r.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    scale = 1.0
-    if r.type == "linear":
-        inv_freq = inv_freq / r.factor
-    elif r.type == "llama3":
-        old_len = r.original_max_position_embeddings
-        low_wavelen, high_wavelen = old_len / r.low_freq_factor, old_len / r.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq)
-        smooth = (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    elif r.type == "yarn":
-        inv_freq, scale = _yarn(r, dim, device)
-    return inv_freq, scale
-
-
-def _yarn(r: RopeConfig, dim: int, device) -> tuple[torch.Tensor, float]:
-    def get_mscale(scale: float, mscale: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-    scale = r.attention_factor
-    if scale is None:
-        if r.mscale and r.mscale_all_dim:
-            scale = get_mscale(r.factor, r.mscale) / get_mscale(r.factor, r.mscale_all_dim)
-        else:
-            scale = get_mscale(r.factor)
-
-    def correction_dim(rotations: float) -> float:
-        return (dim * math.log(r.original_max_position_embeddings / (rotations * 2 * math.pi))) / (2 * math.log(r.theta))
-
-    low, high = correction_dim(r.beta_fast), correction_dim(r.beta_slow)
-    if r.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    pos_freqs = r.theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (r.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    return inv_freq, float(scale)
 
 
 class RMSNorm(nn.Module):
@@ -249,8 +73,8 @@ class KVCache(nn.Module):
         b, n_kv, _, d = k.shape
         rows = slots if slots is not None else torch.arange(b, device=k.device)
         # One index_copy_ into the flattened [slot * n_kv * max_seq, D] cache (row (slot, head, pos) of
-        # entry [b, h, t]); on CPU it is ~100x faster than advanced-index assignment, which took ms per
-        # layer in the serving engine's decode step (qserve/engine.py).
+        # entry [b, h, t]); on CPU advanced-index assignment is far slower and dominated the serving
+        # engine's decode step (qserve/engine.py).
         heads = torch.arange(n_kv, device=k.device)
         flat = ((rows[:, None, None] * n_kv + heads[None, :, None]) * self.k.shape[2] + input_pos[:, None, :]).reshape(-1)
         self.k.view(-1, d).index_copy_(0, flat, k.reshape(-1, d))
@@ -260,8 +84,8 @@ class KVCache(nn.Module):
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         if slots is None:
             return keys[:b], values[:b]
-        # index_select, not keys[slots]: on CPU advanced indexing of this strided view is ~100x slower
-        # (ms per layer), which dominated the serving engine's decode step (qserve/engine.py).
+        # index_select, not keys[slots]: on CPU advanced indexing of this strided view is far slower,
+        # which dominated the serving engine's decode step (qserve/engine.py).
         return keys.index_select(0, slots), values.index_select(0, slots)
 
     def clear(self, slot: int, end: int) -> None:
@@ -369,7 +193,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.args = args
         # nn.Embedding's own init (normal_) on the meta device imports torch's Python decompositions
-        # (~140 MB of resident memory for nothing: the loader overwrites the weight); initialise real tensors only.
+        # (much resident memory for nothing: the loader overwrites the weight); initialise real tensors only.
         weight = torch.empty(args.vocab_size, args.hidden_size)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=weight)
         if not weight.is_meta:
@@ -377,7 +201,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.gradient_checkpointing = False
-        # On the CPU even when built on the meta device: torch's meta arange imports sympy (~140 MB resident).
+        # On the CPU even when built on the meta device: torch's meta arange imports sympy (much resident memory).
         inv_freq, self.rope_scale = rope_inv_freq(args, "cpu")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -429,6 +253,7 @@ class CausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_batch = self.max_seq = 0
+        self._compiled_decode = None
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -457,37 +282,90 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache.clear(slot, self.max_seq if end is None else end)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:  # fmt: skip
-        """Logits [B, T, vocab] in the compute dtype (or [B, 1, vocab] with `logits_at`).
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def hidden(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+               slots: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+               kv_len: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Hidden states [B, T, hidden] after the final norm, in the compute dtype.
 
         tokens: int64 [B, T].
         input_pos: None for a plain causal forward without cache (training, scoring); else int64
             [B, T] absolute positions per row, which reads and writes the KV cache.
         slots: int64 [B], the cache slot of each row (default: row b uses slot b).
         attention_mask: [B, T], 1 for real tokens, 0 for padding; only without a cache (left padding).
-        logits_at: int64 [B], the one position per row whose logits to compute (saves the lm_head
-            matmul over a whole prompt); None computes all.
         kv_len: attend to the first kv_len cache positions only, an upper bound on max(input_pos)+1.
             A speed hint for eager decoding; leave None under torch.compile (static shapes).
         """
         if input_pos is not None and self.model.layers[0].self_attn.kv_cache is None:
             raise RuntimeError("call setup_cache() before a forward with input_pos")
-        h = self.model(tokens, input_pos, slots, attention_mask, kv_len)
-        if logits_at is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_at].unsqueeze(1)
-        return self.lm_head(h)
+        return self.model(tokens, input_pos, slots, attention_mask, kv_len)
 
-    def prefill(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
-        """Run one prompt `tokens[T]` into cache slot `slot` from position 0; logits [vocab] of its last token."""
-        t = tokens.shape[-1]
-        pos = torch.arange(t, device=tokens.device)[None]
-        slots = torch.tensor([slot], device=tokens.device)
-        return self(tokens.view(1, t), pos, slots, logits_at=torch.tensor([t - 1], device=tokens.device),
-                    kv_len=t)[0, 0]  # fmt: skip
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [..., vocab] of hidden states [..., hidden]; with `rows` (int64 [B]) only those of
+        position rows[b] of each row b of hidden [B, T, hidden], [B, vocab] (a prompt's last token)."""
+        if rows is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), rows]
+        head = self.lm_head  # nn.Linear, a LoRA layer, or the 16-bit CPU layer of qserve/embeddings16.py
+        # Several rows on CPU as W @ h^T: MKL runs that tall-skinny product faster than h @ W^T, and the
+        # output layer is the largest matmul of a decode step. Same values up to fp32 rounding.
+        if hidden.dim() == 2 and hidden.shape[0] >= 4 and hidden.device.type == "cpu" and type(head) is nn.Linear \
+                and head.bias is None:  # fmt: skip
+            return torch.mm(head.weight, hidden.T).T.float()
+        return head(hidden).float()
 
-    def decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, normalizer: float,
+             chunk: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Sum of the token cross-entropies of `labels` [B, T] (IGNORE = no loss) divided by `normalizer`,
+        with a plain causal forward. Position t predicts labels[t + 1].
+
+        A frozen bias-free output layer is fused with the cross-entropy `chunk` rows at a time
+        (qserve/lm_loss.py), so the [tokens, vocab] logits never exist at once. Dividing by the
+        token count of a whole optimizer step (all micro-batches and ranks), not of this micro-batch,
+        makes the gradient independent of how the step is split.
+        """
+        targets = shifted_targets(labels)
+        keep = targets != IGNORE
+        h, t = self.hidden(tokens)[:, :-1][keep], targets[keep]
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+            return linear_cross_entropy(h, head.weight, t, 1.0 / normalizer, chunk)
+        return F.cross_entropy(self.logits(h), t, reduction="sum") / normalizer
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:  # fmt: skip
+        """fp32 logits [B, T, vocab] of every position; the arguments are those of `hidden`."""
+        return self.logits(self.hidden(tokens, input_pos, slots, attention_mask, kv_len))
+
+    def prefill(self, prompts: Sequence[Sequence[int]], slots: Sequence[int]) -> torch.Tensor:
+        """Run prompts of any lengths together into cache `slots` from position 0; hidden states [B, T, hidden].
+
+        Right-padded with each row's own last token: the padding lands in cache positions the row
+        overwrites before it ever attends there, and comes from that row's own input.
+        """
+        lens = [len(p) for p in prompts]
+        t, dev = max(lens), self.device
+        tokens = torch.tensor([[*p, *p[-1:] * (t - n)] for p, n in zip(prompts, lens)], device=dev)
+        positions = torch.arange(t, device=dev).expand(len(prompts), t)
+        return self.hidden(tokens, positions, torch.tensor(list(slots), device=dev), kv_len=t)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None,
                kv_len: int | None = None) -> torch.Tensor:  # fmt: skip
-        """One step for B sequences: `tokens[B]` at `positions[B]` in cache `slots[B]`; logits [B, vocab]."""
-        return self(tokens[:, None], positions[:, None], slots, kv_len=kv_len)[:, 0]
+        """One step for B sequences: `tokens[B]` at `positions[B]` in cache `slots[B]` (default 0..B-1);
+        fp32 logits [B, vocab]. After `compile_decode()` it runs through torch.compile, with static
+        shapes: attention spans the whole cache and `kv_len` is not used."""
+        if self._compiled_decode is not None:
+            return self._compiled_decode(tokens, positions, slots)
+        return self.logits(self.hidden(tokens[:, None], positions[:, None], slots, kv_len=kv_len)[:, 0])
+
+    def compile_decode(self) -> None:
+        """Run `decode` through torch.compile from now on (compiled at the first call of each batch shape)."""
+        if self._compiled_decode is None:
+
+            def step(tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+                return self.logits(self.hidden(tokens[:, None], positions[:, None], slots)[:, 0])
+
+            self._compiled_decode = torch.compile(step, fullgraph=True, dynamic=False)

@@ -21,12 +21,12 @@ from tiny_models import save_tiny, save_tiny_tokenizer
 from qconvert.cli import main as qconvert_main
 from qconvert.data.check_answer_format import FORMAT, answers, format_rate, held_out_questions
 from qconvert.finetune import FinetuneConfig, _Run, finetune
-from qconvert.lm_loss import causal_lm_loss
 from qconvert.quantize import quantize_checkpoint
 from qconvert.sft_data import IGNORE, collate, load_sft_jsonl
 from qformats.errors import QError
 from qserve.loader import load_model
 from qserve.lora import ALL_LINEAR, apply_lora, load_lora, lora_config, lora_parameters
+from qserve.model import CausalLM
 from qserve.tokenizer import Tokenizer
 
 BIN = Path(sys.executable).parent
@@ -99,7 +99,7 @@ def test_loss_and_grads_equal_peft(tiny):
     copy_into_peft(ours, ref)
     ours.train()
     n = int((labels[:, 1:] != IGNORE).sum())
-    loss = causal_lm_loss(ours, tokens, labels, n)
+    loss = ours.loss(tokens, labels, n)
     ref_loss = ref(input_ids=tokens, labels=labels).loss
     assert abs(loss.item() - ref_loss.item()) < 1e-4
     loss.backward()
@@ -116,7 +116,7 @@ def test_fused_loss_equals_plain_cross_entropy(tiny):
     model = load_model(tiny / "nf4")
     apply_lora(model, lora_config(r=4), seed=0)
     n = int((labels[:, 1:] != IGNORE).sum())
-    fused = causal_lm_loss(model, tokens, labels, n, chunk=7)  # chunks that do not divide the rows
+    fused = model.loss(tokens, labels, n, chunk=7)  # chunks that do not divide the rows
     fused.backward()
     g_fused = [p.grad.clone() for p in lora_parameters(model)]
     model.zero_grad()
@@ -359,10 +359,8 @@ def test_shipped_dataset_teaches_the_answer_format(smollm2_fp16_dir, tmp_path):
 
 def test_out_of_memory_evicts_optimizer_pages_and_retries(tiny, tmp_path, monkeypatch):
     """A memory spike (OutOfMemoryError in a forward pass) evicts the paged optimizer state first and retries."""
-    import qconvert.finetune as ft
-
     normal = finetune(cfg(tiny, tmp_path / "normal", optimizer_budget=1 << 16, dropout=0.0))
-    calls, real = [], ft.causal_lm_loss
+    calls, real = [], CausalLM.loss
 
     def spiky(*args, **kw):
         calls.append(1)
@@ -370,7 +368,7 @@ def test_out_of_memory_evicts_optimizer_pages_and_retries(tiny, tmp_path, monkey
             raise torch.OutOfMemoryError("simulated spike")
         return real(*args, **kw)
 
-    monkeypatch.setattr(ft, "causal_lm_loss", spiky)
+    monkeypatch.setattr(CausalLM, "loss", spiky)
     notes = []
     spiked = finetune(cfg(tiny, tmp_path / "spiked", optimizer_budget=1 << 16, dropout=0.0), echo=notes.append)
     assert any("evicted" in n and "MiB of optimizer pages" in n for n in notes), notes

@@ -162,11 +162,20 @@ def test_tokenizer_and_chat_template_equal_transformers(chat_model):
 
 def test_prompt_longer_than_context(chat_model):
     gen = Generator(load_model(chat_model), Tokenizer.from_dir(chat_model))
-    with pytest.raises(QError, match=r"the prompt is 200 tokens, longer than the model's context of 128 tokens"):
+    with pytest.raises(QError, match=r"the prompt is 200 tokens, but the maximum context length is 128 tokens"):
         gen.generate([[5] * 200])
     # A prompt that fits but leaves less room than max_new_tokens: it stops at the context.
     got = gen.generate([[5] * 120], SamplingParams(max_new_tokens=50, stop_token_ids=()))[0]
     assert len(got.token_ids) == 8 and got.finish_reason == "length"
+
+
+def test_prompt_checks_are_the_engines(chat_model):
+    """Generator and engine refuse the same prompts with the same words (qserve.generate.check_prompt)."""
+    gen = Generator(load_model(chat_model), Tokenizer.from_dir(chat_model))
+    with pytest.raises(QError, match=r"prompt token id 100000 is outside the vocabulary \(0\.\.319\)"):
+        gen.generate([[5, 100000]])
+    with pytest.raises(QError, match="the prompt is empty"):
+        gen.generate([[]])
 
 
 def test_cli_generate_streams_the_generator_text(chat_model):
@@ -183,7 +192,7 @@ def test_cli_generate_bad_input_one_line(chat_model, tmp_path):
     runner = CliRunner()
     long_prompt = " ".join(["word"] * 300)
     cases = [
-        (["--model", str(chat_model), "--prompt", long_prompt], "longer than the model's context of 128 tokens"),
+        (["--model", str(chat_model), "--prompt", long_prompt], "but the maximum context length is 128 tokens"),
         (["--model", str(tmp_path / "nope"), "--prompt", "x"], "no such folder"),
     ]
     for args, message in cases:

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from qformats.errors import QError
 from qserve.loader import load_model
-from qserve.model import ModelArgs, rope_inv_freq
+from qserve.model_config import ModelArgs, rope_inv_freq
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -63,15 +63,15 @@ def test_slots_at_different_lengths(tiny):
     a, b, c = torch.randint(3, 256, (10,)), torch.randint(3, 256, (6,)), torch.randint(3, 256, (4,))
     with torch.no_grad():
         ours.setup_cache(max_batch=2, max_seq=16)
-        ours.prefill(a[:9], slot=0)
-        ours.prefill(b[:5], slot=1)
-        step = ours.decode(torch.stack([a[9], b[5]]), torch.tensor([0, 1]), torch.tensor([9, 5]))
+        ours.prefill([a[:9].tolist()], [0])
+        ours.prefill([b[:5].tolist()], [1])
+        step = ours.decode(torch.stack([a[9], b[5]]), torch.tensor([9, 5]), torch.tensor([0, 1]))
         assert rel_err(step[0], ours(a[None])[0, -1]) < 1e-5
         assert rel_err(step[1], ours(b[None])[0, -1]) < 1e-5
         # Slot 1 gets a new, shorter sequence; the stale entries of b beyond its length are masked.
-        last = ours.prefill(c, slot=1)
+        last = ours.logits(ours.prefill([c.tolist()], [1]), torch.tensor([3]))[0]
         assert rel_err(last, ours(c[None])[0, -1]) < 1e-5
-        step = ours.decode(torch.stack([a[9], c[3]]), torch.tensor([0, 1]), torch.tensor([10, 4]))
+        step = ours.decode(torch.stack([a[9], c[3]]), torch.tensor([10, 4]), torch.tensor([0, 1]))
         assert rel_err(step[1], ours(torch.cat([c, c[3:]])[None])[0, -1]) < 1e-5
 
 

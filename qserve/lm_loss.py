@@ -1,4 +1,4 @@
-"""The causal LM training loss, with the output layer and cross-entropy fused and chunked.
+"""The causal LM loss with the output layer and cross-entropy fused and chunked (`CausalLM.loss` uses it).
 
 A full `[B, T, vocab]` logits tensor is the largest activation of a small model's training step
 (SmolLM2: 4 x 256 x 49152 fp32 = 200 MB, kept for backward along with its softmax). Here only
@@ -13,11 +13,11 @@ no gradient; a trainable or LoRA-wrapped lm_head takes the plain path instead.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from qconvert.sft_data import IGNORE
 from qkernels.ops import linear_fp32
+
+IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
+CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk: SmolLM2's 49152-token vocabulary -> 341 rows
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -50,6 +50,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
 
 
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
+                         chunk: int | None = None) -> torch.Tensor:  # fmt: skip
+    """`scale * sum_i CE(h_i @ W.T, t_i)` for a frozen W; `chunk` rows of logits exist at a time (default: 64 MiB)."""
+    chunk = chunk or max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+    return LinearCrossEntropy.apply(h, weight, targets, scale, chunk)
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """Position t predicts token t+1: the targets of positions 0..T-2."""
     return labels[:, 1:]
@@ -58,25 +65,3 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 def count_trained(labels: torch.Tensor) -> int:
     """How many positions of a batch carry a loss (after the shift)."""
     return int((shifted_targets(labels) != IGNORE).sum())
-
-
-CHUNK_BYTES = 64 << 20  # fp32 logits of one chunk: SmolLM2's 49152-token vocabulary -> 341 rows
-
-
-def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, normalizer: int,
-                   chunk: int | None = None) -> torch.Tensor:  # fmt: skip
-    """Sum of the token cross-entropies of `labels` (IGNORE = no loss) divided by `normalizer`.
-
-    Dividing by the token count of the whole optimizer step (all micro-batches and ranks), not of
-    this micro-batch, makes the gradient independent of how the step is split.
-    """
-    hidden = model.model(tokens)[:, :-1]
-    targets = shifted_targets(labels)
-    keep = targets != IGNORE
-    h, t = hidden[keep], targets[keep]
-    head = model.lm_head
-    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
-        chunk = chunk or max(16, CHUNK_BYTES // (4 * head.out_features))
-        return LinearCrossEntropy.apply(h, head.weight, t, 1.0 / normalizer, chunk)
-    logits = head(h).float()
-    return F.cross_entropy(logits, t, reduction="sum") / normalizer
