@@ -7,7 +7,7 @@ import time
 
 import click
 
-from qserve.cli_options import device_option, dtype_option, revision_option
+from qserve.cli_options import compile_option, device_option, dtype_option, revision_option
 
 
 @click.command("generate")
@@ -28,8 +28,7 @@ from qserve.cli_options import device_option, dtype_option, revision_option
 @dtype_option(auto="float32 on CPU, the checkpoint's dtype on CUDA")
 @device_option
 @revision_option()
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the decode step (faster decoding after a one-time compile).")
+@compile_option
 @click.option("--stats", is_flag=True, help="Print token counts and tokens/s to stderr at the end.")
 def generate_cmd(model_path, prompt, chat, system, max_tokens, temperature, top_p, top_k, seed, stop, dtype, device,
                  revision, compile_, stats):  # fmt: skip

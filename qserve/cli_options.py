@@ -60,6 +60,13 @@ def force_option(replaces: str = "OUT if it is not empty"):
     return click.option("--force", is_flag=True, help=f"Replace {replaces}.")
 
 
+def compile_option(fn):
+    """`--compile/--no-compile`: the decode step through torch.compile (`CausalLM.compile_decode`)."""
+    return click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+                        help="torch.compile the decode step (faster decoding after a one-time compile "
+                             "per batch size).")(fn)  # fmt: skip
+
+
 def push_to_hub_option(fn):
     """`--push-to-hub REPO_ID` and `--private` for a command that writes a folder; call `push_if_asked` at its end."""
     fn = click.option("--private", "push_private", is_flag=True, help="With --push-to-hub: create the repo private.")(fn)

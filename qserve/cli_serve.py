@@ -8,7 +8,7 @@ import click
 
 from qformats.errors import QError
 from qserve.cli_group import ErrorHandlingGroup
-from qserve.cli_options import device_option, dtype_option, revision_option
+from qserve.cli_options import compile_option, device_option, dtype_option, revision_option
 
 
 class ServeByDefaultGroup(ErrorHandlingGroup):
@@ -87,9 +87,10 @@ def adapter_map(specs: tuple[str, ...]) -> dict[str, str]:
               help="Largest adapter_model.safetensors loaded at run time.")  # fmt: skip
 @click.option("--max-loras", default=16, show_default=True, type=click.IntRange(min=1),
               help="Most adapters loaded at once; a run-time load beyond it gets HTTP 400.")  # fmt: skip
+@compile_option
 def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, max_model_len, dtype, device,
           revision, engine_kind, tensor_parallel_size, pipeline_parallel_size, dry_run, api_key, max_body_mb, max_prompts,
-          enable_lora_loading, adapter_root, max_lora_rank, max_lora_mb, max_loras):  # fmt: skip
+          enable_lora_loading, adapter_root, max_lora_rank, max_lora_mb, max_loras, compile_):  # fmt: skip
     """Serve a base model and LoRA adapters over an OpenAI-compatible HTTP API.
 
     Each request's `model` field picks the base (its served name) or an adapter (its NAME).
@@ -105,6 +106,8 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
         -d '{"model": "answer", "messages": [{"role": "user", "content": "Hi"}]}'
     """
     named = adapter_map(adapters)
+    if engine_kind == "vllm" and compile_:
+        raise QError("--compile applies to the native engine (vLLM compiles on its own)")
     if engine_kind == "vllm":
         from qserve.vllm_handoff import run_vllm, vllm_command
 
@@ -132,7 +135,7 @@ def serve(model, adapters, served_model_name, host, port, max_batch, max_queue, 
     app, engine = build_server(model, named, served_model_name=served_model_name, max_batch=max_batch,
                                max_queue=max_queue, max_model_len=max_model_len,
                                dtype=dtype, device=device, revision=revision, progress=True,
-                               policy=policy)  # fmt: skip
+                               policy=policy, compile=compile_)  # fmt: skip
     state = app.state.qserve
     names = ", ".join([state.model_name, *engine.adapter_ids])
     click.echo(f"models: {names}; max batch {max_batch}, queue {max_queue}, context {engine.max_model_len}", err=True)

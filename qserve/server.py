@@ -317,17 +317,19 @@ class StatusCounter:
 def build_server(model: str, adapters: dict[str, str] | None = None, *, served_model_name: str | None = None,
                  max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None, dtype=None,
                  device: str = "cpu", revision: str | None = None, progress: bool = False,
-                 policy: ServerPolicy | None = None) -> tuple[FastAPI, Engine]:  # fmt: skip
+                 policy: ServerPolicy | None = None, compile: bool = False) -> tuple[FastAPI, Engine]:  # fmt: skip
     """Load the base (folder or Hub id) and adapters ({name: folder or Hub id}); the engine is started.
 
     policy: API key, body limit, runtime adapter loading and its limits (default: no key, loading off).
+    compile: the decode step through torch.compile (`Engine(compile=True)`).
     """
     from qserve.loader import load_model, resolve_model_dir
 
     model_dir = resolve_model_dir(model, revision)
     tokenizer = Tokenizer.from_dir(model_dir)
     lm = load_model(model_dir, dtype=dtype, device=device, progress=progress)
-    engine = Engine(lm, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len)
+    engine = Engine(lm, tokenizer, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+                    compile=compile)
     name = served_model_name or model
     for adapter_name, source in (adapters or {}).items():
         if adapter_name == name:

@@ -229,3 +229,20 @@ def test_smollm2_batch_of_prompts_equals_one_by_one(smollm2):
     params = SamplingParams(max_new_tokens=24)
     batch = gen.generate(prompts, params)
     assert [c.text for c in batch] == [gen.generate([p], params)[0].text for p in prompts]
+
+
+def test_compiled_decode_equals_eager(tmp_path):
+    """`--compile` (torch.compile of the one decode step) gives the eager tokens, in Generator and in the engine."""
+    from qserve.engine import Engine
+
+    save_tiny("smollm2", tmp_path, seed=3)
+    eager, compiled = load_model(tmp_path), load_model(tmp_path)
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=())
+    prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 11)]
+    want = [c.token_ids for c in Generator(eager).generate(prompts, params)]
+    assert [c.token_ids for c in Generator(compiled, compile=True).generate(prompts, params)] == want
+    engine = Engine(compiled, None, max_batch=2, compile=True).start()
+    try:
+        assert [engine.generate(p, params).token_ids for p in prompts] == want
+    finally:
+        engine.stop()

@@ -99,6 +99,8 @@ def test_cli_dry_run_and_missing_vllm(artifacts):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "vllm is not installed" in result.stderr
     result = runner.invoke(qserve_cli, ["serve", *args, "--tensor-parallel-size", "2", "--dry-run"])
     assert result.exit_code == 1 and result.stderr.startswith("error: --tensor-parallel-size 2")
+    result = runner.invoke(qserve_cli, ["serve", *args, "--compile", "--dry-run"])  # the native engine's option
+    assert result.exit_code == 1 and result.stderr == "error: --compile applies to the native engine (vLLM compiles on its own)\n"
 
 
 def test_api_key_reaches_vllm_in_its_environment_only(artifacts, monkeypatch):
