@@ -66,21 +66,16 @@ def check_kernels(shapes, rows, device: torch.device, dtype: torch.dtype = torch
             w_abs = wref.abs().t()
             for m in rows:
                 x = torch.randn(m, k, device=device, generator=g).to(dtype)
-                a = torch.randn(16, k, device=device, generator=g) / 10
-                b = (torch.randn(n, 16, device=device, generator=g) / 10).to(dtype)
-                xa = F.linear(x.float(), a)
-                base, lora = x.float() @ wref.t(), 0.5 * xa @ b.float().t()
-                ref = base + lora
-                # Two roundings to dtype at most (dequant+mm: matmul, then the LoRA addmm_), each
-                # relative to the terms summed; plus fp32 accumulation error.
-                size = base.abs() + lora.abs()
-                bound = 2 * size * torch.finfo(dtype).eps + (x.float().abs() @ w_abs) * 2**-18 + 1e-3
+                ref = x.float() @ wref.t()
+                # Two roundings to dtype at most (cuBLAS may reduce split-K partial sums in bf16),
+                # relative to the result; plus fp32 accumulation error.
+                bound = 2 * ref.abs() * torch.finfo(dtype).eps + (x.float().abs() @ w_abs) * 2**-18 + 1e-3
                 for name, fn in (("fused", triton_nf4.fused_matmul), ("dequant+mm", triton_nf4.dequant_matmul)):
                     if name == "fused" and m > 64:
                         continue
-                    err = (fn(x, w, None, xa, b, 0.5).float() - ref).abs()
+                    err = (fn(x, w).float() - ref).abs()
                     ok = bool((err <= bound).all())
-                    lines.append(f"{name} {n}x{k} M={m} bs{blocksize} dq={dq} +lora: "
+                    lines.append(f"{name} {n}x{k} M={m} bs{blocksize} dq={dq}: "
                                  f"max err {err.max().item():.3g} {'ok' if ok else 'FAIL'}")  # fmt: skip
     return lines
 

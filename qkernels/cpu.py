@@ -216,9 +216,8 @@ def _chunked_matmul(xf: torch.Tensor, N: int, K: int, rows_fp32) -> torch.Tensor
     return yt.t().contiguous()
 
 
-def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora_a: torch.Tensor | None = None,
-           lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """`x @ W.T + bias [+ lora_scale * (x @ A.T) @ B.T]` in fp32, returned in x's dtype.
+def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` in fp32, returned in x's dtype.
 
     No autograd here (the C++ ops have none, and the scratch buffer is reused): `qkernels.ops`
     calls this only when nothing needs a gradient, or from inside its custom op, below autograd.
@@ -233,8 +232,6 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora
         y = torch.ops.qkernels_cpu.gemm(x2, *kernel_args(w), PARALLEL_MIN_WEIGHTS)
     else:
         y = _dequant_matmul(x2.float(), w)
-    if lora_a is not None:
-        y.add_(F.linear(F.linear(x2.float(), lora_a.float()), lora_b.float()), alpha=lora_scale)
     if bias is not None:
         y.add_(bias)
     if y.dtype != x.dtype:

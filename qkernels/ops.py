@@ -6,8 +6,6 @@ whose kernels do not take a given input (its module's `supports`) computes it th
 itself. The NF4 ops are also registered as torch.library custom ops (for autograd and torch.compile):
 
 - `nf4_linear(x, w, bias)`: `x @ dequantize(w).T + bias`, never keeping a dequantized copy of W.
-- `nf4_linear_lora(x, w, bias, lora_a, lora_b, scale)`: the same plus `scale * (x @ A.T) @ B.T`,
-  in one pass over y (a LoRA epilogue).
 - `dequantize(w, dtype)`: the whole weight, bit-identical to `qformats.nf4.dequantize_nf4`.
 - `batched_lora_add_(y, x, lora_a, lora_b, idx, scale, rank)`: `y[t] += scale[s] * (x[t] @ A[s].T)
   @ B[s].T` in place with `s = idx[t]` (< 0: no adapter), A/B stacked per adapter (punica BGMV).
@@ -23,7 +21,7 @@ first use, so CPU code never touches Triton. Outputs are in x's dtype (batched L
 torch.compile traces the ops through their fake implementations. In eager mode without autograd,
 the public functions call the implementation directly: the custom-op dispatcher costs tens of
 microseconds per call, which is a large share of a decode step spread over 200 small linears.
-Autograd: a backward is registered for x, bias and the LoRA factors (W is frozen), so x that
+Autograd: a backward is registered for x and bias (W is frozen), so x that
 requires grad is fine; it dequantizes W once per backward. A training loop that wants its own
 memory trade-offs can wrap `dequantize` / `nf4_linear` in an autograd.Function of its own.
 """
@@ -80,11 +78,8 @@ def _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, 
                      nested_blocksize=nested_blocksize)  # fmt: skip
 
 
-def _linear_reference(x, w: NF4Weight, bias, lora_a=None, lora_b=None, scale: float = 0.0) -> torch.Tensor:
-    y = F.linear(x, dequantize_nf4(w, x.dtype), bias)
-    if lora_a is not None:
-        y = y + scale * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
-    return y
+def _linear_reference(x, w: NF4Weight, bias) -> torch.Tensor:
+    return F.linear(x, dequantize_nf4(w, x.dtype), bias)
 
 
 def _quantize_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
@@ -100,8 +95,8 @@ _NF4_LINEAR = Backends(reference=_linear_reference, cpu=cpu.linear, cuda="qkerne
 _DEQUANTIZE = Backends(reference=dequantize_nf4, cpu=cpu.dequantize, cuda="qkernels.triton_nf4:dequantize")
 
 
-def _linear_impl(x, w: NF4Weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
-    return _NF4_LINEAR.on(x.device)(x, w, bias, lora_a, lora_b, scale)
+def _linear_impl(x, w: NF4Weight, bias) -> torch.Tensor:
+    return _NF4_LINEAR.on(x.device)(x, w, bias)
 
 
 def _dequantize_impl(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -119,7 +114,7 @@ def _nf4_linear(
 ) -> torch.Tensor:  # fmt: skip
     w = _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
                 out_features, in_features, x.dtype)  # fmt: skip
-    return _linear_impl(x, w, bias, None, None, 0.0)
+    return _linear_impl(x, w, bias)
 
 
 @_nf4_linear.register_fake
@@ -128,24 +123,15 @@ def _(x, packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blo
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _save_weight(ctx, inputs, first: int) -> None:
-    packed, absmax, nested_absmax, quant_map, nested_quant_map = inputs[first : first + 5]
-    ctx.weight_tensors = (packed, absmax, nested_absmax, quant_map, nested_quant_map)  # frozen: no version check
-    ctx.weight_meta = inputs[first + 5 : first + 10]
-    ctx.x_shape = inputs[0].shape
-
-
-def _saved_weight(ctx, dtype: torch.dtype) -> torch.Tensor:
-    return _dequantize(*ctx.weight_tensors, *ctx.weight_meta, dtype)
-
-
 def _linear_setup(ctx, inputs, output):
-    _save_weight(ctx, inputs, 1)
+    # packed, absmax, nested_absmax, quant_map, nested_quant_map: frozen, so no version check
+    ctx.weight_tensors = inputs[1:6]
+    ctx.weight_meta = inputs[6:11]
     ctx.has_bias = inputs[11] is not None
 
 
 def _linear_backward(ctx, grad):
-    gx = grad @ _saved_weight(ctx, grad.dtype) if ctx.needs_input_grad[0] else None
+    gx = grad @ _dequantize(*ctx.weight_tensors, *ctx.weight_meta, grad.dtype) if ctx.needs_input_grad[0] else None
     gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[11] else None
     return (gx,) + (None,) * 10 + (gb,)
 
@@ -158,7 +144,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     _check_x(x, w)
     if _needs_op(x, bias):
         return _nf4_linear(x, *kernel_args(w), bias)
-    return _linear_impl(x, w, bias, None, None, 0.0)
+    return _linear_impl(x, w, bias)
 
 
 def _check_x(x: torch.Tensor, w: NF4Weight) -> None:
@@ -171,64 +157,6 @@ def _needs_op(*tensors: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-# ---- nf4_linear_lora --------------------------------------------------------------------------
-
-
-@torch.library.custom_op(f"{_LIB}::nf4_linear_lora", mutates_args=())
-def _nf4_linear_lora(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
-    quant_map: torch.Tensor, nested_quant_map: torch.Tensor | None, offset: float, blocksize: int,
-    nested_blocksize: int, out_features: int, in_features: int, bias: torch.Tensor | None,
-    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-) -> torch.Tensor:  # fmt: skip
-    w = _weight(packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
-                out_features, in_features, x.dtype)  # fmt: skip
-    return _linear_impl(x, w, bias, lora_a, lora_b, scale)
-
-
-@_nf4_linear_lora.register_fake
-def _(x, packed, absmax, nested_absmax, quant_map, nested_quant_map, offset, blocksize, nested_blocksize,
-      out_features, in_features, bias, lora_a, lora_b, scale):  # fmt: skip
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-def _lora_setup(ctx, inputs, output):
-    _save_weight(ctx, inputs, 1)
-    ctx.has_bias = inputs[11] is not None
-    ctx.scale = inputs[14]
-    ctx.save_for_backward(inputs[0], inputs[12], inputs[13])
-
-
-def _lora_backward(ctx, grad):
-    x, a, b = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    g2 = grad.reshape(-1, grad.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1]).to(grad.dtype)
-    gb_r = g2 @ b.to(grad.dtype)  # [tokens, r]: the gradient at the LoRA bottleneck
-    gx = None
-    if need[0]:
-        gx = (g2 @ _saved_weight(ctx, grad.dtype) + ctx.scale * gb_r @ a.to(grad.dtype)).view(ctx.x_shape)
-    gbias = g2.sum(0) if ctx.has_bias and need[11] else None
-    ga = (ctx.scale * gb_r.t() @ x2).to(a.dtype) if need[12] else None
-    gb = (ctx.scale * g2.t() @ (x2 @ a.to(grad.dtype).t())).to(b.dtype) if need[13] else None
-    return (gx,) + (None,) * 10 + (gbias, ga, gb, None)
-
-
-_nf4_linear_lora.register_autograd(_lora_backward, setup_context=_lora_setup)
-
-
-def nf4_linear_lora(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                    lora_b: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
-    """`x @ W.T + bias + scale * (x @ A.T) @ B.T` with A `[r, in]`, B `[out, r]` (PEFT's lora_A / lora_B)."""
-    _check_x(x, w)
-    if lora_a.shape[-1] != w.shape[1] or lora_b.shape[0] != w.shape[0] or lora_a.shape[0] != lora_b.shape[-1]:
-        raise QError(f"LoRA factors A {list(lora_a.shape)} and B {list(lora_b.shape)} do not fit the NF4 weight "
-                     f"{list(w.shape)}: expected A [r, {w.shape[1]}] and B [{w.shape[0]}, r]")  # fmt: skip
-    if _needs_op(x, bias, lora_a, lora_b):
-        return _nf4_linear_lora(x, *kernel_args(w), bias, lora_a, lora_b, float(scale))
-    return _linear_impl(x, w, bias, lora_a, lora_b, float(scale))
 
 
 # ---- dequantize -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ nested scales and offset, and the stored 16-entry and 256-entry code maps.
 - `dequantize(w, dtype)`: one pass, bytes in, fp16/bf16/fp32 out, bit-identical to
   `qformats.nf4.dequantize_nf4` (compiled with `enable_fp_fusion=False` so that
   `map[q] * nested + offset` is rounded twice, like the reference, not fused into one FMA).
-- `fused_matmul`: y = x W^T (+ bias) (+ scale * (x A^T) B^T) with W dequantized in registers, tile
+- `fused_matmul`: y = x W^T (+ bias) with W dequantized in registers, tile
   by tile, never written out: the decode GEMV/GEMM (M = 1..16, one BLOCK_M 16 row tile, so each
   weight byte is read once). A tile is packed bytes [BLOCK_N, GROUPS, GROUP_BYTES] (contiguous,
   vectorizable) whose groups each lie in one 64-weight scale block: the block scales are decoded
@@ -15,13 +15,11 @@ nested scales and offset, and the stored 16-entry and 256-entry code maps.
   their bytes, both nibbles looked up in the code map, and two tensor-core dots take x's even
   columns against the high-nibble values and x's odd columns against the low ones (no interleave).
   fp32 accumulation; split-K (fp32 atomics) when there are too few output tiles to fill the GPU.
-  The LoRA term is an epilogue on the same accumulator over (x A^T) [M, r], computed first.
-  Bias, LoRA, rank, M, blocksize and the split count are arguments, not specializations: one
+  Bias, M, blocksize and the split count are arguments, not specializations: one
   compiled kernel per x dtype, double quant, scale groups a tile and split-or-not.
   tests/qkernels/test_triton_compile.py compiles every launched specialization for sm_80 and sm_90 and
   holds fp16/bf16 to <= 128 registers a thread with no spills.
-- `dequant_matmul`: for large M, the weight dequantized to a temporary in x's dtype and cuBLAS;
-  the LoRA term is `addmm_` into the same y.
+- `dequant_matmul`: for large M, the weight dequantized to a temporary in x's dtype and cuBLAS.
 - `linear`: picks between them (`TRITON_FUSED_MAX_M`); bench/gpu.py measures both on each shape.
 """
 
@@ -44,7 +42,6 @@ from qkernels.nf4_args import kernel_args
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_FUSED_MAX_M = 16  # up to here the fused kernel; above, dequantize + cuBLAS (re-check with bench/gpu.py)
 _DEQUANT_BLOCK = 1024  # bytes per program in the dequantize kernel
-LORA_CHUNK = tl.constexpr(16)  # rank columns per step of the fused kernel's LoRA epilogue
 
 
 @triton.jit
@@ -94,11 +91,10 @@ def _dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, qmap_ptr, nested_
     tl.store(out_ptr + el, vals, mask=el < numel)
 
 
-@triton.jit(do_not_specialize=["M", "R", "split_k", "has_bias", "has_lora", "blocksize_log2"])
+@triton.jit(do_not_specialize=["M", "split_k", "has_bias", "blocksize_log2"])
 def _fused_matmul_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, qmap_ptr, nested_map_ptr, offset,
-    bias_ptr, xa_ptr, lora_b_ptr, lora_scale, y_ptr,
-    M, N, K, R, stride_xm, stride_ym, stride_xam, stride_bn, split_k, has_bias, has_lora, blocksize_log2,
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, qmap_ptr, nested_map_ptr, offset, bias_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, split_k, has_bias, blocksize_log2,
     NESTED_BLOCKSIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -139,20 +135,10 @@ def _fused_matmul_kernel(
             xe, xo, w_hi, w_lo = xe.to(tl.float32), xo.to(tl.float32), w_hi.to(tl.float32), w_lo.to(tl.float32)
         acc = tl.dot(xe, tl.trans(w_hi), acc, input_precision=PRECISION)
         acc = tl.dot(xo, tl.trans(w_lo), acc, input_precision=PRECISION)
-    if pid_k == 0:  # the epilogue is added once, by the first K split
+    # The bias is added once, by the first K split. Two ifs: Triton's `and` does not take a tensor.
+    if pid_k == 0:  # noqa: SIM102
         if has_bias:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if has_lora:  # (x A^T) B^T, 16 rank columns at a time: one compiled kernel for every rank
-            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, LORA_CHUNK):
-                offs_r = r0 + tl.arange(0, LORA_CHUNK)
-                r_mask = offs_r < R
-                xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :],
-                             mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # fmt: skip
-                b = tl.load(lora_b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
-                            mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                lora = tl.dot(xa, tl.trans(b), lora, input_precision="ieee")
-            acc += lora_scale * lora
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     y_mask = m_mask[:, None] & n_mask[None, :]
     if not ATOMIC:  # one K split: y in x's dtype; several: fp32 sums
@@ -221,58 +207,46 @@ def fused_config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtyp
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 8}
 
 
-def fused_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, xa: torch.Tensor | None = None,
-                 lora_b: torch.Tensor | None = None, lora_scale: float = 0.0, config: dict | None = None,
+def fused_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, config: dict | None = None,
                  **launch) -> torch.Tensor:  # fmt: skip
-    """y[M, N] = x[M, K] W^T (+ bias) (+ lora_scale * xa[M, r] lora_b[N, r]^T), in x's dtype.
+    """y[M, N] = x[M, K] W^T (+ bias), in x's dtype.
 
     Rows of W that do not hold whole scale blocks (K % blocksize != 0: no real model's linears)
-    take `dequant_matmul`. Bias, LoRA and the split count are kernel arguments, not
+    take `dequant_matmul`. Bias and the split count are kernel arguments, not
     specializations: one compiled kernel per x dtype, double quant and tile config."""
     M, K = x.shape
     N = w.shape[0]
     assert K == w.shape[1], f"x has {K} features, the weight {list(w.shape)}"
     if not _fused_fits(w):
-        return dequant_matmul(x, w, bias, xa, lora_b, lora_scale)
+        return dequant_matmul(x, w, bias)
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = dict(config or fused_config(M, N, K, x.device, x.dtype))
     split = cfg.pop("SPLIT_K")
     y = torch.zeros(M, N, dtype=torch.float32, device=x.device) if split > 1 else x.new_empty(M, N)
-    has_lora = xa is not None
-    if has_lora:
-        xa = xa.float().contiguous()
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
     # No FMA contraction: W's scale `map[q] * nested + offset` is rounded twice, as in dequantize.
     launch.setdefault("enable_fp_fusion", False)
     _fused_matmul_kernel[grid](
-        x, *_weight_args(w), bias if bias is not None else x, xa if has_lora else w.quant_map,
-        lora_b if has_lora else x, float(lora_scale), y, M, N, K, xa.shape[1] if has_lora else 0, x.stride(0),
-        y.stride(0), xa.stride(0) if has_lora else 0, lora_b.stride(0) if has_lora else 0, split,
-        int(bias is not None), int(has_lora), w.blocksize.bit_length() - 1, NESTED_BLOCKSIZE=w.nested_blocksize,
+        x, *_weight_args(w), bias if bias is not None else x, y, M, N, K, x.stride(0), y.stride(0), split,
+        int(bias is not None), w.blocksize.bit_length() - 1, NESTED_BLOCKSIZE=w.nested_blocksize,
         DQ=w.double_quant, GROUPS=max(1, cfg["BLOCK_K"] // w.blocksize), ATOMIC=split > 1, UPCAST=INTERPRET,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **cfg, **launch,
     )  # fmt: skip
     return y.to(x.dtype) if split > 1 else y
 
 
-def dequant_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, xa: torch.Tensor | None = None,
-                   lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """Large M: dequantize W to x's dtype, then cuBLAS; the LoRA term accumulates into y in place."""
-    y = F.linear(x, dequantize(w, x.dtype), bias)
-    if xa is not None:
-        y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=lora_scale)
-    return y
+def dequant_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Large M: dequantize W to x's dtype, then cuBLAS."""
+    return F.linear(x, dequantize(w, x.dtype), bias)
 
 
-def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, lora_a: torch.Tensor | None = None,
-           lora_b: torch.Tensor | None = None, lora_scale: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """`x @ W.T + bias [+ lora_scale * (x @ A.T) @ B.T]` in x's dtype, any leading dims of x."""
+def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W.T + bias` in x's dtype, any leading dims of x."""
     N, K = w.shape
     x2 = x.reshape(-1, K)
-    xa = F.linear(x2.float(), lora_a.float()) if lora_a is not None else None
     if x2.shape[0] <= TRITON_FUSED_MAX_M and _fused_fits(w):
-        y = fused_matmul(x2, w, bias, xa, lora_b, lora_scale)
+        y = fused_matmul(x2, w, bias)
     else:
-        y = dequant_matmul(x2, w, bias, xa, lora_b, lora_scale)
+        y = dequant_matmul(x2, w, bias)
     return y.view(*x.shape[:-1], N)

@@ -109,20 +109,6 @@ def test_large_weight_goes_through_scratch_chunks(path, monkeypatch):
     assert_close_to(ops.nf4_linear(x, w), reference(x, w), x, w, torch.float32)
 
 
-def test_lora_epilogue(path):
-    w = make_weight(96, 130, 64, True)
-    a, b = torch.randn(8, 130) / 10, torch.randn(96, 8) / 10
-    bias = torch.randn(96)
-    for m in (1, 4, 17):
-        x = torch.randn(m, 130)
-        y = ops.nf4_linear_lora(x, w, bias, a, b, 0.25)
-        ref = reference(x, w, bias) + 0.25 * (x.double() @ a.double().t()) @ b.double().t()
-        w_abs = dequantize_nf4(w, torch.float32).double().abs().t()
-        lora_abs = a.double().abs().t() @ b.double().abs().t()
-        sum_abs = x.double().abs() @ (w_abs + 0.25 * lora_abs) + bias.double().abs()
-        assert ((y.double() - ref).abs() <= sum_abs * 2**-20).all()
-
-
 def test_matches_bitsandbytes_on_its_own_quantization(path):
     """bitsandbytes quantizes; we read its packed bytes and states like a checkpoint loader would."""
     src = torch.randn(192, 320, dtype=torch.bfloat16)
@@ -145,15 +131,13 @@ def test_autograd_through_the_ops():
     wf = dequantize_nf4(w, torch.float32)
     x = torch.randn(5, 72, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
-    a = (torch.randn(4, 72) / 10).requires_grad_()
-    b = (torch.randn(40, 4) / 10).requires_grad_()
     gy = torch.randn(5, 40)
-    ops.nf4_linear_lora(x, w, bias, a, b, 0.5).backward(gy)
-    ours = [t.grad.clone() for t in (x, bias, a, b)]
-    for t in (x, bias, a, b):
+    ops.nf4_linear(x, w, bias).backward(gy)
+    ours = [t.grad.clone() for t in (x, bias)]
+    for t in (x, bias):
         t.grad = None
-    (F.linear(x, wf, bias) + 0.5 * F.linear(F.linear(x, a), b)).backward(gy)
-    for mine, theirs in zip(ours, (x.grad, bias.grad, a.grad, b.grad)):
+    F.linear(x, wf, bias).backward(gy)
+    for mine, theirs in zip(ours, (x.grad, bias.grad)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     x.grad = None
     ops.nf4_linear(x, w).backward(gy)
@@ -162,10 +146,10 @@ def test_autograd_through_the_ops():
 
 def test_torch_compile_through_the_ops():
     w = make_weight(64, 96, 64, True)
-    a, b = torch.randn(4, 96), torch.randn(64, 4)
+    bias = torch.randn(64)
 
     def f(x):
-        return ops.nf4_linear(x, w).relu() + ops.nf4_linear_lora(x, w, None, a, b, 2.0) + ops.dequantize(w)[:, 0]
+        return ops.nf4_linear(x, w).relu() + ops.nf4_linear(x, w, bias) + ops.dequantize(w)[:, 0]
 
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     for m in (1, 3, 16):
@@ -187,7 +171,6 @@ def test_cpu_path_never_imports_triton():
         "from qkernels import ops\n"
         "w = quantize_nf4(torch.randn(8, 64))\n"
         "ops.nf4_linear(torch.randn(2, 64), w); ops.dequantize(w)\n"
-        "ops.nf4_linear_lora(torch.randn(2, 64), w, None, torch.randn(2, 64), torch.randn(8, 2), 1.0)\n"
         "assert 'triton' not in sys.modules and 'qkernels.triton_nf4' not in sys.modules, 'triton imported'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -200,9 +200,8 @@ def launched_specializations() -> list[Launch]:
                 for dtype, cfg in _fused_configs():
                     for m in (1, 5):
                         x = torch.empty(m, 4096, dtype=dtype)
-                        bias, lora_b = torch.empty(256, dtype=dtype), torch.empty(256, 16, dtype=dtype)
                         triton_nf4.fused_matmul(x, w, config=cfg)
-                        triton_nf4.fused_matmul(x, w, bias, torch.empty(m, 16), lora_b, 0.5, config=cfg)
+                        triton_nf4.fused_matmul(x, w, torch.empty(256, dtype=dtype), config=cfg)
         for r, t, cfg in _batched_configs():
             for dtype in DTYPES:
                 x, y = torch.empty(t, 4096, dtype=dtype), torch.empty(t, 1024, dtype=dtype)
