@@ -42,6 +42,7 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
       qconvert push ./adapter me/smollm2-json-adapter --private
       qconvert push ./merged me/smollm2-merged --revision experiment-1
     """
+    from qformats.hub_pull import human_size
     from qformats.hub_push import push_folder  # the Hub client: imported when the command runs, not for --help
 
     result = push_folder(path, repo_id, private=private, revision=revision, commit_message=commit_message,
@@ -51,17 +52,10 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
                    + (f" (branch {result.revision})" if result.revision else ""))  # fmt: skip
         width = max(len(p) for p, _ in result.files)
         for name, size in result.files:
-            click.echo(f"  {name:<{width}}  {_size(size):>10}")
-        click.echo(f"  {'total':<{width}}  {_size(sum(n for _, n in result.files)):>10}")
+            click.echo(f"  {name:<{width}}  {human_size(size):>10}")
+        click.echo(f"  {'total':<{width}}  {human_size(sum(n for _, n in result.files)):>10}")
         click.echo("\n----- README.md -----")
         click.echo(result.card)
     else:
         click.echo(result.url)
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError

@@ -130,10 +130,11 @@ class Pulled:
             return f"HF_HUB_OFFLINE: using cached {where} from {self.path}"
         if self.downloaded_files == 0:
             return f"{where}: everything already in the cache ({self.path})"
-        return f"downloaded {self.downloaded_files} files ({_human(self.downloaded_bytes)}) of {where} into {self.path}"
+        return f"downloaded {self.downloaded_files} files ({human_size(self.downloaded_bytes)}) of {where} into {self.path}"
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes in decimal units, as the Hub shows them: `512 B`, `1.5 MB`."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -100,3 +100,12 @@ def save_tiny_tokenizer(out: Path, kind: str = "bytelevel", vocab_size: int = 32
            "unk_token": specials[0] if kind != "bytelevel" else None, "pad_token": specials[0],
            "chat_template": template, "clean_up_tokenization_spaces": False, "model_max_length": 128}  # fmt: skip
     (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+
+
+def copy_into_peft(ours, ref):
+    """Our LoRA factors into a PEFT model of the same adapter layout (to compare the two on equal weights)."""
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                key = name.removeprefix("base_model.model.").replace(".default", "")
+                p.copy_(ours.get_submodule(key.rsplit(".", 1)[0]).weight)

@@ -16,7 +16,7 @@ import torch
 import transformers
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny_models import save_tiny, save_tiny_tokenizer
+from tiny_models import copy_into_peft, save_tiny, save_tiny_tokenizer
 
 from qconvert.cli import main as qconvert_main
 from qconvert.data.check_answer_format import FORMAT, answers, format_rate, held_out_questions
@@ -71,14 +71,6 @@ def peft_model(tiny, r=4, alpha=8):
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny / "nf4")
     return peft.get_peft_model(ref, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=ALL_LINEAR,
                                                     task_type="CAUSAL_LM"))  # fmt: skip
-
-
-def copy_into_peft(ours, ref):
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_" in name:
-                key = name.removeprefix("base_model.model.").replace(".default", "")
-                p.copy_(ours.get_submodule(key.rsplit(".", 1)[0]).weight)
 
 
 def batch(tiny, n=4):

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 import transformers
-from tiny_models import save_tiny
+from tiny_models import copy_into_peft, save_tiny
 
 from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
@@ -52,14 +52,6 @@ def peft_over_bnb(nf4_dir, **lora_kw):
     ref = transformers.AutoModelForCausalLM.from_pretrained(nf4_dir)
     cfg = peft.LoraConfig(target_modules=ALL_LINEAR, task_type="CAUSAL_LM", **lora_kw)
     return peft.get_peft_model(ref, cfg)
-
-
-def copy_into_peft(ours, ref):
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_" in name:
-                key = name.removeprefix("base_model.model.").replace(".default", "")
-                p.copy_(ours.get_submodule(key.rsplit(".", 1)[0]).weight)
 
 
 def test_nf4_lora_linear_matches_dense_and_keeps_no_fp_weight():
