@@ -27,7 +27,7 @@ step "Fine-tune a LoRA adapter on the 4-bit base (QLoRA, CPU, a few minutes): te
 DATA=qconvert/data  # the project's own dataset: 282 training / 50 held-out chat examples (Apache-2.0)
 qconvert finetune "$OUT/smollm2-nf4" "$DATA/answer_format_train.jsonl" "$OUT/answer-adapter" \
   --eval-file "$DATA/answer_format_eval.jsonl" --rank 16 --alpha 16 --lr 1e-3 --warmup-ratio 0 \
-  --steps 16 --batch-size 8 --max-seq-len 128 --no-gradient-checkpointing --force
+  --steps 16 --batch-size 8 --max-seq-len 128 --gradient-checkpointing off --force
 
 step "Before and after: held-out questions, base model vs base + adapter"
 python -m qconvert.data.check_answer_format --model "$OUT/smollm2-nf4" --adapter "$OUT/answer-adapter" --show 4

@@ -137,8 +137,7 @@ def run_one(model: Path, data: Path, seq: int, batch: int, rank: int, procs: int
         args = ["finetune", str(model), str(data), f"{tmp}/out", "--device", "cpu", "--steps", "2",
                 "--batch-size", str(batch), "--max-seq-len", str(seq), "--rank", str(rank), "--format", "text",
                 "--quiet", "--force"]  # fmt: skip
-        if not ckpt:
-            args.append("--no-gradient-checkpointing")
+        args += ["--gradient-checkpointing", "on" if ckpt else "off"]
         qconvert = str(BIN / "qconvert")
         cmd = [qconvert, *args] if procs == 1 else [str(BIN / "torchrun"), "--nproc-per-node", str(procs), qconvert, *args]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // procs))}

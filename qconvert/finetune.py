@@ -24,7 +24,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -34,10 +34,12 @@ from tqdm import tqdm
 
 from qconvert import train_checkpoint as ckpt
 from qconvert.finetune_config import SCHEDULES, FinetuneConfig
+from qconvert.memory_plan import Settings, needs_checkpointing
 from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
 from qconvert.train_card import base_record, write_card
 from qconvert.train_metrics import TENSORBOARD_DIR, TensorBoardLog, check_report_to, metric_records, write_reports
+from qformats.checkpoint import load_config
 from qformats.dtypes import parse_dtype
 from qformats.errors import QError
 from qformats.lineage import check_base_model_id
@@ -45,10 +47,10 @@ from qformats.manifest import sha256_file
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.peft_adapter import save_adapter_files, write_adapter
 from qkernels.cpu_allocator import caching_allocator
-from qserve.device import resolve_device
+from qserve.device import device_memory, resolve_device
 from qserve.lm_loss import count_trained
 from qserve.loader import load_model, resolve_model_dir
-from qserve.lora import apply_lora, lora_adapter, lora_config, lora_modules, lora_parameters
+from qserve.lora import ALL_LINEAR, apply_lora, lora_adapter, lora_config, lora_modules, lora_parameters
 from qserve.nf4_linear import NF4Linear
 from qserve.tokenizer import Tokenizer
 
@@ -240,6 +242,22 @@ class _Run:
 
     # --- set-up -------------------------------------------------------------------------------
 
+    def _gradient_checkpointing(self, model_dir: Path) -> bool:
+        """The setting, or with auto (None) the memory plan's answer: on only when the run would not fit without it."""
+        cfg = self.cfg
+        if cfg.gradient_checkpointing is not None:
+            return cfg.gradient_checkpointing
+        targets = cfg.target_modules if isinstance(cfg.target_modules, list) else ALL_LINEAR  # a regex: all, to be safe
+        settings = Settings(seq_len=cfg.max_seq_len, batch_size=cfg.batch_size, rank=cfg.rank,
+                            target_modules=tuple(t for t in targets if t in ALL_LINEAR) or ALL_LINEAR,
+                            gpus=self.dist.world, optimizer_bits=cfg.optimizer_bits, device=self.device.type,
+                            dtype=str(self.dtype).removeprefix("torch."))  # fmt: skip
+        available = device_memory(self.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's
+        on = needs_checkpointing(load_config(model_dir), settings, available)
+        self.echo(f"gradient checkpointing {'on' if on else 'off'} (auto: the run without it is planned to "
+                  f"{'exceed' if on else 'fit in'} {available / 2**30:.1f} GiB)")  # fmt: skip
+        return on
+
     def _setup(self) -> None:
         cfg = self.cfg
         if self.output.exists() and not cfg.force:
@@ -292,7 +310,7 @@ class _Run:
         self.adapter_config = lora_config(cfg.target_modules, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora,
                                           base_model=self.base["base_model"])  # fmt: skip
         apply_lora(self.model, self.adapter_config, seed=cfg.seed)
-        prepare_for_training(self.model, cfg.gradient_checkpointing)
+        prepare_for_training(self.model, self._gradient_checkpointing(model_dir))
         if self.device.type == "cpu":  # memory that tracks what is live (qkernels/cpu_allocator.py)
             self.scope.enter_context(caching_allocator())
         self.params = lora_parameters(self.model)
@@ -527,7 +545,8 @@ class _Run:
 
                 def finalize(folder: Path) -> None:
                     write_reports(folder, records, cfg.report_to)
-                    write_card(folder, cfg, result, self.train, self.eval, self.dist.world, self.base)
+                    ran = replace(cfg, gradient_checkpointing=self.model.gradient_checkpointing)  # auto, resolved
+                    write_card(folder, ran, result, self.train, self.eval, self.dist.world, self.base)
 
                 write_adapter(self.output, self._adapter(), force=cfg.force, finalize=finalize)
             self.dist.barrier()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("messages", "alpaca", "prompt-completion", "text")  # the JSONL record shapes qconvert.sft_data reads
 SCHEDULES = ("constant", "linear", "cosine")
+CHECKPOINTING = {"auto": None, "on": True, "off": False}  # --gradient-checkpointing
 
 
 def flag(help: str, *names: str, type: Any = None, default: Any = None, choices: tuple[str, ...] | None = None,
@@ -93,7 +94,11 @@ class FinetuneConfig:
     batch_size: int = field(default=4, metadata=flag("Examples per micro-batch per process."))
     grad_accum: int = field(default=1, metadata=flag("Micro-batches per optimizer step."))
     seed: int = field(default=42, metadata=flag("Seed of the LoRA init, the data order, the held-out split and dropout."))
-    gradient_checkpointing: bool = field(default=True, metadata=flag("Keep activations instead of recomputing them."))
+    # None (auto): on only when the memory plan says the run would not fit without it (qconvert/memory_plan.py)
+    gradient_checkpointing: bool | None = field(default=None, metadata=flag(
+        "Recompute each layer's activations in the backward pass: on, off, or auto (on only when `qconvert plan` "
+        "says the run would not fit in the device's memory without it).", type=str, default="auto",
+        choices=tuple(CHECKPOINTING), parse=lambda text: CHECKPOINTING[text]))  # fmt: skip
     dtype: str | None = None  # None: bf16 on a GPU that has it, fp32 on CPU
     device: str | torch.device | None = None  # None or "auto": the local GPU if there is one, else CPU
     eval_every: int = field(default=0, metadata=flag("Steps between eval losses (0: end only)."))

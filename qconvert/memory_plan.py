@@ -247,6 +247,12 @@ def plan(config: dict, settings: Settings, name: str = "config.json") -> Plan:
     return Plan(s, params, p_lora, devices, fits)
 
 
+def needs_checkpointing(config: dict, settings: Settings, available: int) -> bool:
+    """`--gradient-checkpointing auto`: on only when the run without it is predicted not to fit in `available`
+    bytes per device (checkpointing trades compute for memory: a step recomputes every layer's forward)."""
+    return plan(config, replace(settings, gradient_checkpointing=False)).devices[0].total > available
+
+
 def _flags(old: Settings, new: Settings) -> str:
     """The command-line options that turn `old` into `new`."""
     out = [flag for changed, flag in ((new.gradient_checkpointing != old.gradient_checkpointing, "--gradient-checkpointing on"),

@@ -12,8 +12,10 @@ before GPUs became it, and scripts and tests that read stderr there see what the
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from qformats.errors import QError
@@ -67,3 +69,19 @@ def announce_device(device: torch.device, spec: str = "", stream: TextIO | None 
     stream = stream or sys.stderr
     if device.type != "cpu" or stream.isatty():
         print(describe_device(device, spec), file=stream, flush=True)
+
+
+def device_memory(device: torch.device, processes: int = 1) -> int:
+    """Bytes one process can plan on: a GPU's total memory, or on CPU the memory the system has available now
+    shared by the `processes` processes of this host, plus what this process already holds (its model)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+        held = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, KeyError, ValueError, IndexError):  # not Linux: the physical memory, all of it
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(processes, 1)
+    return available // max(processes, 1) + held

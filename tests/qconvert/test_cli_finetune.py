@@ -41,7 +41,7 @@ def test_every_setting_has_a_flag_with_help():
         assert f.name in params, f"FinetuneConfig.{f.name} has no flag"
         assert params[f.name].help, f"--{f.name} has no help"
     help_text = CliRunner().invoke(qconvert_main, ["finetune", "--help"]).output
-    for flag in ("--rank", "-r", "--no-chat-template", "--no-gradient-checkpointing", "--quiet", "--target-modules",
+    for flag in ("--rank", "-r", "--no-chat-template", "--gradient-checkpointing", "--quiet", "--target-modules",
                  "--optimizer-bits", "--report-to", "--push-to-hub", "--dtype", "--device", "--force"):  # fmt: skip
         assert flag in help_text
 
@@ -58,7 +58,7 @@ def test_defaults_are_the_configs(monkeypatch):
 
 def test_command_line_values_become_settings(monkeypatch):
     cfg = _config(monkeypatch, "-r", "8", "--target-modules", "q_proj, v_proj", "--optimizer-bits", "8",
-                  "--optimizer-budget", "2GB", "--no-chat-template", "--no-gradient-checkpointing", "--quiet",
+                  "--optimizer-budget", "2GB", "--no-chat-template", "--gradient-checkpointing", "off", "--quiet",
                   "--report-to", "tensorboard", "--dtype", "bf16", "--format", "alpaca", "--steps", "3", "--force")  # fmt: skip
     assert (cfg.rank, cfg.target_modules, cfg.optimizer_bits, cfg.optimizer_budget) == (8, ["q_proj", "v_proj"], 8, 2 * 10**9)
     assert (cfg.chat_template, cfg.gradient_checkpointing, cfg.progress) == (False, False, False)
@@ -66,7 +66,14 @@ def test_command_line_values_become_settings(monkeypatch):
     assert _config(monkeypatch, "--target-modules", r".*\.(q|v)_proj").target_modules == r".*\.(q|v)_proj"
 
 
-@pytest.mark.parametrize("args", [["--schedule", "steep"], ["--format", "csv"], ["--optimizer-bits", "4"]])
+def test_gradient_checkpointing_auto_on_off(monkeypatch):
+    assert _config(monkeypatch).gradient_checkpointing is None  # auto: the memory plan decides
+    assert _config(monkeypatch, "--gradient-checkpointing", "on").gradient_checkpointing is True
+    assert _config(monkeypatch, "--gradient-checkpointing", "auto").gradient_checkpointing is None
+
+
+@pytest.mark.parametrize("args", [["--schedule", "steep"], ["--format", "csv"], ["--optimizer-bits", "4"],
+                                  ["--gradient-checkpointing", "maybe"]])
 def test_choices_are_checked_while_parsing(args):
     r = CliRunner().invoke(qconvert_main, ["finetune", "m", "d.jsonl", "out", *args])
     assert r.exit_code == 2 and "Invalid value for" in r.output

@@ -154,11 +154,22 @@ def test_one_step_equals_peft_step_and_adapter_loads_in_peft(tiny, tmp_path):
 
 
 def test_grad_accum_and_checkpointing_do_not_change_the_result(tiny, tmp_path):
-    a = finetune(cfg(tiny, tmp_path / "a", dropout=0.0, steps=3))
+    a = finetune(cfg(tiny, tmp_path / "a", dropout=0.0, steps=3, gradient_checkpointing=True))
     b = finetune(cfg(tiny, tmp_path / "b", dropout=0.0, steps=3, batch_size=2, grad_accum=2,
                      gradient_checkpointing=False))  # fmt: skip
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5)
     assert_adapters_close(tmp_path / "a", tmp_path / "b", 1e-5)
+
+
+def test_gradient_checkpointing_auto_asks_the_memory_plan(tiny, tmp_path, monkeypatch):
+    """auto (the default): off when the run fits without it, on when the plan says it would not; the card says which."""
+    import qconvert.finetune as ft
+
+    finetune(cfg(tiny, tmp_path / "roomy", steps=1))
+    monkeypatch.setattr(ft, "device_memory", lambda device, processes=1: 1 << 20)  # 1 MiB: nothing fits
+    finetune(cfg(tiny, tmp_path / "tight", steps=1))
+    assert "| gradient checkpointing | False |" in (tmp_path / "roomy" / "README.md").read_text()
+    assert "| gradient checkpointing | True |" in (tmp_path / "tight" / "README.md").read_text()
 
 
 def run_cli(args, **kw):

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from qconvert.cli import main
-from qconvert.memory_plan import GiB, Settings, Trainer, cheapest_fit, plan
+from qconvert.memory_plan import GiB, Settings, Trainer, cheapest_fit, needs_checkpointing, plan
 from qformats.errors import QError
 
 CONFIGS = Path(__file__).parents[1] / "data" / "model_configs"
@@ -168,3 +168,15 @@ def test_cli_missing_config_is_one_line(tmp_path):
 def test_plan_help_imports_no_torch():
     code = "import sys, qconvert.cli_plan, qconvert.memory_plan; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gradient_checkpointing_auto_is_on_only_when_the_run_would_not_fit_without_it():
+    """`qconvert finetune --gradient-checkpointing auto` (the default) asks the plan, with checkpointing off."""
+    cfg, s = config("llama-3.1-8b"), Settings(seq_len=2048, batch_size=2, rank=8, device="cuda")
+    without = plan(cfg, replace(s, gradient_checkpointing=False)).devices[0].total
+    with_it = plan(cfg, replace(s, gradient_checkpointing=True)).devices[0].total
+    assert with_it < without
+    assert needs_checkpointing(cfg, s, available=without) is False  # fits exactly: no recompute
+    assert needs_checkpointing(cfg, s, available=without - 1) is True
+    assert needs_checkpointing(cfg, replace(s, gradient_checkpointing=True), available=80 * GiB) is False  # the
+    # setting asked about is always "without"
