@@ -254,8 +254,9 @@ class _Run:
                             dtype=str(self.dtype).removeprefix("torch."))  # fmt: skip
         available = device_memory(self.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's
         on = needs_checkpointing(load_config(model_dir), settings, available)
-        self.echo(f"gradient checkpointing {'on' if on else 'off'} (auto: the run without it is planned to "
-                  f"{'exceed' if on else 'fit in'} {available / 2**30:.1f} GiB)")  # fmt: skip
+        if on:  # the slower choice is said; off is the plain case (the model card records both)
+            self.echo(f"gradient checkpointing on (auto): without it the run is planned to exceed "
+                      f"{available / 2**30:.1f} GiB")  # fmt: skip
         return on
 
     def _setup(self) -> None:
