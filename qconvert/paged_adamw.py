@@ -107,7 +107,8 @@ class PagedAdamW:
         self.defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         self.param_groups = _groups(params, self.defaults)
         self.optim_bits, self.min_8bit_size = optim_bits, min_8bit_size
-        self._params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._owners: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]  # hold the grads
+        self._params = [_local(p) for p in self._owners]  # what the update writes
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         devices = {p.device for p in self._params}
         if len(devices) != 1:
@@ -141,7 +142,7 @@ class PagedAdamW:
         self.page_transfers = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self._params:
+        for p in self._owners:
             if p.grad is not None:
                 if set_to_none:
                     p.grad = None
@@ -252,8 +253,8 @@ class PagedAdamW:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        live = [p.grad is not None for p in self._params]
-        for i, p in enumerate(self._params):
+        live = [p.grad is not None for p in self._owners]
+        for i, p in enumerate(self._owners):
             if live[i]:
                 if p.grad.is_sparse:
                     raise QError("PagedAdamW does not support sparse gradients")
@@ -279,7 +280,7 @@ class PagedAdamW:
             p = self._params[s.param]
             g = self.param_groups[self._group_of[s.param]]
             param = p.view(-1)[s.src : s.src + s.n]
-            grad = p.grad.reshape(-1)[s.src : s.src + s.n]
+            grad = _local(self._owners[s.param].grad).reshape(-1)[s.src : s.src + s.n]
             work = param if param.dtype == torch.float32 else param.float()
             if page.bits == 32:
                 m, v = views[0][s.dst : s.dst + s.n], views[1][s.dst : s.dst + s.n]
@@ -392,6 +393,15 @@ class PagedAdamW:
             self.load_state_dict({"state": state, "param_groups": groups})
         except QError as e:
             raise QError(f"{path}: {e}") from None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (an FSDP2 parameter or its gradient, qconvert/fsdp.py), sharing its
+    storage; any other tensor as it is. So the step runs on the local shards only."""
+    if not hasattr(t, "to_local"):
+        return t
+    with torch.no_grad():
+        return t.to_local()
 
 
 def _groups(params, defaults: dict) -> list[dict]:

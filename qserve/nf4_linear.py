@@ -42,8 +42,24 @@ class NF4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # moves the buffers; the weight then takes the moved tensors
-        self.nf4_weight = replace(self.nf4_weight, **{field: self._buffers[name] for name, field in _BUFFERS.items()})
+        self.sync_weight()
         return self
+
+    def hold_as_parameters(self) -> None:
+        """Register the weight's tensors as frozen parameters instead of buffers (same names, same state
+        dict), since FSDP2 shards parameters only (qconvert/fsdp.py); the forward then re-reads them each
+        call, as FSDP swaps the local shards for the all-gathered tensors around each use."""
+        for name in _BUFFERS:
+            t = self._buffers.pop(name, None)
+            if t is not None:
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        self.register_forward_pre_hook(lambda module, args: module.sync_weight())
+
+    def sync_weight(self) -> None:
+        """Point `nf4_weight` at the tensors registered now: the buffers, or under FSDP2 the frozen
+        parameters they became (qconvert/fsdp.py), which FSDP swaps for all-gathered ones around each use."""
+        held = self._parameters if "weight" in self._parameters else self._buffers
+        self.nf4_weight = replace(self.nf4_weight, **{field: held.get(name) for name, field in _BUFFERS.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
