@@ -30,6 +30,8 @@ from qformats.errors import QError
 
 GiB = 1 << 30
 MiB = 1 << 20
+# qserve.lora.ALL_LINEAR, spelled again because this module stays torch-free for `qconvert plan --help`
+# (tests/qconvert/test_memory_plan.py holds the two equal)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -180,3 +180,10 @@ def test_gradient_checkpointing_auto_is_on_only_when_the_run_would_not_fit_witho
     assert needs_checkpointing(cfg, s, available=without - 1) is True
     assert needs_checkpointing(cfg, replace(s, gradient_checkpointing=True), available=80 * GiB) is False  # the
     # setting asked about is always "without"
+
+
+def test_the_decoder_linears_are_the_lora_layers():
+    from qconvert import memory_plan
+    from qserve.lora import ALL_LINEAR
+
+    assert memory_plan.ALL_LINEAR == tuple(ALL_LINEAR)
