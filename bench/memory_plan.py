@@ -7,9 +7,10 @@ Models (built once under --work, never committed): SmolLM2-135M-Instruct importe
 and 1.2B parameters (transformers' random init in fp16, SmolLM2's tokenizer and vocabulary,
 quantized by `qconvert quantize`). Each run is `qconvert finetune --device cpu --steps 2` on a
 JSONL of long {"text"} lines (English prose, so every example fills --max-seq-len and the step
-has exactly batch x seq tokens, all trained), single process or 2 processes under torchrun (DDP).
+has exactly batch x seq tokens, all trained), single process or 2 processes under torchrun (DDP,
+or FSDP with `--fsdp`: each rank loads and keeps half of the base, qconvert/fsdp_load.py).
 Measured: each training process's peak resident set (VmHWM from /proc, polled until it exits; the
-largest rank for DDP). Predicted: `qconvert.memory_plan.plan` with the same settings, device cpu.
+largest rank under torchrun). Predicted: `qconvert.memory_plan.plan` with the same settings, device cpu.
 Prints a markdown table with the error of each prediction. Runs are one at a time and short: the
 machine is shared, and it is memory, not time, that is measured.
 """
@@ -37,18 +38,23 @@ RANDOM_SHAPES = {  # Llama-shaped, SmolLM2's vocabulary so its tokenizer fits; u
                    "num_key_value_heads": 4},
 }  # fmt: skip
 
-# (model, seq, batch, rank, processes, checkpointing)
+# (model, seq, batch per process, rank, processes, checkpointing, FSDP)
 RUNS = [
-    ("smollm2", 256, 4, 16, 1, True),
-    ("smollm2", 256, 4, 16, 1, False),
-    ("smollm2", 512, 4, 64, 1, True),
-    ("smollm2", 256, 4, 16, 2, True),
-    ("llama-0.5b", 256, 2, 16, 1, True),
-    ("llama-0.5b", 256, 2, 16, 2, True),
-    ("llama-1.2b", 128, 2, 16, 1, True),
-    ("llama-0.5b", 512, 2, 64, 1, False),
-    ("llama-1.2b", 256, 2, 64, 1, True),
-    ("smollm2", 256, 4, 64, 2, False),
+    ("smollm2", 256, 4, 16, 1, True, False),
+    ("smollm2", 256, 4, 16, 1, False, False),
+    ("smollm2", 512, 4, 64, 1, True, False),
+    ("smollm2", 256, 4, 16, 2, True, False),
+    ("llama-0.5b", 256, 2, 16, 1, True, False),
+    ("llama-0.5b", 256, 2, 16, 2, True, False),
+    ("llama-1.2b", 128, 2, 16, 1, True, False),
+    ("llama-0.5b", 512, 2, 64, 1, False, False),
+    ("llama-1.2b", 256, 2, 64, 1, True, False),
+    ("smollm2", 256, 4, 64, 2, False, False),
+    ("smollm2", 256, 4, 16, 2, True, True),
+    ("smollm2", 512, 2, 64, 2, False, True),
+    ("llama-0.5b", 256, 2, 16, 2, True, True),
+    ("llama-0.5b", 512, 1, 64, 2, True, True),
+    ("llama-1.2b", 128, 1, 16, 2, True, True),
 ]
 
 
@@ -132,30 +138,35 @@ def measure(cmd: list[str], env: dict) -> tuple[list[int], float]:
     return sorted((k * 1024 for k in trainers), reverse=True), time.perf_counter() - t0
 
 
-def run_one(model: Path, data: Path, seq: int, batch: int, rank: int, procs: int, ckpt: bool) -> tuple[int, float]:
+def run_finetune(model: Path, data: Path, seq: int, batch: int, rank: int, procs: int, ckpt: bool, fsdp: bool = False,
+                 steps: int = 2) -> dict:  # fmt: skip
+    """One `qconvert finetune --device cpu` run (under torchrun when procs > 1): the peak RSS of each
+    training process in bytes (largest first), the wall time, and the seconds of each step (metrics.jsonl)."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["finetune", str(model), str(data), f"{tmp}/out", "--device", "cpu", "--steps", "2",
+        args = ["finetune", str(model), str(data), f"{tmp}/out", "--device", "cpu", "--steps", str(steps),
                 "--batch-size", str(batch), "--max-seq-len", str(seq), "--rank", str(rank), "--format", "text",
                 "--quiet", "--force"]  # fmt: skip
-        args += ["--gradient-checkpointing", "on" if ckpt else "off"]
+        args += ["--gradient-checkpointing", "on" if ckpt else "off"] + (["--fsdp"] if fsdp else [])
         qconvert = str(BIN / "qconvert")
         cmd = [qconvert, *args] if procs == 1 else [str(BIN / "torchrun"), "--nproc-per-node", str(procs), qconvert, *args]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // procs))}
         peaks, seconds = measure(cmd, env)
-    return peaks[0] if procs == 1 else max(peaks[:procs]), seconds
+        records = [json.loads(line) for line in (Path(tmp) / "out" / "metrics.jsonl").read_text().splitlines()]
+    return {"peaks": peaks[: max(procs, 1)], "wall": seconds, "step_seconds": [r["seconds"] for r in records if "seconds" in r]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "memory-plan")
     ap.add_argument("--only", default=None, help="comma-separated model names (smollm2, llama-0.5b, llama-1.2b)")
+    ap.add_argument("--fsdp", action="store_true", help="only the FSDP runs")
     ap.add_argument("--skip", type=int, default=0, help="skip the first N runs of the list")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = ap.parse_args()
     from qconvert.memory_plan import Settings, plan
     from qformats.checkpoint import load_config
 
-    runs = [r for r in RUNS[args.skip :] if args.only is None or r[0] in args.only.split(",")]
+    runs = [r for r in RUNS[args.skip :] if (args.only is None or r[0] in args.only.split(",")) and (r[6] or not args.fsdp)]
     args.work.mkdir(parents=True, exist_ok=True)
     models = build_models(args.work, {r[0] for r in runs})
     data = args.work / "long_text.jsonl"
@@ -163,16 +174,19 @@ def main() -> None:
     rows = []
     print("| model | seq | batch | rank | processes | checkpointing | predicted MB | measured MB | error |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
-    for name, seq, batch, rank, procs, ckpt in runs:
-        s = Settings(seq_len=seq, batch_size=batch, rank=rank, gpus=procs, gradient_checkpointing=ckpt, device="cpu")
+    for name, seq, batch, rank, procs, ckpt, fsdp in runs:
+        s = Settings(seq_len=seq, batch_size=batch, rank=rank, gpus=procs, fsdp=fsdp, gradient_checkpointing=ckpt,
+                     device="cpu")  # fmt: skip
         predicted = plan(load_config(models[name]), s).devices[0].total
-        measured, seconds = run_one(models[name], data, seq, batch, rank, procs, ckpt)
+        run = run_finetune(models[name], data, seq, batch, rank, procs, ckpt, fsdp)
+        measured = max(run["peaks"])
         err = (predicted - measured) / measured
-        rows.append({"model": name, "seq": seq, "batch": batch, "rank": rank, "processes": procs,
+        rows.append({"model": name, "seq": seq, "batch": batch, "rank": rank, "processes": procs, "fsdp": fsdp,
                      "checkpointing": ckpt, "predicted_bytes": predicted, "measured_bytes": measured,
-                     "error": err, "seconds": seconds})  # fmt: skip
-        print(f"| {name} | {seq} | {batch} | {rank} | {procs} | {'on' if ckpt else 'off'} | {predicted / 2**20:.0f} | "
-              f"{measured / 2**20:.0f} | {err:+.1%} |", flush=True)  # fmt: skip
+                     "error": err, "seconds": run["wall"]})  # fmt: skip
+        how = "" if procs == 1 else " (FSDP)" if fsdp else " (DDP)"
+        print(f"| {name} | {seq} | {batch} | {rank} | {procs}{how} | {'on' if ckpt else 'off'} | "
+              f"{predicted / 2**20:.0f} | {measured / 2**20:.0f} | {err:+.1%} |", flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     worst = max(abs(r["error"]) for r in rows)

@@ -77,7 +77,8 @@ def finetune_cmd(model, data, out, push_to_hub, push_private, **settings):
     OUT (adapter_config.json, adapter_model.safetensors, README.md, qconvert.json) loads in PEFT
     over transformers + bitsandbytes, in vLLM and in qserve. ctrl-C writes a checkpoint; run the
     same command with --resume to continue. Several processes (data parallel, gloo on CPU, nccl
-    on GPU): torchrun --nproc-per-node N $(which qconvert) finetune ...
+    on GPU): torchrun --nproc-per-node N $(which qconvert) finetune ...; add --fsdp to shard
+    the base over them instead of a whole copy each.
 
     \b
     Example:

@@ -7,7 +7,10 @@ not depend on how the step is split: batch 4 = batch 2 x 2 accumulation = 2 proc
 exactly up to float summation order. Under torchrun each
 rank holds the 4-bit base and its LoRA copy; after the micro-batches the LoRA gradients are
 summed over ranks (all-reduce, gloo on CPU, nccl on GPU), every rank takes the same optimizer step,
-and only rank 0 writes files.
+and only rank 0 writes files. With `fsdp` each rank holds 1/world of the base, the LoRA weights,
+their gradients and the optimizer state instead (qconvert/fsdp.py): FSDP sums the gradients as it
+reduce-scatters them, every rank runs every micro-batch (its gathers are collectives), and the
+adapter is gathered whole on every rank before rank 0 writes it.
 
 Stopping: ctrl-C (SIGINT, or SIGTERM as torchrun sends) finishes the current step, writes a
 checkpoint and returns `interrupted`; a second ctrl-C aborts at once. `resume=True` continues
@@ -32,8 +35,11 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
+from qconvert import fsdp_checkpoint
 from qconvert import train_checkpoint as ckpt
 from qconvert.finetune_config import SCHEDULES, FinetuneConfig
+from qconvert.fsdp import full_tensor
+from qconvert.fsdp_load import load_sharded_model
 from qconvert.memory_plan import Settings, needs_checkpointing
 from qconvert.paged_adamw import PagedAdamW
 from qconvert.sft_data import IGNORE, Dataset, collate, epoch_batches, load_sft_jsonl, split_eval
@@ -50,7 +56,7 @@ from qkernels.cpu_allocator import caching_allocator
 from qserve.device import device_memory, resolve_device
 from qserve.lm_loss import count_trained
 from qserve.loader import load_model, resolve_model_dir
-from qserve.lora import ALL_LINEAR, apply_lora, lora_adapter, lora_config, lora_modules, lora_parameters
+from qserve.lora import ALL_LINEAR, apply_lora, lora_adapter, lora_config, lora_parameters
 from qserve.nf4_linear import NF4Linear
 from qserve.tokenizer import Tokenizer
 
@@ -214,6 +220,23 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise QError("give either --eval-file or --eval-fraction, not both")
     check_base_model_id(cfg.base_model)
     check_report_to(cfg.report_to)
+    _check_fsdp(cfg)
+
+
+def _check_fsdp(cfg: FinetuneConfig) -> None:
+    """--fsdp needs several processes, and the options it cannot honour are refused by name."""
+    if cfg.fsdp_offload and not cfg.fsdp:
+        raise QError("--fsdp-offload offloads FSDP's shards: pass --fsdp too")
+    if not cfg.fsdp:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise QError("--fsdp shards the model over processes: run it under torchrun with 2 or more, e.g. "
+                     "`torchrun --nproc-per-node 2 $(which qconvert) finetune ... --fsdp`")  # fmt: skip
+    if cfg.fsdp_offload and cfg.optimizer_budget is not None:
+        # The offloaded LoRA shards and gradients live in host memory, so the optimizer steps there too:
+        # there is no device memory for its pages to budget.
+        raise QError("--optimizer-budget: with --fsdp-offload the optimizer state stays in host memory "
+                     "with the offloaded shards; leave --optimizer-budget out")  # fmt: skip
 
 
 def finetune(cfg: FinetuneConfig, echo=lambda msg: None) -> FinetuneResult:
@@ -250,7 +273,8 @@ class _Run:
         targets = cfg.target_modules if isinstance(cfg.target_modules, list) else ALL_LINEAR  # a regex: all, to be safe
         settings = Settings(seq_len=cfg.max_seq_len, batch_size=cfg.batch_size, rank=cfg.rank,
                             target_modules=tuple(t for t in targets if t in ALL_LINEAR) or ALL_LINEAR,
-                            gpus=self.dist.world, optimizer_bits=cfg.optimizer_bits, device=self.device.type,
+                            gpus=self.dist.world, fsdp=cfg.fsdp, fsdp_offload=cfg.fsdp_offload,
+                            optimizer_bits=cfg.optimizer_bits, device=self.device.type,
                             dtype=str(self.dtype).removeprefix("torch."))  # fmt: skip
         available = device_memory(self.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's
         on = needs_checkpointing(load_config(model_dir), settings, available)
@@ -289,11 +313,20 @@ class _Run:
         self.dtype = parse_dtype(cfg.dtype) or (torch.bfloat16 if bf16 else torch.float32)
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout; LoRA init has its own generator (same on all ranks)
 
-        self.model = load_model(model_dir, dtype=self.dtype, device=self.device, progress=cfg.progress and self.dist.main)
+        self.base = base_record(cfg.model, model_dir, cfg.base_model)
+        # The one adapter config of the run: LoRA is applied from it and it is what adapter_config.json says.
+        self.adapter_config = lora_config(cfg.target_modules, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora,
+                                          base_model=self.base["base_model"])  # fmt: skip
+        progress = cfg.progress and self.dist.main
+        if cfg.fsdp:  # each rank keeps its shards of the base and of the LoRA weights (qconvert/fsdp.py)
+            self.model = load_sharded_model(model_dir, self.adapter_config, seed=cfg.seed, dtype=self.dtype,
+                                            device=self.device, offload=cfg.fsdp_offload, progress=progress)  # fmt: skip
+        else:
+            self.model = load_model(model_dir, dtype=self.dtype, device=self.device, progress=progress)
+            apply_lora(self.model, self.adapter_config, seed=cfg.seed)
         if not any(isinstance(m, NF4Linear) for m in self.model.modules()):
             self.note(f"{cfg.model} is not an NF4 checkpoint: training plain LoRA over its {self.dtype} weights "
                       "(quantize it first with `qconvert quantize` for QLoRA's memory savings)")  # fmt: skip
-        self.base = base_record(cfg.model, model_dir, cfg.base_model)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_ids[0]
         load = {"fmt": cfg.format, "max_seq_len": cfg.max_seq_len, "train_on_prompt": cfg.train_on_prompt,
@@ -307,10 +340,6 @@ class _Run:
         for n in self.train.notes:
             self.note(f"{cfg.data}: {n}")
 
-        # The one adapter config of the run: LoRA is applied from it and it is what adapter_config.json says.
-        self.adapter_config = lora_config(cfg.target_modules, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora,
-                                          base_model=self.base["base_model"])  # fmt: skip
-        apply_lora(self.model, self.adapter_config, seed=cfg.seed)
         prepare_for_training(self.model, self._gradient_checkpointing(model_dir))
         if self.device.type == "cpu":  # memory that tracks what is live (qkernels/cpu_allocator.py)
             self.scope.enter_context(caching_allocator())
@@ -329,8 +358,9 @@ class _Run:
             "model": str(cfg.model), "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
             "target_modules": cfg.target_modules, "rslora": cfg.rslora, "lr": cfg.lr, "schedule": cfg.schedule,
             "warmup_ratio": cfg.warmup_ratio, "max_grad_norm": cfg.max_grad_norm, "weight_decay": cfg.weight_decay,
-            "optimizer_bits": cfg.optimizer_bits, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "world_size": self.dist.world, "seed": cfg.seed, "max_seq_len": cfg.max_seq_len,
+            "optimizer_bits": cfg.optimizer_bits, "seed": cfg.seed,
+            # The global batch, not its split: another process count or accumulation continues the same run.
+            "global_batch": cfg.batch_size * cfg.grad_accum * self.dist.world, "max_seq_len": cfg.max_seq_len,
             "train_on_prompt": cfg.train_on_prompt, "format": cfg.format, "total_steps": self.total,
             "dtype": str(self.dtype),
         }  # fmt: skip
@@ -342,19 +372,15 @@ class _Run:
     def _restore(self, folder: Path) -> None:
         state = ckpt.read_state(folder)
         ckpt.check_same_run(state.get("run", {}), self.fingerprint, folder)
-        tensors = ckpt.load_adapter_tensors(folder)
-        with torch.no_grad():
-            for name, m in lora_modules(self.model).items():
-                for half, lin in (("A", m.lora_A), ("B", m.lora_B)):
-                    key = f"base_model.model.{name}.lora_{half}.weight"
-                    if key not in tensors:
-                        raise QError(f"{folder}: adapter lacks {key}")
-                    lin.weight.copy_(tensors[key])
-        self.optimizer.load(folder / "optimizer.safetensors")
+        fsdp_checkpoint.load(folder, self.model, self.optimizer, state.get("sharded"))  # either layout, any ranks
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
         self.history, self.eval_before = state.get("history", []), state.get("eval_before")
-        ckpt.load_rng(folder, self.dist.rank)
+        ckpt.load_rng(folder, self.dist.rank)  # a rank the writing run did not have keeps its seeded RNG
+        written_by = state.get("world_size", state["run"].get("world_size", 1))
+        if written_by != self.dist.world:
+            self.note(f"{folder.name} was written by {written_by} process(es), this run has {self.dist.world}: the same "
+                      "global batch, but the examples each rank takes and its dropout draws differ from that run's")  # fmt: skip
         self.echo(f"resuming from {folder} (step {self.step} of {self.total})")
 
     # --- the loop -----------------------------------------------------------------------------
@@ -383,13 +409,18 @@ class _Run:
         seen = 0
         for batch in micro:
             mine = self._my_share(batch)
-            if not mine:
+            if not mine and not cfg.fsdp:
                 continue
-            tokens, labels = collate([self.train.examples[i] for i in mine], self.pad_id, self.device)
+            # Under FSDP every rank runs every micro-batch: its gathers and gradient reductions are collectives.
+            # A rank without examples in this one runs a batch without targets (no loss, zero gradients).
+            tokens, labels = self._collate([self.train.examples[i] for i in mine])
             loss = self._forward_backward(tokens, labels, n_tokens)
             loss_sum += loss.detach().double().cpu()
             seen += sum(len(self.train.examples[i].input_ids) for i in mine)
-        if self.dist.world > 1:
+        if cfg.fsdp:  # the gradients are reduce-scattered already (qconvert/fsdp.py): only the stats are summed
+            stats = self.dist.sum_(torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64))
+            loss_sum, seen = stats[0], int(stats[1].item())
+        elif self.dist.world > 1:
             flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
                               for p in self.params])  # fmt: skip
             stats = torch.tensor([loss_sum.item(), float(seen)], dtype=torch.float64)
@@ -399,7 +430,8 @@ class _Run:
                 p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
             loss_sum, seen = stats[0], int(stats[1].item())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        # On FSDP's sharded gradients torch computes the norm over every rank's shard: the global one.
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         for what, value in (("loss", float(loss_sum)), ("gradient norm", float(grad_norm))):
             if not math.isfinite(value):
                 self._stop_non_finite(f"step {self.step + 1}: the {what} became {value}")
@@ -432,6 +464,9 @@ class _Run:
             loss.backward()
             return loss
         except torch.OutOfMemoryError:
+            if self.cfg.fsdp:  # the other ranks are inside this step's collectives: a retry here would not meet them
+                raise QError(f"out of memory on {self.device}: lower --batch-size or --max-seq-len, turn gradient "
+                             "checkpointing on, or pass --fsdp-offload") from None  # fmt: skip
             if self.pressure or any(p.grad is not None for p in self.params):
                 raise QError(f"out of memory on {self.device} even with the optimizer state evicted: lower "
                              "--batch-size or --max-seq-len, or turn gradient checkpointing on") from None  # fmt: skip
@@ -445,6 +480,13 @@ class _Run:
         loss.backward()
         return loss
 
+    def _collate(self, examples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, labels) of `examples` on the device; none: one padding position pair without a target."""
+        if not examples:
+            return (torch.full((1, 2), self.pad_id, device=self.device),
+                    torch.full((1, 2), IGNORE, device=self.device))  # fmt: skip
+        return collate(examples, self.pad_id, self.device)
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         if self.eval is None or not len(self.eval):
@@ -454,9 +496,10 @@ class _Run:
         mine = self._my_share(order)
         total = torch.zeros(2, dtype=torch.float64)
         bs = self.cfg.batch_size
-        for k in range(0, len(mine), bs):
-            exs = [self.eval.examples[i] for i in mine[k : k + bs]]
-            tokens, labels = collate(exs, self.pad_id, self.device)
+        # Under FSDP every rank runs as many batches as the rank with the most examples (forwards are collectives).
+        batches = -(-len(order) // self.dist.world) if self.cfg.fsdp else len(mine)
+        for k in range(0, batches, bs):
+            tokens, labels = self._collate([self.eval.examples[i] for i in mine[k : k + bs]])
             total[0] += float(self.model.loss(tokens, labels, 1))
             total[1] += count_trained(labels)
         total = self.dist.sum_(total)
@@ -471,19 +514,25 @@ class _Run:
             tmp.mkdir(parents=True)
         d.barrier()
         ckpt.save_rng(tmp, d.rank)
+        sharded = (
+            fsdp_checkpoint.save(tmp, self.model, self.optimizer) if fsdp_checkpoint.is_sharded(self.model) else None
+        )
         d.barrier()
         if d.main:
-            save_adapter_files(tmp, self._adapter())
+            if sharded is None:  # one process or DDP: the adapter and optimizer whole (a sharded run wrote dcp/)
+                save_adapter_files(tmp, self._adapter())
+                self.optimizer.save(tmp / "optimizer.safetensors")
             write_reports(tmp, metric_records(self.history, self.eval_before), [], plot=False)
-            self.optimizer.save(tmp / "optimizer.safetensors")
             state = {"step": self.step, "epoch": self.epoch, "index": self.index, "total_steps": self.total,
                      "scheduler": self.scheduler.state_dict(), "history": self.history,
-                     "eval_before": self.eval_before, "run": self.fingerprint}  # fmt: skip
+                     "eval_before": self.eval_before, "run": self.fingerprint, "world_size": d.world,
+                     "sharded": sharded}  # fmt: skip
             ckpt.finish(tmp, final, state, self.cfg.keep_checkpoints)
         d.barrier()
         return final
 
     def _adapter(self):
+        """The whole adapter (under FSDP gathered from the shards: a collective, every rank calls it)."""
         return lora_adapter(self.model, self.adapter_config)
 
     def _live_log(self, first_step: int) -> TensorBoardLog | None:
@@ -518,7 +567,8 @@ class _Run:
                                     tok_s=f"{entry['tokens_per_s']:.0f}", mem=_memory(self.device))  # fmt: skip
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
                         entry["eval_loss"] = self.evaluate()
-                        bar.write(f"step {self.step}: eval loss {entry['eval_loss']:.4f}")
+                        if self.dist.main:  # tqdm's write prints even from a disabled bar
+                            bar.write(f"step {self.step}: eval loss {entry['eval_loss']:.4f}")
                     if live is not None:
                         live.add(metric_records([entry], None)[0])
                     flag = self.dist.sum_(torch.tensor([float(stop.requested)]))
@@ -536,7 +586,8 @@ class _Run:
                                     self.notes, self.history)  # fmt: skip
             if interrupted:
                 return result
-            if not all(torch.isfinite(p).all() for p in self.params):
+            adapter = self._adapter()  # whole on every rank, so all ranks reach the same verdict
+            if not all(torch.isfinite(t).all() for pair in adapter.weights.values() for t in pair):
                 self._stop_non_finite(f"after step {self.step}: the adapter weights became non-finite")
             result.eval_loss_after = self.evaluate()
             if live is not None and result.eval_loss_after is not None:
@@ -549,7 +600,7 @@ class _Run:
                     ran = replace(cfg, gradient_checkpointing=self.model.gradient_checkpointing)  # auto, resolved
                     write_card(folder, ran, result, self.train, self.eval, self.dist.world, self.base)
 
-                write_adapter(self.output, self._adapter(), force=cfg.force, finalize=finalize)
+                write_adapter(self.output, adapter, force=cfg.force, finalize=finalize)
             self.dist.barrier()
             result.output = self.output
             return result

@@ -99,6 +99,11 @@ class FinetuneConfig:
         "Recompute each layer's activations in the backward pass: on, off, or auto (on only when `qconvert plan` "
         "says the run would not fit in the device's memory without it).", type=str, default="auto",
         choices=tuple(CHECKPOINTING), parse=lambda text: CHECKPOINTING[text]))  # fmt: skip
+    fsdp: bool = field(default=False, metadata=flag(
+        "Shard the 4-bit base, the LoRA weights, their gradients and the optimizer state over the processes "
+        "(FSDP2; under torchrun with 2 or more) instead of a whole copy per process."))  # fmt: skip
+    fsdp_offload: bool = field(default=False, metadata=flag(
+        "With --fsdp: keep the shards and their gradients in CPU memory between uses (FSDP2's CPU offload)."))  # fmt: skip
     dtype: str | None = None  # None: bf16 on a GPU that has it, fp32 on CPU
     device: str | torch.device | None = None  # None or "auto": the local GPU if there is one, else CPU
     eval_every: int = field(default=0, metadata=flag("Steps between eval losses (0: end only)."))

@@ -9,7 +9,9 @@ constants were calibrated against measured peaks, and checks three published pea
 
 - the 4-bit base as stored (packed codes, 8-bit scales, nested scales, maps) and the float
   embeddings / output layer, sharded over the ranks under FSDP, on the host with FSDP offload;
-- under FSDP, the all-gather buffers: the layer being computed and the one prefetched;
+- under FSDP, the all-gather buffers: the layer being computed and the one prefetched, and one
+  float table (the embeddings or the output layer, each gathered only around its use; a tied table,
+  with the root, for the whole step) as gathered and as copied out;
 - LoRA weights, gradients and PagedAdamW state (32-bit: two fp32 moments; 8-bit: two codes and
   one fp32 absmax per 256), sharded under FSDP, on the host with offload; DDP's flat gradient
   all-reduce buffers;
@@ -42,6 +44,7 @@ CPU_ALLOCATOR_KEEP = 1 * GiB  # qkernels/cpu_caching_allocator.cpp keeps at most
 SAVED_FRACTION = 0.8  # of the tensors autograd could keep per layer, the share resident at the peak (measured)
 ALLOCATOR_SLACK = 0.10  # caching allocators: free blocks held between the peaks of a step, per byte of activations
 LOSS_CHUNK_BYTES = 64 << 20  # qserve/lm_loss.py CHUNK_BYTES: fp32 logits of one chunk
+FSDP_RUNTIME_BYTES = 100 * MiB  # FSDP2's first use: DTensor and its dispatch tables, whatever the model (measured)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ class Breakdown:
         return sum(v for k, v in self.terms.items() if k not in _OUTSIDE_TENSORS)
 
 
-_OUTSIDE_TENSORS = ("allocator slack", "CUDA context", "runtime (Python, torch, tokenizer)")
+_OUTSIDE_TENSORS = ("allocator slack", "CUDA context", "runtime (Python, torch, tokenizer)", "FSDP2 runtime")
 
 
 @dataclass
@@ -221,9 +224,10 @@ def plan(config: dict, settings: Settings, name: str = "config.json") -> Plan:
     for key, value in sharded.items():
         where = host if s.fsdp_offload else dev
         where[key + (f" (1/{n} shard)" if s.fsdp else "")] = math.ceil(value / shard)
-    if s.fsdp:  # one layer computing and the next prefetched, in full; the root's floats gathered for the step
+    if s.fsdp:  # one layer computing and the next prefetched, in full; one float table twice: FSDP2
+        # gathers into a flat buffer and copies the whole tensor out of it (the CPU block cache keeps both)
         layer_lora = p_lora // shape.layers * s.trainer.lora_bytes
-        dev["all-gather buffers"] = 2 * (layer_4bit + layer_lora) + floats - math.ceil(floats / shard)
+        dev["all-gather buffers"] = 2 * (layer_4bit + layer_lora) + 2 * shape.vocab * shape.hidden * a
     elif n > 1:  # DDP: the flat gradient and its all-reduced copy
         dev["DDP all-reduce buffers"] = 2 * lora_g
 
@@ -238,11 +242,15 @@ def plan(config: dict, settings: Settings, name: str = "config.json") -> Plan:
         if not s.fsdp_offload:  # PagedAdamW's pages have their home in (pinned) host memory
             host["optimizer state (paged home)"] = math.ceil(opt / shard)
         host["runtime (Python, torch, tokenizer)"] = CPU_RUNTIME_BYTES
+        if s.fsdp:
+            host["FSDP2 runtime"] = FSDP_RUNTIME_BYTES
         devices = [Breakdown("cuda", dev), Breakdown("cpu (host, per process)", host)]
     else:  # one process is the device: host and device terms are the same memory
         dev.update(host)
         dev["allocator slack"] = min(CPU_ALLOCATOR_KEEP, int(ALLOCATOR_SLACK * transient))
         dev["runtime (Python, torch, tokenizer)"] = CPU_RUNTIME_BYTES
+        if s.fsdp:
+            dev["FSDP2 runtime"] = FSDP_RUNTIME_BYTES
         devices = [Breakdown("cpu (per process)", dev)]
     fits = None if s.gpu_memory is None else devices[0].total <= s.gpu_memory
     params = shape.layers * sum(i * o for i, o in shape.linears().values()) + shape.vocab * shape.hidden * (1 if shape.tied else 2)

@@ -118,7 +118,9 @@ class PagedAdamW:
             if not p.is_contiguous():
                 raise QError(f"parameter {i} of shape {list(p.shape)} is not contiguous")
         self._steps = [0] * len(self._params)
-        self._bits = [8 if optim_bits == 8 and p.numel() >= min_8bit_size else 32 for p in self._params]
+        # Decided on the whole parameter (a DTensor's numel is global), as bitsandbytes does: a sharded run keeps
+        # the same precision per parameter whatever the number of ranks, so its checkpoints load on any count.
+        self.param_bits = [8 if optim_bits == 8 and p.numel() >= min_8bit_size else 32 for p in self._owners]
         if budget_bytes is not None and page_bytes > budget_bytes // 2:
             page_bytes = max(budget_bytes // 2, 8 * BLOCKSIZE)  # two pages fit: one in use, one prefetched
         self._elems = {32: _round_down(page_bytes // 8), 8: _round_down(page_bytes * BLOCKSIZE // (2 * BLOCKSIZE + 8))}
@@ -158,7 +160,7 @@ class PagedAdamW:
             elems = self._elems[bits]
             pos, segments = 0, []  # pos: next free element of the flat space
             for i, p in enumerate(self._params):
-                if self._bits[i] != bits:
+                if self.param_bits[i] != bits:
                     continue
                 src = 0
                 while src < p.numel():
@@ -308,7 +310,7 @@ class PagedAdamW:
         self.flush()
         state: dict[int, dict[str, torch.Tensor]] = {}
         for i, p in enumerate(self._params):
-            if self._bits[i] == 32:
+            if self.param_bits[i] == 32:
                 state[i] = {"exp_avg": torch.zeros(p.shape), "exp_avg_sq": torch.zeros(p.shape)}
             else:
                 nb = -(-p.numel() // BLOCKSIZE)
@@ -334,11 +336,11 @@ class PagedAdamW:
             s = state_dict["state"].get(i, state_dict["state"].get(str(i)))
             if s is None:
                 raise QError(f"optimizer state has no entry for parameter {i}")
-            want = ("exp_avg", "exp_avg_sq") if self._bits[i] == 32 else ("state1", "absmax1", "state2", "absmax2")
+            want = ("exp_avg", "exp_avg_sq") if self.param_bits[i] == 32 else ("state1", "absmax1", "state2", "absmax2")
             for key in want:
                 if key not in s:
                     raise QError(f"optimizer state of parameter {i} lacks {key!r} "
-                                 f"({self._bits[i]}-bit state expected)")  # fmt: skip
+                                 f"({self.param_bits[i]}-bit state expected)")  # fmt: skip
                 if key in ("exp_avg", "exp_avg_sq", "state1", "state2") and s[key].shape != p.shape:
                     raise QError(f"optimizer state {key!r} of parameter {i} has shape {list(s[key].shape)}, "
                                  f"expected {list(p.shape)}")  # fmt: skip
@@ -376,23 +378,29 @@ class PagedAdamW:
 
     def load(self, path: str | Path) -> None:
         """Read a state written by `save`; raises QError naming the file if it does not fit."""
+        state = read_state_file(path, self.optim_bits)
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-            groups = json.loads(meta["param_groups"])
-        except (OSError, KeyError, ValueError, SafetensorError) as e:
-            raise QError(f"{path}: not an optimizer state file ({e})") from None
-        if int(meta.get("optim_bits", 32)) != self.optim_bits:
-            raise QError(f"{path}: holds {meta.get('optim_bits')}-bit optimizer state, this run uses {self.optim_bits}-bit")
+            self.load_state_dict(state)
+        except QError as e:
+            raise QError(f"{path}: {e}") from None
+
+
+def read_state_file(path: str | Path, optim_bits: int) -> dict:
+    """The state dict `PagedAdamW.save` wrote to `path` (whole tensors), checked to hold `optim_bits`-bit state."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        groups = json.loads(meta["param_groups"])
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = t
-        try:
-            self.load_state_dict({"state": state, "param_groups": groups})
-        except QError as e:
-            raise QError(f"{path}: {e}") from None
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise QError(f"{path}: not an optimizer state file ({e})") from None
+    if int(meta.get("optim_bits", 32)) != optim_bits:
+        raise QError(f"{path}: holds {meta.get('optim_bits')}-bit optimizer state, this run uses {optim_bits}-bit")
+    return {"state": state, "param_groups": groups}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

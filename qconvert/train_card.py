@@ -45,6 +45,7 @@ def training_facts(cfg, result, train: Dataset, held_out: Dataset | None, world:
         "steps": result.steps,
         "epochs": round(examples_seen / max(1, len(train)), 2),
         "batch": f"{cfg.batch_size} per process x {cfg.grad_accum} accumulation x {world} processes",
+        "sharding": ("FSDP2" + (" with CPU offload" if cfg.fsdp_offload else "")) if cfg.fsdp else None,
         "max seq len": cfg.max_seq_len,
         "learning rate": cfg.lr,
         "schedule": f"{cfg.schedule}, {cfg.warmup_ratio:.0%} warmup",

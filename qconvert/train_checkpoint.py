@@ -3,10 +3,14 @@
 A checkpoint is a folder `step-NNNNNNN/` under the run's checkpoint directory:
 - `adapter_config.json` + `adapter_model.safetensors`: the adapter so far (a PEFT folder itself);
 - `optimizer.safetensors`: PagedAdamW's state (tensors only, no pickle);
+- or, for a sharded (`--fsdp`) run, in place of those two, `dcp/`: each rank's shards of the LoRA
+  weights and optimizer state, one safetensors file per rank (qconvert/fsdp_checkpoint.py);
 - `rng-<rank>.safetensors`: each rank's torch RNG states (CPU and CUDA), for dropout;
-- `trainer_state.json`: step, data position (epoch, micro-batch), scheduler, loss history, and the
-  settings that must not change on resume (with them, the resumed run equals an uninterrupted one).
-It is written into a temp folder and renamed, so a folder named `step-*` is always complete.
+- `trainer_state.json`: step, data position (epoch, micro-batch), scheduler, loss history, the number
+  of processes that wrote it, and the settings that must not change on resume (with them, the resumed
+  run equals an uninterrupted one).
+It is written into a temp folder and renamed once every rank has written its part, so a folder named
+`step-*` is always complete.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from qformats.json_file import read_json_object
 from qformats.safetensors_file import read_safetensors_header
 
 STATE_FILE = "trainer_state.json"
+SHARDS_DIR = "dcp"  # a sharded run's tensors (qconvert/fsdp_checkpoint.py)
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -52,13 +57,27 @@ def newest_checkpoint(root: Path) -> Path | None:
 def damage(folder: Path) -> str | None:
     """Why a checkpoint cannot be resumed from (a file missing, truncated or unreadable), or None.
 
-    Checks what can be checked without loading: the state JSON and every safetensors header against its
-    file size, which is what a disk filling up or a copy cut short breaks."""
+    Checks what can be checked without loading: the state JSON, every safetensors header against its
+    file size, and that every rank's files are there, which is what a disk filling up or a copy cut short
+    breaks."""
     try:
-        read_state(folder)
-        for name in ("adapter_model.safetensors", "optimizer.safetensors"):
-            read_safetensors_header(folder / name)
-        for rng in sorted(folder.glob("rng-*.safetensors")):
+        state = read_state(folder)
+        sharded = state.get("sharded")
+        if sharded is None:
+            for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+                read_safetensors_header(folder / name)
+        elif not isinstance(sharded, dict):
+            return f"{STATE_FILE}: 'sharded' is not an object"
+        else:
+            shards = sorted((folder / SHARDS_DIR).glob("*.safetensors"))
+            if len(shards) != sharded.get("shards"):
+                return f"{len(shards)} of its {sharded.get('shards')} shard files in {SHARDS_DIR}/"
+            for shard in shards:
+                read_safetensors_header(shard)
+        rngs = sorted(folder.glob("rng-*.safetensors"))
+        if "world_size" in state and len(rngs) != state["world_size"]:
+            return f"{len(rngs)} of its {state['world_size']} RNG states"
+        for rng in rngs:
             read_safetensors_header(rng)
     except QError as e:
         return str(e)
@@ -92,9 +111,11 @@ def save_rng(folder: Path, rank: int) -> None:
 
 
 def load_rng(folder: Path, rank: int) -> None:
+    """Set this rank's RNG states from the checkpoint; where the run that wrote it had no such rank (it ran
+    on fewer processes), the RNG stays as it is."""
     path = folder / f"rng-{rank}.safetensors"
     if not path.is_file():
-        raise QError(f"{folder}: no RNG state for rank {rank} (was the run made with fewer processes?)")
+        return
     try:
         state = load_file(str(path))
         cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
@@ -126,6 +147,8 @@ def read_state(folder: Path) -> dict:
 
 def check_same_run(saved: dict, current: dict, folder: Path) -> None:
     """Resuming with different data or settings would not continue the same run: refuse, naming each difference."""
+    if "global_batch" not in saved and {"batch_size", "grad_accum", "world_size"} <= saved.keys():
+        saved = saved | {"global_batch": saved["batch_size"] * saved["grad_accum"] * saved["world_size"]}  # older runs
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         raise QError(f"{folder} was made with other settings, so --resume cannot continue it ({'; '.join(diffs)}); "

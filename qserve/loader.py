@@ -6,6 +6,8 @@ the stored tensors as they are. Peak memory is therefore about the final model s
 4-bit size for NF4) plus one tensor. Every tensor is checked against the config before use: a
 missing, unexpected or wrongly shaped tensor is a QError naming it; so is a float tensor (or an NF4
 scale) holding NaN or inf, which would silently turn every answer into nothing.
+`load_meta_model` stops before the data: the same checked model, every tensor on the meta device,
+for a loader that reads only its part of each tensor (qconvert/fsdp_load.py).
 
 Compute dtype (`dtype=None`): on CPU float32 (fp16 matmuls are slow on CPUs, and bf16 is only fast
 on some); on CUDA the checkpoint's dtype, or `bnb_4bit_compute_dtype` for NF4 checkpoints.
@@ -20,11 +22,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
+from qformats.checkpoint import Checkpoint, iter_checkpoint_tensors, open_checkpoint
 from qformats.dtypes import known_dtype, parse_dtype
 from qformats.errors import QError
 from qformats.hub_pull import resolve_source
 from qformats.nf4 import NF4_PART_SUFFIXES, QUANT_STATE_SUFFIX, NF4Weight, read_quant_state
+from qformats.safetensors_file import TensorInfo, read_tensor
 from qserve.model import CausalLM
 from qserve.model_config import ModelArgs
 from qserve.nf4_linear import NF4Linear
@@ -71,11 +74,71 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, dev
     """
     device = torch.device(device)
     model_dir = resolve_model_dir(model, revision)
-    ckpt = open_checkpoint(model_dir)  # config.json and every shard header, checked before any data is read
+    ckpt, lm, nf4_prefixes = _checked_skeleton(model_dir)
+    dtype = parse_dtype(dtype) or default_dtype(ckpt.config, device)
+    found = {name: info.file for name, info in ckpt.tensors.items()}
+    expected = dict(lm.named_parameters(remove_duplicate=False))
+    tied = lm.args.tie_word_embeddings
+
+    pending: dict[str, dict[str, torch.Tensor]] = {p: {} for p in nf4_prefixes}
+    bar = tqdm(total=len(found), desc="loading", unit="tensor", disable=None if progress else True, leave=False)  # None: off when not a TTY
+    for name, t in iter_checkpoint_tensors(ckpt):
+        bar.update()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QError(f"{found[name]}: tensor {name!r} has non-finite values (NaN or inf)")
+        group = _nf4_group(name, pending)
+        if group is not None:
+            pending[group][name] = t.to(device)
+            if len(pending[group]) == _nf4_group_size(pending[group], group):
+                _install_nf4(lm, group, pending.pop(group), model_dir)
+            continue
+        if name in expected and not (tied and name == "lm_head.weight"):
+            _set_param(lm, name, t.to(device=device, dtype=dtype))
+    bar.close()
+    if pending:
+        p, got = next(iter(pending.items()))
+        NF4Weight.from_tensors(p, got)  # raises naming the missing part
+    if tied:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    lm.model.reset_rope(device)
+    for name, t in [*lm.named_parameters(), *lm.named_buffers()]:
+        if t is not None and t.is_meta:  # every expected tensor was checked above; this is a loader bug
+            raise QError(f"{model_dir}: {name!r} was not loaded")
+    return lm.eval()
+
+
+def load_meta_model(model_dir: Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+                    ) -> tuple[CausalLM, dict[str, TensorInfo]]:  # fmt: skip
+    """The model of a checked checkpoint folder with every tensor on the meta device (no data read but
+    the small NF4 quant states), shaped and typed as `load_model(model_dir, dtype=dtype, device=device)`
+    would load it, NF4 linears included; and where each checkpoint tensor lies. For a loader that fills
+    only parts of the tensors (qconvert/fsdp_load.py: each rank its own rows). Frozen, in eval mode;
+    rope frequencies on the CPU."""
+    ckpt, lm, nf4_prefixes = _checked_skeleton(model_dir)
+    dtype = parse_dtype(dtype) or default_dtype(ckpt.config, torch.device(device))
+    tensors = ckpt.tensors
+    for prefix in nf4_prefixes:
+        parts = {k: torch.empty(info.shape, dtype=info.dtype, device="meta") for k, info in tensors.items()
+                 if _nf4_group(k, (prefix,)) == prefix}  # fmt: skip
+        state = tensors[prefix + QUANT_STATE_SUFFIX]  # the JSON that gives shape, blocksize and offset
+        with open(state.file, "rb") as f:
+            parts[state.name] = read_tensor(f, state)
+        _install_nf4(lm, prefix, parts, model_dir)
+    for name, p in list(lm.named_parameters(remove_duplicate=False)):  # the float tensors, NF4 biases included
+        _set_param(lm, name, torch.empty(p.shape, dtype=dtype, device="meta"))
+    if lm.args.tie_word_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    return lm.requires_grad_(False).eval(), tensors
+
+
+def _checked_skeleton(model_dir: Path) -> tuple[Checkpoint, CausalLM, set[str]]:
+    """The checkpoint (config.json and every shard header checked), its model on the meta device, and the
+    names of its 4-bit weights, once every tensor has been checked against the config: a missing,
+    unexpected or wrongly shaped tensor is a QError naming it, before any data is read."""
+    ckpt = open_checkpoint(model_dir)
     cfg = ckpt.config
     args = ModelArgs.from_config(cfg, str(model_dir / "config.json"))
     quantization_of(cfg, str(model_dir / "config.json"))
-    dtype = parse_dtype(dtype) or default_dtype(cfg, device)
     found = {name: (info.file, info.shape) for name, info in ckpt.tensors.items()}
 
     with torch.device("meta"):
@@ -101,32 +164,7 @@ def load_model(model: str | Path, *, dtype: torch.dtype | str | None = None, dev
         if not known and not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight"):
             raise QError(f"{shard}: unexpected tensor {name!r} (not part of a {args.model_type} model with this "
                          "config.json)")  # fmt: skip
-
-    pending: dict[str, dict[str, torch.Tensor]] = {p: {} for p in nf4_prefixes}
-    bar = tqdm(total=len(found), desc="loading", unit="tensor", disable=None if progress else True, leave=False)  # None: off when not a TTY
-    for name, t in iter_checkpoint_tensors(ckpt):
-        bar.update()
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise QError(f"{found[name][0]}: tensor {name!r} has non-finite values (NaN or inf)")
-        group = _nf4_group(name, pending)
-        if group is not None:
-            pending[group][name] = t.to(device)
-            if len(pending[group]) == _nf4_group_size(pending[group], group):
-                _install_nf4(lm, group, pending.pop(group), model_dir)
-            continue
-        if name in expected and not (tied and name == "lm_head.weight"):
-            _set_param(lm, name, t.to(device=device, dtype=dtype))
-    bar.close()
-    if pending:
-        p, got = next(iter(pending.items()))
-        NF4Weight.from_tensors(p, got)  # raises naming the missing part
-    if tied:
-        lm.lm_head.weight = lm.model.embed_tokens.weight
-    lm.model.reset_rope(device)
-    for name, t in [*lm.named_parameters(), *lm.named_buffers()]:
-        if t is not None and t.is_meta:  # every expected tensor was checked above; this is a loader bug
-            raise QError(f"{model_dir}: {name!r} was not loaded")
-    return lm.eval()
+    return ckpt, lm, nf4_prefixes
 
 
 def _nf4_group(name: str, prefixes) -> str | None:

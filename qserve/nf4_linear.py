@@ -72,6 +72,8 @@ class NF4Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The checkpoint layout: `weight.absmax`, ... and the quant-state JSON, not our attribute names.
+        if "weight" in self._parameters:  # under FSDP2: the shards held now, not the last forward's freed gathers
+            self.sync_weight()
         for key, t in self.nf4_weight.to_tensors(prefix + "weight").items():
             destination[key] = t if keep_vars else t.detach()
         if self.bias is not None:

@@ -62,11 +62,17 @@ def load_lora(model: nn.Module, adapter: PeftAdapter | str | Path, trainable: bo
 
 
 def lora_adapter(model: nn.Module, config: AdapterConfig) -> PeftAdapter:
-    """The model's LoRA weights (on CPU) with the config they were made with, ready for `write_adapter`."""
+    """The model's LoRA weights (on CPU) with the config they were made with, ready for `write_adapter`.
+    A model sharded by FSDP2 (qconvert/fsdp.py) has them as DTensors: they are gathered whole, a
+    collective every rank must join."""
     mods = lora_modules(model)
     if not mods:
         raise QError("the model has no LoRA adapter to save")
-    return PeftAdapter(config, {n: (m.lora_A.weight.detach().cpu(), m.lora_B.weight.detach().cpu()) for n, m in mods.items()})
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+
+    return PeftAdapter(config, {n: (whole(m.lora_A.weight.detach()), whole(m.lora_B.weight.detach())) for n, m in mods.items()})
 
 
 def merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

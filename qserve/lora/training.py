@@ -128,11 +128,16 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)  # PEFT's default init
-        nn.init.zeros_(self.lora_B.weight)
+        self.reset_lora_parameters(generator)
         self.dropout = float(dropout)  # on the LoRA input, in training mode only (nn.Dropout's semantics)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's default init: A Kaiming-uniform (drawn from `generator`), B zero. A no-op on the meta
+        device, where a loader that fills the base later calls it again once A and B are real."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 
 from qconvert.fsdp import full_tensor, shard_for_training
 from qconvert.paged_adamw import PagedAdamW
@@ -55,12 +56,19 @@ def rank_main(folder: Path, offload: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     exs = examples(folder)
     per = GLOBAL_BATCH // world
+    whole = lora_model(folder).state_dict()
     model = shard_for_training(lora_model(folder), dist.group.WORLD if offload else None, offload=offload)
     assert any(p.dtype == torch.uint8 for p in model.parameters())  # the NF4 codes are parameters now
     for name, p in model.named_parameters():  # and every tensor is held 1/world per rank
         assert p.to_local().numel() <= -(-p.numel() // world), name
+    # untied float tables: units of their own, gathered around their use, not for the root's whole step
+    assert isinstance(model.model.embed_tokens, FSDPModule) and isinstance(model.lm_head, FSDPModule)
     loss, grads, weights = step(model, exs[rank * per : (rank + 1) * per], n_tokens(exs), lora_parameters(model))
     dist.all_reduce(loss)
+    sharded = model.state_dict()  # the unsharded names (the checkpoint's and PEFT's), each tensor whole when gathered
+    assert list(sharded) == list(whole)
+    for k, t in sharded.items():
+        assert torch.equal(full_tensor(t), whole[k]) or "lora_" in k, k  # the LoRA weights took a step
     if rank == 0:
         save_file({"loss": loss.reshape(1)} | {"grad." + k: g for k, g in grads.items()}
                   | {"weight." + k: w.contiguous() for k, w in weights.items()}, folder / f"fsdp-{sys.argv[2]}.safetensors")  # fmt: skip

@@ -42,7 +42,7 @@ def test_every_setting_has_a_flag_with_help():
         assert params[f.name].help, f"--{f.name} has no help"
     help_text = CliRunner().invoke(qconvert_main, ["finetune", "--help"]).output
     for flag in ("--rank", "-r", "--no-chat-template", "--gradient-checkpointing", "--quiet", "--target-modules",
-                 "--optimizer-bits", "--report-to", "--push-to-hub", "--dtype", "--device", "--force"):  # fmt: skip
+                 "--optimizer-bits", "--report-to", "--fsdp", "--fsdp-offload", "--push-to-hub", "--dtype", "--device", "--force"):  # fmt: skip
         assert flag in help_text
 
 
@@ -77,3 +77,26 @@ def test_gradient_checkpointing_auto_on_off(monkeypatch):
 def test_choices_are_checked_while_parsing(args):
     r = CliRunner().invoke(qconvert_main, ["finetune", "m", "d.jsonl", "out", *args])
     assert r.exit_code == 2 and "Invalid value for" in r.output
+
+
+RUN_UNDER_TORCHRUN = ("--fsdp shards the model over processes: run it under torchrun with 2 or more, e.g. "
+                      "`torchrun --nproc-per-node 2 $(which qconvert) finetune ... --fsdp`")  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "world", "message"), [
+    (["--fsdp"], None, RUN_UNDER_TORCHRUN),
+    (["--fsdp"], "1", RUN_UNDER_TORCHRUN),
+    (["--fsdp-offload"], "2", "--fsdp-offload offloads FSDP's shards: pass --fsdp too"),
+    (["--fsdp", "--fsdp-offload", "--optimizer-budget", "1GB"], "2",
+     "--optimizer-budget: with --fsdp-offload the optimizer state stays in host memory"),
+])  # fmt: skip
+def test_fsdp_refusals_are_one_line_before_loading(monkeypatch, tmp_path, args, world, message):
+    """Refused before anything is read: MODEL and DATA do not even exist, and no process group is joined."""
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    r = CliRunner().invoke(qconvert_main, ["finetune", str(tmp_path / "no-model"), str(tmp_path / "no.jsonl"),
+                                           str(tmp_path / "out"), *args])  # fmt: skip
+    assert r.exit_code == 1 and r.output.startswith(f"error: {message}") and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "out").exists()

@@ -141,16 +141,20 @@ def test_one_step_equals_peft_step_and_adapter_loads_in_peft(tiny, tmp_path):
     torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0).step()
     ref.save_pretrained(tmp_path / "peft")
     assert_adapters_close(tmp_path / "out", tmp_path / "peft", 1e-4)
-    # Our saved adapter, loaded by PEFT over transformers + bitsandbytes, gives our logits.
+    assert_peft_gives_our_logits(tiny, tmp_path / "out", tokens)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "final train loss" in card and "r" in json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+
+
+def assert_peft_gives_our_logits(tiny, adapter_dir, tokens):
+    """Our saved adapter, loaded by PEFT over transformers + bitsandbytes, gives our logits (1e-3 relative)."""
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny / "nf4")
-    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
     mine = load_model(tiny / "nf4")
-    load_lora(mine, tmp_path / "out")
+    load_lora(mine, adapter_dir)
     with torch.no_grad():
         a, b = mine.eval()(tokens), theirs(input_ids=tokens).logits
     assert ((a - b).abs().max() / b.abs().max()).item() < 1e-3
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "final train loss" in card and "r" in json.loads((tmp_path / "out" / "adapter_config.json").read_text())
 
 
 def test_grad_accum_and_checkpointing_do_not_change_the_result(tiny, tmp_path):

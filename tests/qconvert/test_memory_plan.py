@@ -78,6 +78,22 @@ def test_cpu_plan_within_15_percent_of_measured_peak_rss(model, seq, batch, rank
     assert within(predicted_mb, measured_mb, 0.15), (predicted_mb, measured_mb)
 
 
+# `qconvert finetune --fsdp` under torchrun with 2 processes (bench/memory_plan.py --fsdp): model, seq, batch per
+# process, rank, checkpointing, the largest rank's peak MB.
+MEASURED_CPU_FSDP = [
+    ("smollm2-135m", 256, 4, 16, True, 1190), ("smollm2-135m", 512, 2, 64, False, 2412),
+    ("llama-0.5b-random", 256, 2, 16, True, 1652), ("llama-0.5b-random", 512, 1, 64, True, 2012),
+    ("llama-1.2b-random", 128, 1, 16, True, 2295),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model,seq,batch,rank,ckpt,measured_mb", MEASURED_CPU_FSDP)
+def test_cpu_fsdp_plan_within_15_percent_of_measured_peak_rss(model, seq, batch, rank, ckpt, measured_mb):
+    s = Settings(seq_len=seq, batch_size=batch, rank=rank, gpus=2, fsdp=True, gradient_checkpointing=ckpt, device="cpu")
+    predicted_mb = plan(config(model), s).devices[0].total / 2**20
+    assert within(predicted_mb, measured_mb, 0.15), (predicted_mb, measured_mb)
+
+
 @pytest.mark.parametrize("s", [Settings(), Settings(device="cpu", gradient_checkpointing=False),
                                Settings(gpus=4, fsdp=True, fsdp_offload=True), Settings(gpus=2, optimizer_bits=8)])  # fmt: skip
 def test_breakdown_sums_to_total(s):

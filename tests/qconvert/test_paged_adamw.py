@@ -47,8 +47,10 @@ def test_blockwise_quantization_is_nearest_and_matches_bnb():
         v = x if code is DYNAMIC_MAP_SIGNED else x.abs()
         codes, absmax = quantize_blockwise(v, code)
         scaled = v.view(-1, 256) / absmax.unsqueeze(1)
-        exact = (scaled.reshape(-1, 1) - code).abs().argmin(dim=1)  # nearest by brute force
-        assert (code[codes.long()] - code[exact]).abs().max() == 0
+        # Nearest by brute force; a value halfway between two codes (up to the rounding of v / absmax)
+        # may take either.
+        nearest = (scaled.reshape(-1, 1) - code).abs().min(dim=1).values
+        assert ((scaled.reshape(-1) - code[codes.long()]).abs() - nearest).max() <= 1e-7
         bnb_codes, bnb_absmax = bnbf.quantize_blockwise(v, code=code, blocksize=256)
         assert torch.equal(absmax, bnb_absmax.absmax)
         # bnb's CPU build approximates the search (mostly next to zero, where the map is dense):
@@ -56,7 +58,8 @@ def test_blockwise_quantization_is_nearest_and_matches_bnb():
         assert (codes == bnb_codes).float().mean() > 0.8
         ours = dequantize_blockwise(codes, absmax, code)
         theirs = bnbf.dequantize_blockwise(bnb_codes, bnb_absmax)
-        assert ((ours - v).abs() <= (theirs - v).abs()).all()
+        slack = 1e-6 * absmax.repeat_interleave(256)  # a tie up to rounding may go either way
+        assert ((ours - v).abs() <= (theirs - v).abs() + slack).all()
         assert ((ours - theirs).abs().view(-1, 256) <= 0.02 * absmax.unsqueeze(1)).all()
 
 
@@ -77,7 +80,7 @@ def test_8bit_tracks_bitsandbytes_and_32bit():
     theirs, _ = run(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-2), steps=steps)
     full, _ = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2), steps=steps)
     start = make_params()
-    assert opt._bits == [8, 32, 32, 8, 8]  # under 4096 elements: 32-bit state, as in bitsandbytes
+    assert opt.param_bits == [8, 32, 32, 8, 8]  # under 4096 elements: 32-bit state, as in bitsandbytes
     for a, b, c, p0 in zip(ours, theirs, full, start):
         moved = (c - p0).abs().mean()  # how far 32-bit AdamW moved the weights
         # Both 8-bit runs agree far more tightly with each other than with 32-bit AdamW.
