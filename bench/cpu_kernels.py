@@ -1,6 +1,6 @@
 """CPU microbenchmark of the NF4 linear on the SmolLM2-135M shapes, against F.linear on the dequantized weight.
 
-    .venv/bin/python bench/cpu_kernels.py [--threads N] [--rows 1,8,64,256] [--explore] [--training]
+    .venv/bin/python bench/cpu_kernels.py [--threads N] [--rows 1,8,64,256] [--explore] [--training] [--decode]
 
 Columns (microseconds, median of --runs calls; with --threads 1 the thread's CPU time, which
 leaves out the time a busy machine gives to other processes, else wall-clock):
@@ -17,6 +17,13 @@ The speedups are fp32 / nf4 measured in the same run. Absolute figures on a shar
 `cpu.linear_fp32` (oneDNN) against `F.linear` (MKL) on the fp32 forward shapes and a 341-row chunk
 of the 49152-wide output layer, and the fused LoRA-dropout products (r=16, p=0.05) against the
 masked copy + torch matmul they replace.
+
+--decode times every call of a SmolLM2-135M decode step at batch 1 and 8 (--rows) with weights
+cold (rotated, as a step streams them from DRAM): the NF4 linears, and the 16-bit output layer (`ops.linear16`). Per call: the bytes it must
+read, our time and GB/s, that GB/s as a share of the memory-copy bandwidth measured in the same run
+with the same clock (read + write bytes of a 256 MiB copy, as bench/decode.py counts them), and torch's F.linear on the same
+shape with the weight in fp32 (4 bytes a weight) and with x and the weight in bf16 (2 bytes), each
+with its own GB/s. Also the fixed cost of a call that does no work, and the per-step totals.
 """
 
 from __future__ import annotations
@@ -84,8 +91,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--explore", action="store_true", help="also time the torch-LUT fallback and inductor")
     ap.add_argument("--training", action="store_true", help="time the training step's matmuls instead")
+    ap.add_argument("--decode", action="store_true", help="time a decode step's calls, GB/s against memory copy")
+    ap.add_argument("--parallel-min-weights", type=int, default=cpu.PARALLEL_MIN_WEIGHTS,
+                    help="weights from which a call splits over threads (qkernels.cpu.PARALLEL_MIN_WEIGHTS)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cpu.PARALLEL_MIN_WEIGHTS = args.parallel_min_weights
     global CLOCK
     if args.threads == 1:
         # One thread does all the work, so its CPU time is the cost of the call without the time
@@ -97,6 +108,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} threads ({clock}), {time.strftime('%Y-%m-%d')}\n")
     if args.training:
         return training_matmuls(args.runs)
+    if args.decode:
+        return decode_calls([int(r) for r in args.rows.split(",")], args.runs)
     head = "| N x K | M | fp32 hot | fp32 cold | bf16 hot | nf4 hot | nf4 cold | hot speedup | cold speedup |"
     if args.explore:
         head += " torch-LUT hot | inductor hot |"
@@ -170,6 +183,82 @@ def decode_step(runs: int) -> str:
     t32 = median_us(lambda: [F.linear(xs[w.shape[1]], w) for w in fp32], max(5, runs // 5))
     return (f"\nSmolLM2-135M decode step, 210 linears at M=1 (excl. lm_head): nf4 {t4 / 1e3:.1f} ms, "
             f"fp32 F.linear {t32 / 1e3:.1f} ms ({t32 / t4:.2f}x)")  # fmt: skip
+
+
+DECODE_CALLS = {"q, o": [(576, 576)], "k, v": [(192, 576)], "gate, up": [(1536, 576)], "down": [(576, 1536)],
+                "q+k+v (3 calls)": [(576, 576), (192, 576), (192, 576)]}
+OUTPUT_LAYER = (49152, 576)  # SmolLM2's tied embedding
+
+
+def nf4_bytes(w) -> int:
+    return sum(t.numel() * t.element_size() for t in (w.packed, w.absmax, w.nested_absmax) if t is not None)
+
+
+def decode_calls(rows: list[int], runs: int) -> int:
+    copy = copy_gbs()
+    print(f"memory copy: {copy:.1f} GB/s (read + write bytes of a 256 MiB copy, same clock)\n")
+    print(fixed_cost(runs))
+    print("\n| call | M | MB read | ours us | ours GB/s (of copy) | fp32 F.linear us (GB/s) | bf16 F.linear us (GB/s) |")
+    print("|---|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(4)
+    for name, shapes in DECODE_CALLS.items():
+        ws = [quantize_nf4(torch.randn(*s, generator=g)) for s in shapes]
+        nbytes = sum(map(nf4_bytes, ws))
+        ours = nf4_call(ws)
+        for m in rows:
+            print(decode_row(name, m, shapes, nbytes, ours, copy, runs), flush=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        w = torch.randn(*OUTPUT_LAYER, generator=g).to(dtype)
+        name = f"output layer {dtype}".replace("torch.", "")
+        for m in rows:
+            print(decode_row(name, m, [OUTPUT_LAYER], w.numel() * 2, linear16_call(w), copy, max(5, runs // 10)),
+                  flush=True)  # fmt: skip
+    return 0
+
+
+def copy_gbs() -> float:
+    """(read + write bytes) / time of a 256 MiB copy, timed with the clock of the calls (bench/decode.py's
+    figure is wall time, which a loaded machine stretches while a thread's CPU time does not)."""
+    src = torch.ones(64 << 20)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / median_us(lambda: dst.copy_(src), 5) / 1e3
+
+
+def nf4_call(ws: list):
+    """Our calls on cold copies of the weights: one nf4_linear each."""
+    cold = rotating(lambda: [replace(w, packed=w.packed.clone(), absmax=w.absmax.clone()) for w in ws],
+                    sum(map(nf4_bytes, ws)))  # fmt: skip
+    return lambda x: [ops.nf4_linear(x, w) for w in cold()]
+
+
+def linear16_call(w: torch.Tensor):
+    cold = rotating(lambda: w.clone(), w.numel() * 2)
+    return lambda x: ops.linear16(x, cold())
+
+
+def decode_row(name: str, m: int, shapes, nbytes: int, ours, copy: float, runs: int) -> str:
+    """Ours against torch's fp32 and bf16 F.linear on the same shapes, every weight cold."""
+    k = shapes[0][1]
+    x = torch.randn(m, k)
+    fp32 = rotating(lambda: [torch.randn(*s) for s in shapes], sum(n * kk * 4 for n, kk in shapes))
+    bf16 = rotating(lambda: [torch.randn(*s).bfloat16() for s in shapes], sum(n * kk * 2 for n, kk in shapes))
+    t_ours = median_us(lambda: ours(x), runs)
+    t32 = median_us(lambda: [F.linear(x, w) for w in fp32()], runs)
+    x16 = x.bfloat16()
+    t16 = median_us(lambda: [F.linear(x16, w) for w in bf16()], runs)
+    gbs = nbytes / t_ours / 1e3
+    weights = sum(n * kk for n, kk in shapes)
+    return (f"| {name} | {m} | {nbytes / 1e6:.3f} | {t_ours:.1f} | {gbs:.1f} ({gbs / copy:.0%}) | "
+            f"{t32:.1f} ({weights * 4 / t32 / 1e3:.1f}) | {t16:.1f} ({weights * 2 / t16 / 1e3:.1f}) |")  # fmt: skip
+
+
+def fixed_cost(runs: int) -> str:
+    """What a call costs when it does (almost) no work: an 8 x 64 weight, one row of x."""
+    w = quantize_nf4(torch.randn(8, 64))
+    x, args = torch.randn(1, 64), kernel_args(w)
+    raw = median_us(lambda: torch.ops.qkernels_cpu.gemm(x, *args, cpu.PARALLEL_MIN_WEIGHTS), runs * 20)
+    one = median_us(lambda: ops.nf4_linear(x, w), runs * 20)
+    return f"fixed cost of a call (8 x 64 weight, M=1): C++ op alone {raw:.1f} us, ops.nf4_linear {one:.1f} us"
 
 
 def training_matmuls(runs: int) -> int:

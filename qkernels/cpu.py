@@ -2,9 +2,10 @@
 
 Regimes (measured by bench/cpu_kernels.py on the SmolLM2 shapes):
 - `M <= CPU_FUSED_MAX_M` rows of x (decode), AVX2, K % 32 == 0: `qkernels_cpu.gemm` (cpu_nf4.cpp)
-  reads each packed byte once, decodes 32 nibbles with four vpshufb byte-plane lookups, multiplies
-  by the block scale (double quantization undone on the fly) and accumulates in fp32. Nothing the size of the weight
-  is ever written, so decode reads 0.5 bytes per weight instead of fp32's 4.
+  reads each packed byte once, decodes nibbles in registers (AVX-512, rows of whole blocks: one
+  vpermps from the 16 code values times the block scale; otherwise four vpshufb byte-plane
+  lookups), undoes double quantization on the fly and accumulates in fp32. Nothing the size of the
+  weight is ever written, so decode reads 0.5 bytes per weight instead of fp32's 4.
 - more rows (prefill, training): the weight is dequantized chunk by chunk into a reusable fp32
   scratch buffer and multiplied (oneDNN for a whole weight, MKL for the chunks of one over 16 MiB).
 
@@ -41,14 +42,16 @@ from qkernels import lora_dropout
 from qkernels.nf4_args import kernel_args
 
 CPU_FUSED_MAX_M = 16  # rows of x up to which the fused kernel beats dequantize + MKL (bench/cpu_kernels.py)
-# Weights per thread task in the C++ kernels: smaller matrices (every SmolLM2-135M linear) run on
-# one thread: splitting a short GEMV over two threads gains a little on an idle machine and loses
-# much more on an oversubscribed one (a fork waits for both threads to be scheduled), and MKL keeps
-# such GEMVs on one thread too. Set 0 to always split.
-PARALLEL_MIN_WEIGHTS = 1 << 20
+# Weights per thread task in the C++ kernels (32 KiB of NF4 codes): a decode step's GEMVs are
+# memory-bound, so splitting even SmolLM2-135M's small linears over the cores pays on an idle machine
+# (bench/decode.py, bench/cpu_kernels.py --decode --parallel-min-weights). The cost: on an
+# oversubscribed machine a fork waits for every thread to be scheduled. Set 0 to always split.
+PARALLEL_MIN_WEIGHTS = 1 << 16
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
-_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_linear16.cpp", "cpu_quantize.cpp",
-                                                  "cpu_caching_allocator.cpp", "cpu_lora_dropout.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_nf4_avx512.cpp", "cpu_linear16.cpp",
+                                                  "cpu_quantize.cpp", "cpu_caching_allocator.cpp",
+                                                  "cpu_lora_dropout.cpp", "cpu_decode.cpp")]  # fmt: skip
+_HEADERS = [Path(__file__).with_name("cpu_nf4.h")]  # hashed with the sources: a new header is a new build
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
 # element, slower than dequantize + BLAS, so other CPUs and shapes take that path instead.
 _SIMD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -94,7 +97,7 @@ def _load_extension() -> None:
     from torch.utils import cpp_extension
 
     flags = _build_flags()
-    sources = b"".join(p.read_bytes() for p in _SOURCES)
+    sources = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     key = hashlib.sha256(sources + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
     name = f"qkernels_cpu_{key[:12]}"  # a new name for every source/flags/torch: never a stale .so
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
@@ -229,14 +232,14 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> t
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
     if M <= CPU_FUSED_MAX_M and K % 32 == 0 and _SIMD and supports(w):
-        y = torch.ops.qkernels_cpu.gemm(x2, *kernel_args(w), PARALLEL_MIN_WEIGHTS)
+        y = torch.ops.qkernels_cpu.gemm.default(x2, *kernel_args(w), PARALLEL_MIN_WEIGHTS)
     else:
         y = _dequant_matmul(x2.float(), w)
     if bias is not None:
         y.add_(bias)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
 
 def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -251,7 +254,7 @@ def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     x2 = x.reshape(-1, K).float()
     if x2.shape[0] <= CPU_FUSED_MAX_M and extension_available():
-        y = torch.ops.qkernels_cpu.linear16(x2, w.contiguous(), PARALLEL_MIN_WEIGHTS)
+        y = torch.ops.qkernels_cpu.linear16.default(x2, w.contiguous(), PARALLEL_MIN_WEIGHTS)
     else:
         y = _chunked_matmul(x2, N, K, lambda n0, r, buf: buf[: r * K].view(r, K).copy_(w[n0 : n0 + r]))
     return y.view(*x.shape[:-1], N)

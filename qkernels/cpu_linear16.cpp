@@ -20,6 +20,9 @@
 #include <immintrin.h>
 #define QK16_AVX2 1
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QK16_AVX512 1
+#endif
 
 namespace {
 
@@ -101,6 +104,91 @@ void rows_any_m(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t
 }
 #endif
 
+#ifdef QK16_AVX512
+// The AVX-512 form: 16 weights widened per instruction (vcvtph2ps, or a zero-extend and shift for
+// bf16). One core cannot keep enough cache-line reads in flight to reach DRAM's bandwidth from the
+// hardware prefetcher alone, so each tile also prefetches the weights kPrefetchBytes ahead.
+constexpr int64_t kPrefetchBytes = 8192;
+
+template <bool BF16>
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+// MB rows of x against NB rows of W (rows n..n+NB): MB * NB accumulators, two per pair for MB <= 2
+// (few pairs), so the FMA chains overlap. Columns past K - K % 16 in scalar.
+template <bool BF16, int MB, int NB>
+void tile512(const float* x, int64_t K, const uint16_t* w, int64_t n, int64_t N, float* y, const char* prefetch_end) {
+  constexpr int kAcc = MB <= 2 ? 2 : 1;  // by MB alone: the sums do not depend on how rows are split
+  const char* tile = reinterpret_cast<const char*>(w + n * K);
+  for (const char* p = tile + kPrefetchBytes; p < tile + kPrefetchBytes + NB * K * 2 && p < prefetch_end; p += 64)
+    _mm_prefetch(p, _MM_HINT_T0);
+  __m512 acc[MB][NB][kAcc];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j)
+      for (int a = 0; a < kAcc; ++a) acc[m][j][a] = _mm512_setzero_ps();
+  const int64_t K16 = K - K % 16;
+  int64_t k = 0;
+  for (; k + 32 <= K16; k += 32)
+    for (int a = 0; a < 2; ++a) {
+      __m512 wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = load16<BF16>(w + (n + j) * K + k + 16 * a);
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k + 16 * a);
+        for (int j = 0; j < NB; ++j) acc[m][j][a % kAcc] = _mm512_fmadd_ps(wv[j], xv, acc[m][j][a % kAcc]);
+      }
+    }
+  for (; k < K16; k += 16)
+    for (int j = 0; j < NB; ++j) {
+      const __m512 wv = load16<BF16>(w + (n + j) * K + k);
+      for (int m = 0; m < MB; ++m) acc[m][j][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m][j][0]);
+    }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) {
+      __m512 sum = acc[m][j][0];
+      for (int a = 1; a < kAcc; ++a) sum = _mm512_add_ps(sum, acc[m][j][a]);
+      float s = _mm512_reduce_add_ps(sum);
+      for (int64_t c = K16; c < K; ++c) s += widen(w[(n + j) * K + c], BF16) * x[m * K + c];
+      y[m * N + n + j] = s;
+    }
+}
+
+template <bool BF16, int MB>
+void rows512(const float* x, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, int64_t N, float* y,
+             const char* prefetch_end) {
+  constexpr int NB = MB <= 2 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) tile512<BF16, MB, NB>(x, K, w, n, N, y, prefetch_end);
+  for (; n < n1; ++n) tile512<BF16, MB, 1>(x, K, w, n, N, y, prefetch_end);
+}
+
+template <bool BF16>
+void rows_any_m512(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, int64_t N,
+                   float* y) {
+  // Rows of W in slices that stay in L2 while every group of (up to 8) x rows passes over them; only
+  // the first pass over a slice reads DRAM, so only it prefetches.
+  constexpr int64_t kSliceRows = 64;
+  const char* end = reinterpret_cast<const char*>(w + n1 * K);
+  for (int64_t s0 = n0; s0 < n1; s0 += kSliceRows) {
+    const int64_t s1 = std::min(n1, s0 + kSliceRows);
+    for (int64_t m = 0; m < M;) {
+      const int64_t left = M - m;
+      const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const char* pf = m == 0 ? end : nullptr;
+      const float* xm = x + m * K;
+      float* ym = y + m * N;
+      if (mb == 8) rows512<BF16, 8>(xm, K, w, s0, s1, N, ym, pf);
+      else if (mb == 4) rows512<BF16, 4>(xm, K, w, s0, s1, N, ym, pf);
+      else if (mb == 2) rows512<BF16, 2>(xm, K, w, s0, s1, N, ym, pf);
+      else rows512<BF16, 1>(xm, K, w, s0, s1, N, ym, pf);
+      m += mb;
+    }
+  }
+}
+#endif
+
 [[maybe_unused]] void rows_generic(const float* x, int64_t M, int64_t K, const uint16_t* w, bool bf16, int64_t n0, int64_t n1,
                   int64_t N, float* y) {
   for (int64_t n = n0; n < n1; ++n)
@@ -125,7 +213,10 @@ at::Tensor linear16(const at::Tensor& x, const at::Tensor& w, int64_t grain_weig
   const bool bf16 = w.scalar_type() == at::kBFloat16;
   const int64_t grain = std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-#ifdef QK16_AVX2
+#if defined(QK16_AVX512)
+    if (bf16) rows_any_m512<true>(xp, M, K, wp, n0, n1, N, yp);
+    else rows_any_m512<false>(xp, M, K, wp, n0, n1, N, yp);
+#elif defined(QK16_AVX2)
     if (bf16) rows_any_m<true>(xp, M, K, wp, n0, n1, N, yp);
     else rows_any_m<false>(xp, M, K, wp, n0, n1, N, yp);
 #else

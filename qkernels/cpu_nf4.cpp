@@ -8,6 +8,7 @@
 //                                   accumulation, rows of W split over torch's intra-op threads.
 //   dequantize(..., row0, rows, out)  rows [row0, row0+rows) of W as fp32 into `out` (a
 //                                   scratch buffer the caller hands to a BLAS matmul, large M).
+// The AVX-512 decode path is cpu_nf4_avx512.cpp; cpu_nf4.h holds what both files share.
 // The dequantized value of every weight is the reference's bit for bit:
 // fp32(quant_map[code] * absmax[block]) with absmax = fp32(fp32(map[q] * nested) + offset);
 // the file is compiled with -ffp-contract=off so no FMA changes that rounding.
@@ -22,31 +23,12 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QK_AVX2 1
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define QK_AVX512 1
-#endif
+#include "cpu_nf4.h"
 
 namespace {
 
-// The fp32 scale of block b, undoing double quantization when it is present.
-struct BlockScales {
-  const float* absmax = nullptr;  // fp32 per block (no double quant)
-  const uint8_t* codes = nullptr;  // uint8 per block (double quant)
-  const float* nested_absmax = nullptr;
-  const float* nested_map = nullptr;
-  float offset = 0.f;
-  int nested_shift = 8;  // log2(nested_blocksize): shifts, because a 64-bit divide costs ~40 cycles
-
-  inline float operator()(int64_t b) const {
-    if (absmax) return absmax[b];
-    float scaled = nested_map[codes[b]] * nested_absmax[b >> nested_shift];
-    return scaled + offset;
-  }
-};
+using qkernels_nf4::BlockScales;
+using qkernels_nf4::WeightView;
 
 int log2_exact(int64_t v, const char* what) {
   TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, what, " must be a power of two, got ", v);
@@ -203,135 +185,76 @@ void gemm_group(const float* xp, int64_t K, const uint8_t* packed, const CodePla
 }
 #endif
 
-#ifdef QK_AVX512
-// The AVX-512 form of gemm_rows: the 16 code values fit one zmm register, so a 16-entry lookup is
-// one vpermps on nibbles widened to dwords (it reads the low 4 bits of each index, so the low
-// nibble needs no mask). 16 packed bytes give the even elements (high nibbles) and the odd ones
-// (low nibbles) of 32 columns: xp holds x with every 32 columns as [x0 x2 .. x30 | x1 x3 .. x31].
-template <int MB>
-void gemm_rows512(const float* xp, int64_t K, const uint8_t* packed, __m512 table, const BlockScales& block_scales,
-                  int bshift, int64_t n0, int64_t n1, int64_t N, float* y) {
-  const RowScales scales(block_scales, bshift, K, n0, n1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t base = n * K;
-    const uint8_t* row = packed + base / 2;
-    __m512 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K;) {
-      const int64_t b = (base + k) >> bshift;
-      const int64_t end = std::min(K, ((b + 1) << bshift) - base);
-      const __m512 vs = _mm512_set1_ps(scales[b]);
-      if (MB == 1) {
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-        for (; k < end; k += 32) {
-          const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-          s0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table), _mm512_loadu_ps(xp + k), s0);
-          s1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(z, table), _mm512_loadu_ps(xp + k + 16), s1);
-        }
-        acc[0] = _mm512_fmadd_ps(_mm512_add_ps(s0, s1), vs, acc[0]);
-      } else {
-        for (; k < end; k += 32) {
-          const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-          const __m512 even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(z, 4), table), vs);
-          const __m512 odd = _mm512_mul_ps(_mm512_permutexvar_ps(z, table), vs);
-          for (int m = 0; m < MB; ++m) {
-            acc[m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp + m * K + k), acc[m]);
-            acc[m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp + m * K + k + 16), acc[m]);
-          }
-        }
-      }
-    }
-    for (int m = 0; m < MB; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
-  }
-}
-
-template <int MB>
-void gemm_group512(const float* xp, int64_t K, const uint8_t* packed, __m512 table, const BlockScales& scales,
-                   int bshift, int64_t N, float* y, int64_t grain) {
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    gemm_rows512<MB>(xp, K, packed, table, scales, bshift, n0, n1, N, y);
-  });
-}
-#endif
-
-at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                const std::optional<at::Tensor>& nested_absmax, const at::Tensor& quant_map,
-                const std::optional<at::Tensor>& nested_map, double offset, int64_t blocksize, int64_t nested_blocksize,
-                int64_t N, int64_t K, int64_t grain_weights) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
-  const int64_t M = x.size(0);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const BlockScales scales = make_scales(absmax, nested_absmax, nested_map, offset, nested_blocksize);
-  const int bshift = log2_exact(blocksize, "blocksize");
-  const uint8_t* p = packed.data_ptr<uint8_t>();
-  const float* qmap = quant_map.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
-  // Rows of W per thread task: at least grain_weights weights. Forking threads for a small
-  // matrix costs more than it saves, and on an oversubscribed machine a fork waits for every
-  // thread to be scheduled.
-  const int64_t grain = std::max<int64_t>(1, grain_weights / K);
-#ifdef QK_AVX512
-  if (K % 32 == 0) {
-    // x with every 32 columns as [even | odd], the order gemm_rows512 decodes.
-    std::vector<float> xperm(M * K);
-    for (int64_t i = 0; i < M * K; i += 32)
-      for (int t = 0; t < 16; ++t) {
-        xperm[i + t] = xp[i + 2 * t];
-        xperm[i + 16 + t] = xp[i + 2 * t + 1];
-      }
-    const __m512 table = _mm512_loadu_ps(qmap);
-    for (int64_t m = 0; m < M;) {
-      const int64_t left = M - m;
-      const float* xm = xperm.data() + m * K;
-      float* ym = yp + m * N;
-      const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      if (mb == 8) gemm_group512<8>(xm, K, p, table, scales, bshift, N, ym, grain);
-      else if (mb == 4) gemm_group512<4>(xm, K, p, table, scales, bshift, N, ym, grain);
-      else if (mb == 2) gemm_group512<2>(xm, K, p, table, scales, bshift, N, ym, grain);
-      else gemm_group512<1>(xm, K, p, table, scales, bshift, N, ym, grain);
-      m += mb;
-    }
-    return y;
-  }
-#endif
+// One weight where the AVX-512 path does not apply: AVX2 for K % 32 == 0, else element by element.
+void gemm_one(const float* x, int64_t M, int64_t K, const WeightView& w, int bshift, int64_t grain) {
 #ifdef QK_AVX2
   if (K % 32 == 0) {
     // x with every 8 columns in decode32's order [0 2 4 6 1 3 5 7].
     std::vector<float> xperm(M * K);
     for (int64_t i = 0; i < M * K; i += 8)
       for (int t = 0; t < 4; ++t) {
-        xperm[i + t] = xp[i + 2 * t];
-        xperm[i + 4 + t] = xp[i + 2 * t + 1];
+        xperm[i + t] = x[i + 2 * t];
+        xperm[i + 4 + t] = x[i + 2 * t + 1];
       }
-    const CodePlanes cp(qmap);
+    const CodePlanes cp(w.qmap);
     // Groups of up to 8 rows of x share each decoded weight (8 accumulators stay in registers).
     for (int64_t m = 0; m < M;) {
       const int64_t left = M - m;
+      const int mb = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
       const float* xm = xperm.data() + m * K;
-      float* ym = yp + m * N;
-      if (left >= 8) {
-        gemm_group<8>(xm, K, p, cp, scales, bshift, N, ym, grain);
-        m += 8;
-      } else if (left >= 4) {
-        gemm_group<4>(xm, K, p, cp, scales, bshift, N, ym, grain);
-        m += 4;
-      } else if (left >= 2) {
-        gemm_group<2>(xm, K, p, cp, scales, bshift, N, ym, grain);
-        m += 2;
-      } else {
-        gemm_group<1>(xm, K, p, cp, scales, bshift, N, ym, grain);
-        m += 1;
-      }
+      float* ym = w.y + m * w.N;
+      if (mb == 8) gemm_group<8>(xm, K, w.packed, cp, w.scales, bshift, w.N, ym, grain);
+      else if (mb == 4) gemm_group<4>(xm, K, w.packed, cp, w.scales, bshift, w.N, ym, grain);
+      else if (mb == 2) gemm_group<2>(xm, K, w.packed, cp, w.scales, bshift, w.N, ym, grain);
+      else gemm_group<1>(xm, K, w.packed, cp, w.scales, bshift, w.N, ym, grain);
+      m += mb;
     }
-    return y;
+    return;
   }
 #endif
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    gemm_rows_generic(xp, M, K, p, qmap, scales, bshift, n0, n1, N, yp);
+  at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
+    gemm_rows_generic(x, M, K, w.packed, w.qmap, w.scales, bshift, n0, n1, w.N, w.y);
   });
+}
+
+WeightView view_of(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                   const at::Tensor& quant_map, const std::optional<at::Tensor>& nested_map, double offset,
+                   int64_t nested_blocksize, int64_t N, int64_t K, at::Tensor& y) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && 2 * packed.numel() >= N * K,
+              "packed must be contiguous uint8 holding ", N, " x ", K, " codes");
+  TORCH_CHECK(quant_map.scalar_type() == at::kFloat && quant_map.numel() == 16, "quant_map must be 16 float32");
+  return {packed.data_ptr<uint8_t>(), quant_map.data_ptr<float>(),
+          make_scales(absmax, nested_absmax, nested_map, offset, nested_blocksize), N, y.data_ptr<float>()};
+}
+
+// y_i = x @ W_i.T for weights that share K and the blocksize; each y_i allocated in its view. Rows
+// of W per thread task: at least grain_weights weights. Forking threads for a small matrix costs
+// more than it saves, and on an oversubscribed machine a fork waits for every thread to be scheduled.
+void gemm_views(const at::Tensor& xf, int64_t K, int64_t blocksize, const std::vector<WeightView>& ws,
+                int64_t grain_weights) {
+  const int64_t M = xf.size(0);
+  const float* xp = xf.data_ptr<float>();
+  const int bshift = log2_exact(blocksize, "blocksize");
+  const int64_t grain = std::max<int64_t>(1, grain_weights / K);
+#ifdef QK_AVX512
+  if (blocksize >= 32 && K % blocksize == 0) return qkernels_nf4::gemm512(xp, M, K, ws, bshift, grain);
+#endif
+  for (const WeightView& w : ws) gemm_one(xp, M, K, w, bshift, grain);
+}
+
+at::Tensor float_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
+  return x.to(at::kFloat).contiguous();
+}
+
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                const std::optional<at::Tensor>& nested_absmax, const at::Tensor& quant_map,
+                const std::optional<at::Tensor>& nested_map, double offset, int64_t blocksize, int64_t nested_blocksize,
+                int64_t N, int64_t K, int64_t grain_weights) {
+  const at::Tensor xf = float_rows(x, K);
+  at::Tensor y = at::empty({xf.size(0), N}, xf.options());
+  gemm_views(xf, K, blocksize, {view_of(packed, absmax, nested_absmax, quant_map, nested_map, offset, nested_blocksize, N, K, y)},
+             grain_weights);
   return y;
 }
 

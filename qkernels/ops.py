@@ -14,6 +14,8 @@ Plain tables: `quantize_nf4(weight, blocksize, double_quant)` (on CPU the fused 
 `qkernels.cpu_quantize`, byte-identical to the reference `qformats.nf4.quantize_nf4`), `linear16`,
 `linear_fp32`, and the seeded-dropout LoRA products `dropout_apply`, `dropout_add_`, `lora_down`,
 `lora_grad_a`, `lora_up_add_` (reference: `qkernels.lora_dropout`; CPU: `qkernels.cpu`).
+CPU only, `decode_attention` and `add_rms_norm_`: the fused ops of a decode step (cpu_decode.cpp),
+whose reference is the model's unfused step (qserve/model.py, `Decoder.decode_fused`).
 
 CUDA entries are Triton kernels (`qkernels.triton_nf4`, `qkernels.triton_batched_lora`), imported on
 first use, so CPU code never touches Triton. Outputs are in x's dtype (batched LoRA: y's).
@@ -259,7 +261,13 @@ def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     CPU, fp32 x, nothing to record for autograd: `qkernels.cpu.linear16` (w widened in registers,
     fp32 sums). Elsewhere the torch reference `F.linear(x, w.to(x.dtype))`.
     """
-    return _linear16_reference(x, w) if _needs_op(x) else _LINEAR16(x, w)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _linear16_reference(x, w)
+    # Traced by torch.compile: the C++ GEMV as an opaque op where it has a fake (decode_ops_available) and
+    # takes these rows; otherwise the reference (widening all of w, every call).
+    if torch.compiler.is_compiling() and not (_cpu_fakes and x.is_cpu and x.numel() <= cpu.CPU_FUSED_MAX_M * w.shape[1]):
+        return _linear16_reference(x, w)
+    return _LINEAR16(x, w)
 
 
 # `linear_fp32(x, w)`: `x @ w.T` for fp32 matrices without autograd (oneDNN on CPU where torch has it).
@@ -275,3 +283,36 @@ dropout_add_ = Backends(reference=lora_dropout.dropout_add_, cpu=cpu.dropout_add
 lora_down = Backends(reference=lora_dropout.lora_down, cpu=cpu.lora_down)
 lora_grad_a = Backends(reference=lora_dropout.lora_grad_a, cpu=cpu.lora_grad_a)
 lora_up_add_ = Backends(reference=lora_dropout.lora_up_add_, cpu=cpu.lora_up_add_)
+
+# ---- the fused ops of a decode step (cpu_decode.cpp); their reference is the model's unfused step -------
+
+
+def decode_ops_available(device: torch.device) -> bool:
+    """Whether `decode_attention` and `add_rms_norm_` run here: CPU, with the C++ extension built (then their
+    fake implementations, and linear16's, are registered, so torch.compile traces them as opaque ops)."""
+    if device.type != "cpu" or not cpu.extension_available():
+        return False
+    if not _cpu_fakes:
+        torch.library.register_fake("qkernels_cpu::decode_attention")(lambda q, *args: torch.empty_like(q))
+        torch.library.register_fake("qkernels_cpu::add_rms_norm_")(lambda x, *args: torch.empty_like(x))
+        torch.library.register_fake("qkernels_cpu::linear16")(lambda x, w, grain: x.new_empty(x.shape[0], w.shape[0]))
+        _cpu_fakes.append(True)
+    return True
+
+
+_cpu_fakes: list[bool] = []  # [True] once the fakes above are registered
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_table: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                     kv_len: int, window: int = 0) -> torch.Tensor:  # fmt: skip
+    """One query per row: rope on q [B, H*D] and k [B, KV*D] (cos, sin = rope_table[positions[b]] halves,
+    [max_pos, D]), k and v written into the fp32 caches [slots, KV, S, D] at (rows[b], positions[b]), and
+    attention over cache positions 0..positions[b] (of the first kv_len; the last `window` if > 0); y [B, H*D]."""
+    return torch.ops.qkernels_cpu.decode_attention(q, k, v, rope_table, k_cache, v_cache, rows, positions, kv_len,
+                                                   window)  # fmt: skip
+
+
+def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x += delta` in place (if given), then RMSNorm(x) * weight, fp32 [..., D]: a residual add and the next norm."""
+    return torch.ops.qkernels_cpu.add_rms_norm_(x, delta, weight, eps)

@@ -21,7 +21,9 @@ Two ways to run the decoder (`hidden`, or `forward` for logits of every position
   protect against what they hold (0 x NaN = NaN, NaN + finfo.min = NaN): whoever reuses a slot for
   a new sequence clears what the last one wrote there first (`clear_cache`), then prefills from 0.
   `prefill(prompts, slots)` and `decode(tokens, positions, slots)` are the steps of the one decode loop
-  (qserve/engine.py; qserve/generate.py runs the same steps); `compile_decode()` compiles the decode step.
+  (qserve/engine.py; qserve/generate.py runs the same steps); on CPU in fp32 `decode` runs the layers
+  through the fused ops of qkernels/cpu_decode.cpp (`Decoder.decode_fused`); `compile_decode()`
+  compiles the decode step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qformats.errors import QError
+from qkernels.ops import add_rms_norm_, decode_attention, decode_ops_available
 from qserve.lm_loss import IGNORE, linear_cross_entropy, shifted_targets
 from qserve.model_config import ModelArgs, rope_inv_freq
 from qserve.recompute_stash import checkpoint_layer
@@ -204,6 +207,14 @@ class Decoder(nn.Module):
         # On the CPU even when built on the meta device: torch's meta arange imports sympy (much resident memory).
         inv_freq, self.rope_scale = rope_inv_freq(args, "cpu")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_table: torch.Tensor | None = None  # set by prepare_fused_decode
+        self.row_ids: torch.Tensor | None = None
+
+    def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin [..., head_dim / 2] of positions [...] times each frequency, scaled: the same
+        arithmetic as transformers."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        return freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
 
     def reset_rope(self, device: torch.device | str) -> None:
         """Recompute the rope frequencies on `device` (after building on the meta device)."""
@@ -229,9 +240,7 @@ class Decoder(nn.Module):
             masks = _Masks(None, None, None, x.dtype)
             if any(w is not None for w in self.args.sliding_window):
                 masks.query_pos = masks.key_pos = positions
-        # cos/sin in fp32 from positions * inv_freq, then cast: the same arithmetic as transformers.
-        freqs = positions[..., None].float() * self.inv_freq.float()
-        cos, sin = (freqs.cos() * self.rope_scale).to(x.dtype), (freqs.sin() * self.rope_scale).to(x.dtype)
+        cos, sin = (t.to(x.dtype) for t in self.rope_cos_sin(positions))
         rope = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1))
         for layer in self.layers:
             attn_mask = masks.for_window(layer.self_attn.sliding_window)
@@ -240,6 +249,43 @@ class Decoder(nn.Module):
             else:
                 x = layer(x, rope, attn_mask, slots, input_pos, kv_len)
         return self.norm(x)
+
+    def prepare_fused_decode(self, max_batch: int, max_seq: int) -> None:
+        """Set up `decode_fused` for a cache of max_batch x max_seq (after the caches exist): on a CPU with the
+        C++ kernels, fp32 compute and fp32 caches; otherwise `decode_fused` stays off (`self.rope_table` None)."""
+        cache, dev = self.layers[0].self_attn.kv_cache.k, self.norm.weight.device
+        self.rope_table = self.row_ids = None
+        if cache.dtype == self.norm.weight.dtype == torch.float32 and decode_ops_available(dev):
+            self.rope_table = torch.cat(self.rope_cos_sin(torch.arange(max_seq, device=dev)), dim=-1).contiguous()
+            self.row_ids = torch.arange(max_batch, device=dev)
+
+    def decode_fused(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
+                     kv_len: int | None) -> torch.Tensor:  # fmt: skip
+        """Hidden states [B, hidden] of one token per row (tokens, positions [B]) through the KV cache, with the
+        fused CPU ops of qkernels/cpu_decode.cpp: per layer the seven linears, one attention call (rope, cache
+        write, attention) and two residual-add-and-norm calls, instead of some sixty small ops. The values of
+        `forward` up to the order of fp32 sums (tests/qserve/test_model.py)."""
+        x = self.embed_tokens(tokens).to(self.norm.weight.dtype)  # a new tensor: the residual stream, updated in place
+        rows = self.row_ids[: tokens.shape[0]] if slots is None else slots
+        kv_len = kv_len or self.rope_table.shape[0]
+        eps = self.args.rms_norm_eps
+        layers = list(self.layers)
+        h = add_rms_norm_(x, None, layers[0].input_layernorm.weight, eps)
+        # The linears' forward is called directly (no module hooks on this path): nn.Module.__call__ for
+        # 7 linears x 30 layers is a measurable share of a small model's step.
+        for i, layer in enumerate(layers):
+            a, mlp = layer.self_attn, layer.mlp
+            q, k, v = a.q_proj.forward(h), a.k_proj.forward(h), a.v_proj.forward(h)
+            if hasattr(a, "q_norm"):
+                q = a.q_norm(q.view(-1, a.n_heads, a.head_dim)).view(q.shape)
+                k = a.k_norm(k.view(-1, a.n_kv_heads, a.head_dim)).view(k.shape)
+            y = decode_attention(q, k, v, self.rope_table, a.kv_cache.k, a.kv_cache.v, rows, positions, kv_len,
+                                 a.sliding_window or 0)  # fmt: skip
+            h = add_rms_norm_(x, a.o_proj.forward(y), layer.post_attention_layernorm.weight, eps)
+            gated = F.silu(mlp.gate_proj.forward(h), inplace=True).mul_(mlp.up_proj.forward(h))
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h = add_rms_norm_(x, mlp.down_proj.forward(gated), following.weight, eps)
+        return h
 
 
 class CausalLM(nn.Module):
@@ -275,6 +321,7 @@ class CausalLM(nn.Module):
             a = layer.self_attn
             a.kv_cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim, dtype, device)
         self.max_batch, self.max_seq = max_batch, max_seq
+        self.model.prepare_fused_decode(max_batch, max_seq)
 
     def clear_cache(self, slot: int, end: int | None = None) -> None:
         """Zero cache positions [0, end) of `slot` (all of it by default) before a new sequence uses it, so
@@ -330,7 +377,11 @@ class CausalLM(nn.Module):
         keep = targets != IGNORE
         h, t = self.hidden(tokens)[:, :-1][keep], targets[keep]
         head = self.lm_head
-        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        if isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad:
+            # An FSDP2 unit of its own (qconvert/fsdp.py) gathers its weight around its `cross_entropy`.
+            fused = getattr(head, "cross_entropy", None)
+            if fused is not None:
+                return fused(h, t, 1.0 / normalizer, chunk)
             return linear_cross_entropy(h, head.weight, t, 1.0 / normalizer, chunk)
         return F.cross_entropy(self.logits(h), t, reduction="sum") / normalizer
 
@@ -355,10 +406,13 @@ class CausalLM(nn.Module):
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None,
                kv_len: int | None = None) -> torch.Tensor:  # fmt: skip
         """One step for B sequences: `tokens[B]` at `positions[B]` in cache `slots[B]` (default 0..B-1);
-        fp32 logits [B, vocab]. After `compile_decode()` it runs through torch.compile, with static
+        fp32 logits [B, vocab]. On CPU with fp32 compute and cache, and nothing recording gradients, through
+        `Decoder.decode_fused`. After `compile_decode()` it runs through torch.compile, with static
         shapes: attention spans the whole cache and `kv_len` is not used."""
         if self._compiled_decode is not None:
             return self._compiled_decode(tokens, positions, slots)
+        if self.model.rope_table is not None and not torch.is_grad_enabled():
+            return self.logits(self.model.decode_fused(tokens, positions, slots, kv_len))
         return self.logits(self.hidden(tokens[:, None], positions[:, None], slots, kv_len=kv_len)[:, 0])
 
     def compile_decode(self) -> None:
@@ -366,6 +420,8 @@ class CausalLM(nn.Module):
         if self._compiled_decode is None:
 
             def step(tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+                if self.model.rope_table is not None:  # the fused ops, opaque to the compiler (their fakes)
+                    return self.logits(self.model.decode_fused(tokens, positions, slots, None))
                 return self.logits(self.hidden(tokens[:, None], positions[:, None], slots)[:, 0])
 
             self._compiled_decode = torch.compile(step, fullgraph=True, dynamic=False)

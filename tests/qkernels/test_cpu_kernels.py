@@ -17,9 +17,11 @@ from qformats.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from qkernels import cpu, ops
 from qkernels.nf4_args import kernel_args
 
-# (out, in, blocksize, double quant): odd K, blocks straddling rows, partial last blocks, no DQ.
+# (out, in, blocksize, double quant): odd K, blocks straddling rows, partial last blocks, no DQ;
+# rows of whole blocks (the AVX-512 decode path) with row counts that leave tails of its row tiles.
 WEIGHTS = [(77, 33, 64, True), (65, 130, 128, True), (96, 576, 128, True), (33, 576, 256, False),
-           (40, 200, 256, True), (129, 1536, 64, False), (7, 9, 64, False)]  # fmt: skip
+           (40, 200, 256, True), (129, 1536, 64, False), (7, 9, 64, False), (70, 576, 64, True),
+           (37, 1024, 32, True)]  # fmt: skip
 XDTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROWS = [1, 2, 3, 5, 9, 16, 17, 70]  # groups of 8, 4, 2, 1 in the fused kernel; 17+ dequantize + oneDNN/MKL
 
