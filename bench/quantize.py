@@ -1,7 +1,7 @@
 """NF4+DQ quantize throughput and memory: ours against bitsandbytes, measured in the same run.
 
     .venv/bin/python bench/quantize.py [--runs 3] [--skip-big] [--skip-model]
-    .venv/bin/python bench/quantize.py --model [--model-only]
+    .venv/bin/python bench/quantize.py --model [--model-only] [--model-repeats 2] [--skip-bnb-multi-shard]
 
 Rows (elements per second, best of --runs; wall-clock and the process CPU time, which leaves out
 the time a busy machine gives to other processes):
@@ -26,7 +26,9 @@ the time a busy machine gives to other processes):
                                 the source once + writing the output's bytes once + the C++ kernel
                                 over every linear, one after the other. Our wall time includes starting
                                 Python and importing torch; the bare import is shown, and subtracted
-                                in the last column.
+                                in the last column. Ours and the floor run --model-repeats times,
+                                interleaved (same load, same page cache), best of each; every run is
+                                listed in brackets.
 Prints a markdown table with the machine. Absolute figures on a shared machine are noisy; the
 ratios are what the README quotes.
 """
@@ -34,6 +36,7 @@ ratios are what the README quotes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import shutil
@@ -110,13 +113,15 @@ def codec_rows(name: str, tensors: list[torch.Tensor], runs: int) -> list[str]:
     return rows
 
 
-def peak_rss_of(code: str, *argv: str) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of `python -c code argv...`: the child reports its VmHWM at exit
-    (the peak since exec; ru_maxrss would also count the parent's pages it was forked with),
-    cross-checked by psutil polling from here."""
+def peak_rss_of(code: str, *argv: str) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds) of `python -c code argv...`: the child reports its
+    VmHWM at exit (the peak since exec; ru_maxrss would also count the parent's pages it was forked
+    with), cross-checked by psutil polling from here, and its user + system time (all threads)."""
     report = "import sys\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + (
         "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-        "    print('PEAK', hwm, file=sys.stderr)\n")
+        "    print('PEAK', hwm, file=sys.stderr)\n"
+        "    import resource\n    r = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "    print('CPU', r.ru_utime + r.ru_stime, file=sys.stderr)\n")
     t0 = time.perf_counter()
     proc = psutil.Popen([sys.executable, "-c", report, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     polled = 0
@@ -130,9 +135,10 @@ def peak_rss_of(code: str, *argv: str) -> tuple[float, int]:
     wall = time.perf_counter() - t0
     lines = err.decode().splitlines()
     peaks = [int(line.split()[1]) * 1024 for line in lines if line.startswith("PEAK ")]  # kB
-    if proc.returncode or not peaks:
+    cpus = [float(line.split()[1]) for line in lines if line.startswith("CPU ")]
+    if proc.returncode or not peaks or not cpus:
         raise SystemExit(f"{argv} failed:\n" + "\n".join(lines[-20:]))
-    return wall, max(peaks[-1], polled)
+    return wall, max(peaks[-1], polled), cpus[-1]
 
 
 def reshard(src: Path, out: Path, shard_size: int) -> None:
@@ -150,7 +156,7 @@ def reshard(src: Path, out: Path, shard_size: int) -> None:
 def command_rows(label: str, src: Path, work: Path, bare: int) -> list[str]:
     largest = max(s.path.stat().st_size for s in open_checkpoint(src).shards)
     out = work / "nf4"
-    wall, peak = peak_rss_of("from qconvert.cli import main\nmain(sys.argv[1:])", "quantize", str(src), str(out),
+    wall, peak, _ = peak_rss_of("from qconvert.cli import main\nmain(sys.argv[1:])", "quantize", str(src), str(out),
                              "--quiet", "--force")  # fmt: skip
     row = (f"| `qconvert quantize` {label} | {wall:.1f} s | {peak / 1e6:.0f} MB | {(peak - bare) / 1e6:.0f} MB | "
            f"{largest / 1e6:.0f} MB | **{peak / largest:.2f}x** |")  # fmt: skip
@@ -213,11 +219,14 @@ def random_llama(folder: Path, layers: int, shard_size: int) -> Path:
     return folder
 
 
-def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> tuple[float, float, float]:
-    """(read, write, kernel) seconds: the source files read once, `out_bytes` written once (in 16 MB
-    writes, no sync, as the quantizer writes), and the C++ kernel over every linear weight (the
-    faster of torch's thread count and one thread)."""
+def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> tuple[float, float, float, float, float]:
+    """(read, write, kernel, hash, floor CPU) seconds: the source files read once, `out_bytes` written
+    once (in 16 MB writes, no sync, as the quantizer writes), and the C++ kernel over every linear
+    weight (the faster of torch's thread count and one thread): the floor, and the CPU time (all
+    threads) of those three. Shown beside it, not in it: sha256 over as many bytes as the source and
+    the output (what the manifest costs on one core)."""
     buf = bytearray(16 * 1024 * 1024)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for path in sorted(src.glob("*.safetensors")):
         with open(path, "rb", buffering=0) as f:
@@ -228,24 +237,34 @@ def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> tuple[float, floa
     with open(scratch, "wb", buffering=0) as f:
         f.writelines(memoryview(buf)[: min(len(buf), out_bytes - at)] for at in range(0, out_bytes, len(buf)))
     write = time.perf_counter() - t0
+    io_cpu = time.process_time() - c0
     scratch.unlink()
-    kernels = {None: 0.0, 1: 0.0}  # torch's threads and one thread: the floor takes the faster
+    kernels = {None: [0.0, 0.0], 1: [0.0, 0.0]}  # torch's threads and one thread: the floor takes the faster
     for name, t in iter_checkpoint_tensors(src):
         if ".layers." in name and name.endswith("proj.weight"):
-            for threads in kernels:
-                t0 = time.perf_counter()
+            for threads, spent in kernels.items():
+                t0, c0 = time.perf_counter(), time.process_time()
                 quantize_nf4(t, blocksize=64, double_quant=True, threads=threads)
-                kernels[threads] += time.perf_counter() - t0
-    return read, write, min(kernels.values())
+                spent[0] += time.perf_counter() - t0
+                spent[1] += time.process_time() - c0
+    kernel, kernel_cpu = min(kernels.values())
+    t0 = time.perf_counter()
+    hasher = hashlib.sha256()
+    for at in range(0, sum(p.stat().st_size for p in src.glob("*.safetensors")) + out_bytes, len(buf)):
+        hasher.update(buf)
+    return read, write, kernel, time.perf_counter() - t0, io_cpu + kernel_cpu
 
 
 MODEL_HEADER = ("| model | source | `qconvert quantize` | MB/s of source | peak RSS (largest tensor, bare import) "
                 "| bnb script | bnb peak RSS | **speedup over bnb** | floor: read + write + kernel "
-                "| **ours / floor** | ours - bare import / floor |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+                "| **ours / floor** | ours - bare import / floor | sha256 of source + output, one core (not in the floor) "
+                "| CPU time: ours / floor (ours - bare import) |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def model_rows(bare_wall: float, bare_rss: int) -> list[str]:
+def model_rows(bare_wall: float, bare_rss: int, bare_cpu: float, repeats: int, bnb_multi_shard: bool) -> list[str]:
+    """One row per model. Ours and the floor run `repeats` times, interleaved (ours, floor, ours,
+    ...), so that both see the same load and page cache; each column is the best of its runs."""
     rows = []
     for label, layers, shard, out_shard in [("1.1B, 1 shard", 22, 5 * 10**9, "5GB"),
                                              ("1.5B, 1 GB shards", 32, 10**9, "500MB")]:  # fmt: skip
@@ -254,17 +273,27 @@ def model_rows(bare_wall: float, bare_rss: int) -> list[str]:
         source = sum(s.path.stat().st_size for s in ckpt.shards)
         largest = max(i.nbytes for i in ckpt.tensors.values())
         out, ref = BENCH_OUT / "nf4", BENCH_OUT / "bnb"
-        wall, peak = peak_rss_of("from qconvert.cli import main\nmain(sys.argv[1:])", "quantize", str(src), str(out),
-                                 "--quiet", "--force", "--shard-size", out_shard)  # fmt: skip
-        verify_manifest(out)
-        out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        b_wall, b_peak = peak_rss_of(BNB_SCRIPT, str(src), str(ref))
-        read, write, kernel = floor_seconds(src, out_bytes, BENCH_OUT / "floor.bin")
-        floor = read + write + kernel
-        rows.append(f"| {label} | {source / 1e9:.2f} GB | {wall:.1f} s | {source / 1e6 / wall:.0f} | "
-                    f"{peak / 1e6:.0f} MB ({largest / 1e6:.0f}, {bare_rss / 1e6:.0f}) | {b_wall:.1f} s | "
-                    f"{b_peak / 1e6:.0f} MB | **{b_wall / wall:.1f}x** | {read:.1f} + {write:.1f} + {kernel:.1f} "
-                    f"= {floor:.1f} s | **{wall / floor:.2f}x** | {(wall - bare_wall) / floor:.2f}x |")  # fmt: skip
+        runs, floors = [], []
+        for _ in range(repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(peak_rss_of("from qconvert.cli import main\nmain(sys.argv[1:])", "quantize", str(src),
+                                    str(out), "--quiet", "--shard-size", out_shard))  # fmt: skip
+            verify_manifest(out)
+            out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            floors.append(floor_seconds(src, out_bytes, BENCH_OUT / "floor.bin"))
+        wall, peak, cpu = min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
+        read, write, kernel, hashing, floor_cpu = (min(f[i] for f in floors) for i in range(5))
+        floor = min(sum(f[:3]) for f in floors)
+        bnb_cells = "| skipped | |"
+        if bnb_multi_shard or len(ckpt.shards) == 1:
+            b_wall, b_peak, _ = peak_rss_of(BNB_SCRIPT, str(src), str(ref))
+            bnb_cells = f"| {b_wall:.1f} s | {b_peak / 1e6:.0f} MB | **{b_wall / wall:.1f}x** |"
+        rows.append(f"| {label} | {source / 1e9:.2f} GB | {wall:.1f} s ({', '.join(f'{r[0]:.1f}' for r in runs)}) | "
+                    f"{source / 1e6 / wall:.0f} | {peak / 1e6:.0f} MB ({largest / 1e6:.0f}, {bare_rss / 1e6:.0f}) "
+                    f"{bnb_cells} {read:.1f} + {write:.1f} + {kernel:.1f} = {floor:.1f} s "
+                    f"({', '.join(f'{sum(f[:3]):.1f}' for f in floors)}) | **{wall / floor:.2f}x** | "
+                    f"{(wall - bare_wall) / floor:.2f}x | {hashing:.1f} s | {cpu:.1f} s / {floor_cpu:.1f} s "
+                    f"({cpu - bare_cpu:.1f} s / {floor_cpu:.1f} s) |")  # fmt: skip
         print(rows[-1], flush=True)
         for folder in (out, ref):
             shutil.rmtree(folder, ignore_errors=True)
@@ -278,6 +307,9 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true", help="skip SmolLM2 (codec and qconvert quantize rows)")
     ap.add_argument("--model", action="store_true", help="the whole command on 1.1B and 1.5B random Llamas")
     ap.add_argument("--model-only", action="store_true", help="with --model: only those rows")
+    ap.add_argument("--model-repeats", type=int, default=2, help="with --model: runs of ours and of the floor")
+    ap.add_argument("--skip-bnb-multi-shard", action="store_true",
+                    help="with --model: run the bitsandbytes script on the 1.1B model only (~5 GB, slow on 1.5B)")
     args = ap.parse_args()
     if not cpu.extension_available():
         raise SystemExit(f"the C++ quantizer is not available ({cpu._ext_state.get('error')}): nothing to measure")
@@ -293,10 +325,10 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     if args.model:
-        _, bare = peak_rss_of("import torch, qconvert.quantize")
-        bare_wall, _ = peak_rss_of("import torch, qconvert.quantize")  # the second: imports from a warm cache
+        _, bare, _ = peak_rss_of("import torch, qconvert.quantize")
+        bare_wall, _, bare_cpu = peak_rss_of("import torch, qconvert.quantize")  # the second: from a warm cache
         print(f"{header[0]}\n\n{MODEL_HEADER}", flush=True)
-        model = model_rows(bare_wall, bare)
+        model = model_rows(bare_wall, bare, bare_cpu, args.model_repeats, not args.skip_bnb_multi_shard)
         if args.model_only:
             print("\n## Markdown\n\n" + header[0] + "\n\n" + MODEL_HEADER + "\n" + "\n".join(model))
             return
@@ -317,7 +349,7 @@ def main() -> None:
             rows += codec_rows(f"SmolLM2-135M, {len(linears)} linears", linears, max(1, args.runs - 1))
             del linears
             print(MEMORY_HEADER)
-            _, bare = peak_rss_of("import torch, qconvert.quantize")
+            _, bare, _ = peak_rss_of("import torch, qconvert.quantize")
             memory.append(f"| `import torch, qconvert.quantize` alone | | {bare / 1e6:.0f} MB | | | |")
             print(memory[-1], flush=True)
             memory += command_rows("SmolLM2 (1 shard)", src, work, bare)

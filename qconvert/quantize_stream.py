@@ -1,6 +1,7 @@
 """How `qconvert quantize` moves bytes: a scan that makes each output shard's header known before
-its data, then reading, quantizing and writing in a pipeline (a reader thread, the kernel on the
-calling thread, a writer thread), every byte written once, straight into the final shard file.
+its data, then reading, quantizing and writing in a pipeline (a scan thread a shard ahead, a reader
+thread, the kernel on the calling thread, a writer thread), every byte written once, straight into
+the final shard file. QCONVERT_QUANTIZE_TIMES=1 prints the wall and CPU seconds of every stage.
 
 Why a scan: every output tensor's size follows from its source shape but one, the quant state JSON
 of a double-quantized weight, which prints `nested_offset` (the mean of the block absmax) with as
@@ -8,8 +9,9 @@ many digits as it needs. Its length, so every later offset in the shard's header
 data; writing the header first means knowing those means first. For each output shard the scan
 reads its source tensors in chunks and computes only their block absmax (the C++ `block_absmax`,
 memory-bound), and from it the means; it also refuses non-finite tensors, before anything is
-written. The main pass then reads the same bytes again, from the page cache when one shard's
-source fits in memory. Source bytes are hashed as the main pass reads them, output bytes as the
+written; the kernel reuses those offsets. The scan of shard k+1 runs while shard k is quantized
+(so the pipeline never drains between shards), and the main pass reads the same bytes again, from
+the page cache when a shard's source fits in memory. Source bytes are hashed as the main pass reads them, output bytes as the
 writer writes them.
 
 Memory: the reader fills one of two buffers the size of the largest quantized source tensor (kept
@@ -19,10 +21,15 @@ memory holds about two tensors whatever the shard size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import queue
+import sys
 import threading
+import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +49,37 @@ _CHECK_BLOCK = 4096  # block of the finiteness check on kept tensors (any size w
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
+class StageTimes:
+    """Wall and thread-CPU seconds spent per stage of the pipeline, summed over its threads: where
+    the time of a run goes (printed to stderr when QCONVERT_QUANTIZE_TIMES=1)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.enabled = os.environ.get("QCONVERT_QUANTIZE_TIMES") == "1"
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] += time.perf_counter() - w
+            self.cpu[stage] += time.thread_time() - c
+
+    def report(self) -> None:
+        if self.enabled:
+            for stage in self.wall:
+                print(f"quantize stage {stage:<24} wall {self.wall[stage]:7.2f} s  cpu {self.cpu[stage]:7.2f} s",
+                      file=sys.stderr)  # fmt: skip
+
+
+TIMES = StageTimes()
+
+
 @dataclass
 class Job:
     """One source tensor: what becomes of it ("nf4" or "kept") and, once scanned, its output tensors."""
@@ -49,6 +87,7 @@ class Job:
     info: TensorInfo
     kind: str
     outputs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    offset: float | None = None  # the double-quant offset the scan found (the header prints it)
 
     @property
     def output_bytes(self) -> int:
@@ -136,18 +175,18 @@ def _nonfinite(info: TensorInfo) -> QError:
 
 def plan_shards(ckpt: Checkpoint, jobs: list[Job], s: Settings, shard_size: int) -> Iterator[list[Job]]:
     """Scan the jobs in order and yield them grouped in output shards (the `ShardedWriter` rule), each
-    shard's jobs with their outputs known; the scan of a shard runs when the previous one is taken."""
+    shard's jobs with their outputs known (the pipeline runs it in its own thread, a shard ahead)."""
     buf = torch.empty(_SCAN_CHUNK, dtype=torch.uint8)
     files = {shard.path: open(shard.path, "rb") for shard in ckpt.shards}  # noqa: SIM115 (closed below)
     try:
         shard: list[Job] = []
         size = 0
         for job in jobs:
+            with TIMES("scan"):
+                job.offset = scan(files[job.info.file], job, s, buf)
             if job.kind == "nf4":
-                offset = scan(files[job.info.file], job, s, buf)
-                job.outputs = planned_nf4_outputs(job.info.name, job.info, s, offset)
+                job.outputs = planned_nf4_outputs(job.info.name, job.info, s, job.offset)
             else:
-                scan(files[job.info.file], job, s, buf)
                 job.outputs = {job.info.name: (job.info.dtype, job.info.shape)}
             if starts_new_shard(size, job.output_bytes, shard_size):
                 yield shard
@@ -233,12 +272,15 @@ def read_items(ckpt: Checkpoint, jobs: list[Job], take_buffer: Callable[[], torc
                     continue
                 at = info.start
                 while at < info.end:
-                    buf = take_buffer()
+                    with TIMES("reader waits for a buffer"):
+                        buf = take_buffer()
                     view = buf[: min(buf.numel(), info.end - at)]
                     if job.kind == "nf4" and view.numel() != info.nbytes:
                         raise QError(f"{info.name}: larger than the read buffer (internal error)")
-                    read_into(f, memoryview(view.numpy()), info, at)
-                    hasher.update(memoryview(view.numpy()))
+                    with TIMES("read"):
+                        read_into(f, memoryview(view.numpy()), info, at)
+                    with TIMES("hash source"):
+                        hasher.update(memoryview(view.numpy()))
                     at += view.numel()
                     yield job, view, buf, at == info.end
 
@@ -249,8 +291,12 @@ def quantize_item(job: Job, data: torch.Tensor, s: Settings) -> list[torch.Tenso
     if job.kind == "kept":
         return [data]
     weight = data.view(job.info.dtype).view(job.info.shape)
-    tensors = quantize_nf4(weight.to(s.device, non_blocking=True), blocksize=s.blocksize,
-                           double_quant=s.double_quant, threads=s.kernel_threads).to_tensors(job.info.name)  # fmt: skip
+    if s.device.type == "cpu":  # the offset the header was planned with, not computed again
+        w = cpu_quantize.quantize_nf4_cpu(weight, s.blocksize, s.double_quant, s.kernel_threads, job.offset)
+    else:
+        w = quantize_nf4(weight.to(s.device, non_blocking=True), blocksize=s.blocksize,
+                         double_quant=s.double_quant, threads=s.kernel_threads)  # fmt: skip
+    tensors = w.to_tensors(job.info.name)
     got = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
     if got != job.outputs:
         raise QError(f"{job.info.name}: quantized tensors {got} differ from the planned {job.outputs} (internal error)")
@@ -289,11 +335,19 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, h
     for _ in range(2):
         free.put(torch.empty(largest, dtype=torch.uint8))
     stage = WriteStage(writer, free)
+    shards = plan_shards(ckpt, jobs, s, writer.shard_size)
     items = read_items(ckpt, jobs, lambda: pipe.get(free), hashers)
     write = stage.handle
     threads = []
     if pipelined:
-        read_q, write_q = queue.Queue(maxsize=2), queue.Queue(maxsize=2)
+        # The scan runs a shard ahead of the kernel: its pass over the next shard's source no
+        # longer drains the pipeline between shards.
+        scan_q, read_q, write_q = queue.Queue(maxsize=1), queue.Queue(maxsize=2), queue.Queue(maxsize=2)
+
+        def scanner() -> None:
+            for shard in shards:
+                pipe.put(scan_q, shard)
+            pipe.put(scan_q, None)
 
         def reader() -> None:
             for item in items:
@@ -301,24 +355,34 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, h
             pipe.put(read_q, None)
 
         def writer_loop() -> None:
-            while (item := pipe.get(write_q)) is not None:
-                stage.handle(item)
+            while True:
+                with TIMES("writer waits"):
+                    item = pipe.get(write_q)
+                if item is None:
+                    return
+                with TIMES("write + hash output"):
+                    stage.handle(item)
 
-        threads = [pipe.thread(reader, "qconvert-read"), pipe.thread(writer_loop, "qconvert-write")]
+        threads = [pipe.thread(scanner, "qconvert-scan"), pipe.thread(reader, "qconvert-read"),
+                   pipe.thread(writer_loop, "qconvert-write")]  # fmt: skip
+        shards = iter(lambda: pipe.get(scan_q), None)
         items = iter(lambda: pipe.get(read_q), None)
         write = lambda item: pipe.put(write_q, item)
     try:
-        for shard in plan_shards(ckpt, jobs, s, writer.shard_size):
+        for shard in shards:
             write(("open", header_entries(shard)))
             for _ in shard:
                 last = False
                 while not last:
-                    job, data, buf, last = next(items)
-                    buffers = quantize_item(job, data, s)
+                    with TIMES("kernel waits for reads"):
+                        job, data, buf, last = next(items)
+                    with TIMES("kernel"):
+                        buffers = quantize_item(job, data, s)
                     if job.kind == "nf4":  # the source bytes are done with
                         free.put(buf)
                         buf = None
-                    write(("data", buffers, buf))
+                    with TIMES("kernel waits for writer"):
+                        write(("data", buffers, buf))
                     progress(data.numel())
             write(("close",))
         if pipelined:
@@ -331,5 +395,6 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, h
     finally:
         for t in threads:
             t.join()
+    TIMES.report()
     if pipe.errors:
         raise pipe.errors[0]

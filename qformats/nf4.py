@@ -12,6 +12,7 @@ checked byte for byte in tests/qformats/test_nf4.py:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -44,7 +45,7 @@ class _CellCodebook:
     reals, since within one sign and exponent the value is monotonic in the low bits. bucketize is
     monotonic, so when a cell's two end values get the same index every value inside does; when
     they differ by one, exactly one midpoint lies inside and `x > midpoint` decides (a value equal to
-    it takes the lower index, as bucketize does). `__init__` checks that no cell holds two midpoints
+    it takes the lower index, as bucketize does). Building the tables checks that no cell holds two midpoints
     (true for the NF4 code and the 8-bit dynamic map). Exponent-255 cells: cell 0x7F80 / 0xFF80 hold
     +inf / -inf (the codes of +-FLT_MAX, as nan_to_num makes them; the signalling NaNs that share
     these cells never come out of arithmetic, which always sets the quiet bit); the others are NaN,
@@ -53,6 +54,13 @@ class _CellCodebook:
 
     def __init__(self, midpoints: torch.Tensor):
         self.midpoints = midpoints
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @functools.cached_property
+    def _cpu_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, threshold), built on first use: only the torch reference needs them, and building
+        both codebooks would cost every command's start a few tenths of a second."""
+        midpoints = self.midpoints
         cells = torch.arange(1 << 16, dtype=torch.int32)
         lo = (cells << 16).view(torch.float32)
         hi = ((cells << 16) | 0xFFFF).view(torch.float32)
@@ -63,9 +71,17 @@ class _CellCodebook:
         assert (a - b).abs().max() <= 1, "a cell holds two midpoints"
         low = torch.minimum(a, b)
         inside = midpoints[low.clamp(max=midpoints.numel() - 1)]
-        self.base = low.to(torch.uint8)  # the index of the cell's lower part
-        self.threshold = torch.where(a != b, inside, torch.tensor(float("inf")))  # above it: base + 1
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        base = low.to(torch.uint8)  # the index of the cell's lower part
+        threshold = torch.where(a != b, inside, torch.tensor(float("inf")))  # above it: base + 1
+        return base, threshold
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self._cpu_tables[0]
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self._cpu_tables[1]
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on:

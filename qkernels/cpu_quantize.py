@@ -18,9 +18,7 @@ weight) are double-quantized by qformats' own `quantize_absmax_dq`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 
@@ -51,44 +49,41 @@ def fast_path_available(weight: torch.Tensor) -> bool:
             and cpu.extension_available())  # fmt: skip
 
 
-@contextlib.contextmanager
-def _threads_at_most(threads: int | None) -> Iterator[int]:
+def _grain(threads: int | None, numel: int, blocksize: int) -> int:
     """The grain (elements per thread) to pass the C++ kernels so that they run on at most `threads`
-    of torch's threads (None: all). One thread is a grain no weight reaches; a count in between sets
-    torch's own for the call (about a millisecond, so only big machines pay it)."""
-    saved = torch.get_num_threads()
-    if threads is None or threads >= saved:
-        yield PARALLEL_MIN_ELEMENTS
-    elif threads <= 1:
-        yield 1 << 62
-    else:
-        torch.set_num_threads(threads)
-        try:
-            yield PARALLEL_MIN_ELEMENTS
-        finally:
-            torch.set_num_threads(saved)
+    of torch's threads (None: all) over `numel` elements in blocks of `blocksize`. One thread is a
+    grain no weight reaches; a count in between, a grain that splits this tensor that many ways.
+    Never `torch.set_num_threads`: that is process-wide, and the quantizer's scan thread meanwhile
+    computes offsets whose last bit depends on torch's thread count."""
+    if threads is None or threads >= torch.get_num_threads():
+        return PARALLEL_MIN_ELEMENTS
+    if threads <= 1:
+        return 1 << 62
+    return max(PARALLEL_MIN_ELEMENTS, -(-numel // (threads * blocksize)) * blocksize)
 
 
 def quantize_nf4_cpu(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                     threads: int | None = None) -> NF4Weight:  # fmt: skip
+                     threads: int | None = None, offset: float | None = None) -> NF4Weight:  # fmt: skip
     """`qformats.nf4.quantize_nf4`, identical output, through the fused C++ kernel when it can run.
 
     `threads` caps the kernel's threads (its output does not depend on them); the offset's mean
-    runs at torch's thread count whatever it is, since that decides its last bit."""
+    runs at torch's thread count whatever it is, since that decides its last bit. `offset`: the
+    weight's `double_quant_offset`, when the caller already computed it from `block_absmax` (the
+    quantizer's scan), saves computing it again (a parallel op: a thread wake-up per weight)."""
     if not fast_path_available(weight) or not valid_blocksize(blocksize):
         return quantize_nf4_reference(weight, blocksize=blocksize, double_quant=double_quant)
     flat = weight.detach().reshape(-1).contiguous()
     n = flat.numel()
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     packed = torch.empty(-(-n // 2), dtype=torch.uint8)
-    with _threads_at_most(threads) as grain:
-        nan_blocks = torch.ops.qkernels_cpu.quantize_nf4(flat, _NF4_MIDPOINTS, blocksize, absmax, packed, grain)
+    grain = _grain(threads, n, blocksize)
+    nan_blocks = torch.ops.qkernels_cpu.quantize_nf4(flat, _NF4_MIDPOINTS, blocksize, absmax, packed, grain)
     if nan_blocks:
         return quantize_nf4_reference(weight, blocksize=blocksize, double_quant=double_quant)
     w = NF4Weight(packed=packed.unsqueeze(1), absmax=absmax, quant_map=NF4_CODE.clone(), shape=tuple(weight.shape),
                   dtype=weight.dtype, blocksize=blocksize)  # fmt: skip
     if double_quant:
-        w.absmax, w.nested_absmax, w.offset = _double_quantize(absmax, threads)
+        w.absmax, w.nested_absmax, w.offset = _double_quantize(absmax, threads, offset)
         w.nested_quant_map = DYNAMIC_MAP_SIGNED.clone()
     return w
 
@@ -97,8 +92,7 @@ def block_absmax(flat: torch.Tensor, blocksize: int, out: torch.Tensor, threads:
     """The fp32 block absmax that `quantize_nf4_cpu` computes, into `out`, without the codes (memory-bound):
     `flat` is a contiguous 1-D slice of whole blocks (the last may be partial) with
     `fast_path_available(flat)`. Returns how many blocks hold a NaN or an inf."""
-    with _threads_at_most(threads) as grain:
-        return torch.ops.qkernels_cpu.block_absmax(flat, blocksize, out, grain)
+    return torch.ops.qkernels_cpu.block_absmax(flat, blocksize, out, _grain(threads, flat.numel(), blocksize))
 
 
 def double_quant_offset(absmax: torch.Tensor) -> float:
@@ -106,15 +100,15 @@ def double_quant_offset(absmax: torch.Tensor) -> float:
     return absmax.mean().item()  # the reference's own call (see the module docstring)
 
 
-def _double_quantize(absmax: torch.Tensor, threads: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _double_quantize(absmax: torch.Tensor, threads: int | None, offset: float | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
     """`qformats.nf4.quantize_absmax_dq(absmax)`, identical output: (uint8 codes, nested_absmax, offset)."""
-    offset = double_quant_offset(absmax)
+    offset = double_quant_offset(absmax) if offset is None else offset
     if not math.isfinite(offset):
         return quantize_absmax_dq(absmax)
     codes = torch.empty(absmax.numel(), dtype=torch.uint8)
     nested = torch.empty(-(-absmax.numel() // NESTED_BLOCKSIZE), dtype=torch.float32)
-    with _threads_at_most(threads) as grain:
-        torch.ops.qkernels_cpu.quantize_absmax_dq(absmax, offset, _DYNAMIC_CELLS.midpoints, NESTED_BLOCKSIZE,
-                                                  codes, nested, grain)  # fmt: skip
+    torch.ops.qkernels_cpu.quantize_absmax_dq(absmax, offset, _DYNAMIC_CELLS.midpoints, NESTED_BLOCKSIZE, codes,
+                                              nested, _grain(threads, absmax.numel(), NESTED_BLOCKSIZE))  # fmt: skip
     return codes, nested, offset
 

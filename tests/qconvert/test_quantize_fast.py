@@ -13,7 +13,6 @@ import pytest
 import torch
 from test_quantize import tiny_llama
 
-import qconvert.quantize_stream
 from qconvert.quantize import quantize_checkpoint
 from qformats.errors import QError
 from qformats.nf4 import _NF4_MIDPOINTS, NF4Weight
@@ -153,6 +152,34 @@ def test_more_than_32768_blocks_at_two_threads(threads):
     check(w)
 
 
+def test_given_offset_is_the_computed_one(threads):
+    """The quantizer's scan hands the kernel the offset it computed from `block_absmax`: the same
+    weight as computing it there."""
+    w = torch.randn(64 * 40_000 + 3, generator=torch.Generator().manual_seed(4)).half()
+    absmax = torch.empty(40_001)
+    assert cpu_quantize.block_absmax(w, 64, absmax) == 0
+    assert_identical(fast(w, offset=cpu_quantize.double_quant_offset(absmax)), reference(w))
+
+
+def test_a_thread_cap_leaves_torchs_thread_count_alone(monkeypatch):
+    """`threads` between one and torch's count splits the weight that many ways without touching
+    torch's process-wide setting (the quantizer's scan thread computes offsets meanwhile)."""
+    assert cpu.extension_available(), cpu._ext_state.get("error")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        monkeypatch.setattr(cpu_quantize, "PARALLEL_MIN_ELEMENTS", 4096)
+        calls = []
+        monkeypatch.setattr(torch, "set_num_threads", calls.append)
+        w = torch.randn(300, 640, generator=torch.Generator().manual_seed(5)).half()
+        got = fast(w, threads=2)
+        assert calls == []
+        monkeypatch.undo()
+        assert_identical(got, reference(w))
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_falls_back_to_the_reference(monkeypatch):
     w = torch.randn(100, 33)
     monkeypatch.setattr(cpu, "extension_available", lambda: False)
@@ -185,8 +212,7 @@ def test_quantize_checkpoint_identical_with_and_without_fast_path(tmp_path, monk
     monkeypatch.setattr(cpu_quantize, "quantize_nf4_reference", no_reference)
     quantize_checkpoint(src, tmp_path / "fast", progress=False)
     monkeypatch.undo()
-    monkeypatch.setattr(qconvert.quantize_stream, "quantize_nf4",
-                        lambda w, blocksize, double_quant, threads: reference(w, blocksize, double_quant))  # fmt: skip
+    monkeypatch.setattr(cpu, "extension_available", lambda: False)  # the scan and the kernel: the reference
     quantize_checkpoint(src, tmp_path / "ref", progress=False)
     fast_files, ref_files = _checkpoint_bytes(tmp_path / "fast"), _checkpoint_bytes(tmp_path / "ref")
     assert fast_files.keys() == ref_files.keys()

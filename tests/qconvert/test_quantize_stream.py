@@ -22,7 +22,7 @@ from qformats.checkpoint import iter_checkpoint_tensors, open_checkpoint
 from qformats.manifest import sha256_file, verify_manifest
 from qformats.nf4 import quantize_nf4 as reference
 from qformats.sharded_writer import ShardedWriter, parse_size
-from qkernels import cpu
+from qkernels import cpu, cpu_quantize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,6 +92,28 @@ def test_other_paths_equal_the_tensor_at_a_time_writer(tmp_path, monkeypatch, ca
         assert piped[name] == data, f"{name} differs from the tensor-at-a-time writer's"
 
 
+def test_kernel_capped_between_one_and_all_threads_keeps_the_bytes(tmp_path, monkeypatch):
+    """More torch threads than the reader and writer leave (the kernel capped between one and all,
+    split into small tasks) and weights whose offsets' means split by thread count (>32768 blocks),
+    the scan in its own thread: the pipelined multi-shard run equals the single-threaded one and the
+    tensor-at-a-time writer (the reference at torch's thread count), byte for byte."""
+    src = tiny_llama(tmp_path / "src", hidden=512, intermediate=4160, vocab=64, layers=1, max_shard_size="3MB")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        monkeypatch.setattr(cpu_quantize, "PARALLEL_MIN_ELEMENTS", 4096)
+        summary = quantize_checkpoint(src, tmp_path / "piped", progress=False, shard_size="2MB")
+        quantize_checkpoint(src, tmp_path / "seq", progress=False, shard_size="2MB", pipelined=False)
+        tensor_at_a_time(src, tmp_path / "old", parse_size("2MB"))
+    finally:
+        torch.set_num_threads(saved)
+    assert len(summary.shards) > 2
+    piped = folder_bytes(tmp_path / "piped")
+    assert piped == folder_bytes(tmp_path / "seq")
+    for name, data in folder_bytes(tmp_path / "old").items():
+        assert piped[name] == data, f"{name} differs from the tensor-at-a-time writer's"
+
+
 def test_a_weight_larger_than_every_kept_chunk_and_empty_tensors(tmp_path):
     """Kept tensors larger than the read buffers pass through in several chunks; a 0-element kept
     tensor writes nothing; the output equals the sequential run's."""
@@ -105,6 +127,31 @@ def test_a_weight_larger_than_every_kept_chunk_and_empty_tensors(tmp_path):
     got = dict(iter_checkpoint_tensors(tmp_path / "piped"))
     assert torch.equal(got["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
     assert got["model.extra_empty"].shape == (0, 3)
+
+
+def test_tensors_at_offsets_unaligned_to_their_dtype(tmp_path):
+    """A 3-byte tensor first in the file leaves every fp16 tensor after it at an odd offset, where
+    the source cannot be mapped as fp16 in place (it is copied): same bytes as the old writer."""
+    src = tiny_llama(tmp_path / "src", hidden=64, intermediate=96, vocab=101, layers=2)
+    tensors = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    with ShardedWriter(tmp_path / "odd", shard_size=parse_size("5GB")) as writer:
+        writer.add({"model.odd_flags": torch.tensor([1, 2, 3], dtype=torch.uint8)})
+        for name, tensor in tensors.items():
+            writer.add({name: tensor})
+        writer.finish_shards()
+        writer.commit()
+    (tmp_path / "odd" / "model.safetensors").rename(src / "model.safetensors")
+    infos = open_checkpoint(src).tensors
+    assert infos["model.embed_tokens.weight"].start % 2 == 1
+    quantize_checkpoint(src, tmp_path / "piped", progress=False)
+    quantize_checkpoint(src, tmp_path / "seq", progress=False, pipelined=False)
+    tensor_at_a_time(src, tmp_path / "old", parse_size("5GB"))
+    piped = folder_bytes(tmp_path / "piped")
+    assert piped == folder_bytes(tmp_path / "seq")
+    for name, data in folder_bytes(tmp_path / "old").items():
+        assert piped[name] == data, f"{name} differs from the tensor-at-a-time writer's"
+    verify_manifest(tmp_path / "piped")
 
 
 # ---------------------------------------------------------------- non-finite source tensors (issue 13, defect 4)
