@@ -15,7 +15,7 @@ from qserve.cli_options import (
 
 
 @click.command("quantize")
-@click.argument("src")
+@click.argument("src", is_eager=True, callback=lambda ctx, param, value: _start_source_hashes(ctx, value))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--blocksize", default=64, show_default=True, type=int,
               help="Elements per absmax block (a power of two, 32..4096).")  # fmt: skip
@@ -63,7 +63,31 @@ def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, 
     summary = quantize_checkpoint(src, out, blocksize=blocksize, double_quant=not no_double_quant,
                                   compute_dtype=compute_dtype, skip_modules=names, shard_size=shard_size,
                                   device=device, force=force, revision=revision, progress=not quiet,
-                                  allow_nonfinite=allow_nonfinite, base_model=base_model)  # fmt: skip
+                                  allow_nonfinite=allow_nonfinite, base_model=base_model,
+                                  source_hashes=click.get_current_context().meta.get(_HASHES))  # fmt: skip
     if not quiet:
         click.echo(summary.describe())
     push_if_asked(out, push_to_hub, push_private)
+
+
+_HASHES = "qconvert.quantize.source_hashes"
+
+
+def _start_source_hashes(ctx: click.Context, src: str) -> str:
+    """SRC's callback: for a local checkpoint folder, start its files' sha256 in a background thread
+    (ctx.meta[_HASHES]). Eager, so it runs before --device's callback imports torch, which takes one
+    core for a second or more; nothing for a Hub id or a folder the quantizer will refuse (it says why)."""
+    from pathlib import Path
+
+    from qformats.checkpoint_files import list_shards
+    from qformats.errors import QError
+    from qformats.manifest import BackgroundSha256
+
+    folder = Path(src)
+    if folder.is_dir() and not ctx.resilient_parsing:
+        try:
+            shards, index = list_shards(folder)
+        except QError:
+            return src
+        ctx.meta[_HASHES] = BackgroundSha256([*shards, folder / "config.json", *([index] if index else [])])
+    return src

@@ -5,7 +5,8 @@ layer inside the decoder layers becomes NF4 (packed codes, absmax, quant maps, J
 embeddings, `lm_head`, norms, biases and anything 1-D stay in the source dtype. How the bytes move
 (qconvert/quantize_stream.py, docs/checkpoints.md): a scan makes each output shard's header known
 before its data, then a reader thread, the kernel and a writer thread stream every tensor once into
-the final shard files, hashing as they go, in about two tensors of memory, far below one shard.
+the final shard files (each output byte hashed as written, the source files by a thread of their
+own), in about two tensors of memory, far below one shard.
 Non-finite source tensors are refused by name unless allowed. On CPU the codec runs as the fused
 C++ kernel of qkernels/cpu_quantize.py (byte-identical to qformats' torch reference, which runs
 instead on CUDA or when the extension cannot be built).
@@ -28,7 +29,7 @@ from qformats import dtypes
 from qformats.checkpoint import CONFIG_FILE, Checkpoint, open_checkpoint
 from qformats.errors import QError
 from qformats.lineage import check_base_model_id, model_origin, portable_name
-from qformats.manifest import MANIFEST_FILE, build_manifest, sha256_file
+from qformats.manifest import MANIFEST_FILE, BackgroundSha256, build_manifest, sha256_file
 from qformats.nf4 import SUPPORTED_INPUT_DTYPES, check_blocksize
 from qformats.output_folder import check_out_apart_from_sources
 from qformats.safetensors_file import TensorInfo
@@ -168,6 +169,7 @@ def quantize_checkpoint(
     allow_nonfinite: bool = False,
     pipelined: bool = True,
     base_model: str | None = None,
+    source_hashes: BackgroundSha256 | None = None,
 ) -> QuantizeSummary:
     """Quantize the checkpoint at SRC (a folder or Hub repo id) into the folder OUT.
 
@@ -176,7 +178,9 @@ def quantize_checkpoint(
     NaN or inf is refused by name unless `allow_nonfinite`. `pipelined=False` runs the reader, the
     kernel and the writer one after the other on this thread (same output; for tests).
     `base_model` (a Hub repo id) is recorded as the original where SRC's lineage does not lead to one;
-    qconvert.json names sources by Hub id or folder name, never by a local path.
+    qconvert.json names sources by Hub id or folder name, never by a local path. The source files'
+    sha256 come from `source_hashes` when given (the CLI starts it before importing torch), else from
+    one started here; either runs beside the quantizer, a bounded distance ahead of it.
     """
     from qformats.hub_pull import pull
 
@@ -202,32 +206,35 @@ def quantize_checkpoint(
 
     settings = Settings(blocksize=blocksize, double_quant=double_quant, device=dev, allow_nonfinite=allow_nonfinite)
     jobs = [Job(info, kinds[name]) for name, info in infos.items()]
-    hashers: dict[Path, object] = {}
+    hashes = source_hashes or BackgroundSha256(ckpt.source_files)
     total = sum(i.nbytes for i in infos.values())
-    with ShardedWriter(out, shard_size=shard_bytes, force=force) as writer, tqdm(
-        total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, dynamic_ncols=True
-    ) as bar:  # fmt: skip
-        run_stream(ckpt, jobs, settings, writer, hashers, bar.update, pipelined=pipelined)
-        shards = writer.finish_shards()
+    try:
+        with ShardedWriter(out, shard_size=shard_bytes, force=force) as writer, tqdm(
+            total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress, dynamic_ncols=True
+        ) as bar:  # fmt: skip
+            run_stream(ckpt, jobs, settings, writer, lambda n: (bar.update(n), hashes.advance(n)), pipelined=pipelined)
+            shards = writer.finish_shards()
 
-        config = dict(ckpt.config)
-        config["quantization_config"] = quantization_config(compute_dtype or dtype_name, double_quant, skipped)
-        config["dtype"] = config["torch_dtype"] = dtype_name
-        writer.write_json(CONFIG_FILE, config)
-        copy_extra_files(ckpt, writer, skip={CONFIG_FILE, MANIFEST_FILE})
+            config = dict(ckpt.config)
+            config["quantization_config"] = quantization_config(compute_dtype or dtype_name, double_quant, skipped)
+            config["dtype"] = config["torch_dtype"] = dtype_name
+            writer.write_json(CONFIG_FILE, config)
+            copy_extra_files(ckpt, writer, skip={CONFIG_FILE, MANIFEST_FILE})
 
-        source_files = {p.name: hashers[p].hexdigest() if p in hashers else sha256_file(p)
-                        for p in ckpt.source_files}  # fmt: skip
-        parameters = {"blocksize": blocksize, "double_quant": double_quant,
-                      "compute_dtype": compute_dtype or dtype_name, "skip_modules": skip_modules,
-                      "llm_int8_skip_modules": skipped, "shard_size": shard_bytes}  # fmt: skip
-        origin, license_ = model_origin(ckpt.folder)
-        source = {"path": portable_name(src, pulled.repo_id), "repo_id": pulled.repo_id, "revision": revision,
-                  "commit": pulled.commit, "base_model": base_model or origin, "license": license_}  # fmt: skip
-        tensors = {n: {"shape": list(infos[n].shape), "dtype": infos[n].dtype_name, "kind": kinds[n]} for n in infos}
-        manifest = build_manifest(parameters, source, source_files, tensors, dict(writer.file_hashes))
-        writer.write_json(MANIFEST_FILE, manifest)
-        writer.commit()
+            source_files = {p.name: hashes.digest(p) or sha256_file(p) for p in ckpt.source_files}
+            parameters = {"blocksize": blocksize, "double_quant": double_quant,
+                          "compute_dtype": compute_dtype or dtype_name, "skip_modules": skip_modules,
+                          "llm_int8_skip_modules": skipped, "shard_size": shard_bytes}  # fmt: skip
+            origin, license_ = model_origin(ckpt.folder)
+            source = {"path": portable_name(src, pulled.repo_id), "repo_id": pulled.repo_id, "revision": revision,
+                      "commit": pulled.commit, "base_model": base_model or origin, "license": license_}  # fmt: skip
+            tensors = {n: {"shape": list(infos[n].shape), "dtype": infos[n].dtype_name, "kind": kinds[n]} for n in infos}
+            manifest = build_manifest(parameters, source, source_files, tensors, dict(writer.file_hashes))
+            writer.write_json(MANIFEST_FILE, manifest)
+            writer.commit()
+    except BaseException:
+        hashes.stop()  # nothing will ask for them
+        raise
 
     quantized = [j.info.name for j in jobs if j.kind == "nf4"]
     return QuantizeSummary(out=out, parameters=sum(i.numel for i in infos.values()),

@@ -11,8 +11,9 @@ reads its source tensors in chunks and computes only their block absmax (the C++
 memory-bound), and from it the means; it also refuses non-finite tensors, before anything is
 written; the kernel reuses those offsets. The scan of shard k+1 runs while shard k is quantized
 (so the pipeline never drains between shards), and the main pass reads the same bytes again, from
-the page cache when a shard's source fits in memory. Source bytes are hashed as the main pass reads them, output bytes as the
-writer writes them.
+the page cache when a shard's source fits in memory. Output bytes are hashed as the writer writes
+them; source files by a thread of their own (qformats.manifest.BackgroundSha256, started by the
+caller, by the CLI before torch is imported), so the reader only reads.
 
 Memory: the reader fills one of two buffers the size of the largest quantized source tensor (kept
 tensors pass through in chunks of that size) and the kernel's outputs wait in a queue of two, so
@@ -22,7 +23,6 @@ memory holds about two tensors whatever the shard size.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import queue
@@ -253,18 +253,16 @@ class _Pipe:
         return t
 
 
-def read_items(ckpt: Checkpoint, jobs: list[Job], take_buffer: Callable[[], torch.Tensor], hashers: dict
+def read_items(ckpt: Checkpoint, jobs: list[Job], take_buffer: Callable[[], torch.Tensor]
                ) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor | None, bool]]:  # fmt: skip
     """Read every source tensor in file order into buffers from `take_buffer` (a kept tensor in
-    chunks of a buffer's size), hashing each source file as it is read (`hashers` gets its sha256
-    object). Yields `(job, bytes read, the buffer holding them, whether the job's last chunk)`."""
+    chunks of a buffer's size). Yields `(job, bytes read, the buffer holding them, whether the
+    job's last chunk)`."""
     by_file: dict = {}
     for job in jobs:
         by_file.setdefault(job.info.file, []).append(job)
     for shard in ckpt.shards:
-        hasher = hashers[shard.path] = hashlib.sha256()
         with open(shard.path, "rb") as f:
-            hasher.update(f.read(shard.header_bytes))
             for job in by_file.get(shard.path, []):
                 info = job.info
                 if not info.nbytes:
@@ -279,8 +277,6 @@ def read_items(ckpt: Checkpoint, jobs: list[Job], take_buffer: Callable[[], torc
                         raise QError(f"{info.name}: larger than the read buffer (internal error)")
                     with TIMES("read"):
                         read_into(f, memoryview(view.numpy()), info, at)
-                    with TIMES("hash source"):
-                        hasher.update(memoryview(view.numpy()))
                     at += view.numel()
                     yield job, view, buf, at == info.end
 
@@ -322,10 +318,9 @@ class WriteStage:
             self.writer.close_shard()
 
 
-def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, hashers: dict,
-        progress: Callable[[int], None], pipelined: bool = True) -> None:  # fmt: skip
-    """Quantize `jobs` into `writer`, shard by shard; `hashers` receives the sha256 of every source
-    file; `progress(n)` hears of n more source bytes done.
+def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, progress: Callable[[int], None],
+        pipelined: bool = True) -> None:  # fmt: skip
+    """Quantize `jobs` into `writer`, shard by shard; `progress(n)` hears of n more source bytes done.
 
     `pipelined=False` runs the same stages one after the other on this thread (the reference the
     tests compare the pipeline with)."""
@@ -336,7 +331,7 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, h
         free.put(torch.empty(largest, dtype=torch.uint8))
     stage = WriteStage(writer, free)
     shards = plan_shards(ckpt, jobs, s, writer.shard_size)
-    items = read_items(ckpt, jobs, lambda: pipe.get(free), hashers)
+    items = read_items(ckpt, jobs, lambda: pipe.get(free))
     write = stage.handle
     threads = []
     if pipelined:

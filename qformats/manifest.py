@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from qformats.errors import QError
@@ -26,6 +29,94 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class BackgroundSha256:
+    """The sha256 of files, computed in order by a daemon thread while the caller does other work.
+
+    hashlib releases the GIL while it hashes, so the thread runs beside the caller on another core:
+    `qconvert quantize` starts it on the source before torch is imported, when a small machine has a
+    core idle, and its reader then never hashes. It reads the files once more (from the page cache,
+    or first: then the scan and the main pass find them cached) and stays at most `window` bytes
+    ahead of what the caller reports done (`advance`), so a source larger than memory is not read
+    far ahead and evicted before its main pass. `digest(path)` waits for that file; a file whose
+    size or modification time changed since the thread started is an error, naming it: its hash
+    would no longer describe the bytes that were quantized.
+    """
+
+    def __init__(self, paths: Iterable[str | Path], window: int = 4 << 30):
+        self._paths = list(dict.fromkeys(Path(p).resolve() for p in paths))  # the key digest() looks up
+        self._stamps = {p: _stamp(p) for p in self._paths}
+        self._digests: dict[Path, str] = {}
+        self._errors: dict[Path, OSError] = {}
+        self._allowed, self._hashed = window, 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="qconvert-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # One buffer (no fresh pages to fault in per chunk), large: between its GIL-free read and hash
+        # the thread waits for the GIL, up to 5 ms each time while the caller imports torch.
+        buf = memoryview(bytearray(4 * _HASH_CHUNK))
+        for path in self._paths:
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    while True:
+                        with self._cond:
+                            self._cond.wait_for(lambda: self._stop or self._hashed < self._allowed)
+                            if self._stop:
+                                return
+                        n = f.readinto(buf)
+                        if not n:
+                            break
+                        h.update(buf[:n])
+                        with self._cond:
+                            self._hashed += n
+            except OSError as e:
+                self._errors[path] = e
+                continue
+            self._digests[path] = h.hexdigest()
+
+    def advance(self, n: int) -> None:
+        """The caller is `n` more bytes into the files: the thread may read that much further."""
+        with self._cond:
+            self._allowed += n
+            self._cond.notify()
+
+    def digest(self, path: str | Path) -> str | None:
+        """The file's hex sha256 (waiting for the thread to reach it; None if it was not one of the
+        files given). QError if it could not be read or has changed since the thread started."""
+        path = Path(path).resolve()
+        if path not in self._stamps:
+            return None
+        with self._cond:
+            self._allowed = float("inf")  # the caller is done: hash the rest at full speed
+            self._cond.notify()
+        while path not in self._digests and path not in self._errors and self._thread.is_alive():
+            self._thread.join(0.1)
+        if path in self._errors:
+            raise QError(f"{path}: unreadable ({self._errors[path]})")
+        if path not in self._digests and self._stop:
+            raise QError(f"{path}: hashing was stopped")
+        if path not in self._digests or _stamp(path) != self._stamps[path]:
+            raise QError(f"{path}: changed while it was being read; run again")
+        return self._digests[path]
+
+    def stop(self) -> None:
+        """End the thread early (the caller failed): it stops before its next chunk."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def tool_version() -> str:

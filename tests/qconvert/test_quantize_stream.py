@@ -217,3 +217,33 @@ def test_kill_9_mid_write_leaves_no_out(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
+
+
+def test_cli_hashes_the_source_before_torch_is_imported(tmp_path):
+    """`qconvert quantize` on a sharded local folder starts the sha256 of its shards, index and
+    config.json before anything imports torch (SRC's eager callback), and the manifest records
+    exactly `sha256_file` of every source file (shards, index, config, tokenizer files)."""
+    src = tiny_llama(tmp_path / "src", hidden=72, intermediate=100, vocab=333, layers=3, max_shard_size="60KB")
+    out = tmp_path / "out"
+    probe = ("import sys\n"
+             "import qformats.manifest as m\n"
+             "init = m.BackgroundSha256.__init__\n"
+             "def spy(self, paths, *a, **k):\n"
+             "    paths = list(paths)\n"
+             "    print('hashing', 'torch' in sys.modules, sorted(p.name for p in paths), file=sys.stderr)\n"
+             "    init(self, paths, *a, **k)\n"
+             "m.BackgroundSha256.__init__ = spy\n"
+             "from qconvert.cli import main\n"
+             "main(sys.argv[1:])\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", probe, "quantize", str(src), str(out), "--quiet"], check=False, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("hashing")]
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 1
+    assert line == f"hashing False {sorted([*shards, 'config.json', 'model.safetensors.index.json'])}"
+    manifest = json.loads((out / "qconvert.json").read_text())
+    assert manifest["source"]["files"] == {n: sha256_file(src / n) for n in manifest["source"]["files"]}
+    assert set(shards) | {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= set(
+        manifest["source"]["files"])
