@@ -94,8 +94,6 @@ def extension_available() -> bool:
 
 
 def _load_extension() -> None:
-    from torch.utils import cpp_extension
-
     flags = _build_flags()
     sources = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
     key = hashlib.sha256(sources + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
@@ -106,6 +104,9 @@ def _load_extension() -> None:
     if so.exists():
         torch.ops.load_library(str(so))
         return
+    # Imported only to build: it imports setuptools, a third of a second of every command's start.
+    from torch.utils import cpp_extension
+
     build_dir.mkdir(parents=True, exist_ok=True)
     print("qkernels: compiling the NF4 CPU kernels (once per machine, about a minute)...", file=sys.stderr)
     cpp_extension.load(name, [str(p) for p in _SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
