@@ -120,37 +120,50 @@ def step_cpu_ms(model, batch: int, steps: int = 24) -> dict[str, float]:
 
     import torch
 
+    import qserve.model
     from qserve.nf4_linear import NF4Linear
 
     model.setup_cache(batch, 64 + steps + 1)
     prompts_ = [list(range(100 + 7 * i, 164 + 7 * i)) for i in range(batch)]
-    calls: list[tuple] = []
+    calls: list[tuple] = []  # (module or None for a group, replay)
     kernels = [m for m in model.modules() if isinstance(m, NF4Linear)] + [model.lm_head]
+    grouped = qserve.model.linears_of_one_input
     step, kern = [], []
     with torch.inference_mode():
         model.prefill(prompts_, range(batch))
-        for m in kernels:  # the fused step calls `forward` itself (no module hooks): record through it
-            m.forward = lambda x, mod=m, forward=m.forward: calls.append((mod, x)) or forward(x)
+        # The fused step calls `forward` itself (no module hooks), and the linears of one input
+        # through `linears_of_one_input`: record through both.
+        for m in kernels:
+            m.forward = lambda x, mod=m, forward=m.forward: calls.append((mod, lambda: forward(x))) or forward(x)
+
+        def record_group(x, mods):
+            calls.append((None, lambda: grouped(x, mods)))
+            return grouped(x, mods)
+
+        qserve.model.linears_of_one_input = record_group
         tokens = torch.full((batch,), 5)
         for i in range(steps):
             pos = torch.full((batch,), 64 + i)
             if i == 0:
-                model.decode(tokens, pos, kv_len=65 + i)
-                for m in kernels:
-                    del m.forward
+                try:
+                    model.decode(tokens, pos, kv_len=65 + i)
+                finally:
+                    qserve.model.linears_of_one_input = grouped
+                    for m in kernels:
+                        del m.forward
                 continue
             t = time.thread_time()
             model.decode(tokens, pos, kv_len=65 + i)
             step.append(time.thread_time() - t)
             t = time.thread_time()
-            for mod, x in calls:
-                mod.forward(x)
+            for _, replay in calls:
+                replay()
             kern.append(time.thread_time() - t)
-    head_calls = [c for c in calls if c[0] is model.lm_head]
+    head_calls = [replay for mod, replay in calls if mod is model.lm_head]
     t = time.thread_time()
     for _ in range(8):
-        for mod, x in head_calls:
-            mod.forward(x)
+        for replay in head_calls:
+            replay()
     head = (time.thread_time() - t) / 8
     ms = {"step": statistics.median(step) * 1e3, "kernels": statistics.median(kern) * 1e3, "head": head * 1e3}
     ms["nf4"], ms["overhead"] = ms["kernels"] - ms["head"], ms["step"] - ms["kernels"]

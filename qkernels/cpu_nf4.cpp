@@ -258,6 +258,30 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   return y;
 }
 
+// y_i = x @ W_i.T for several weights that share x (a layer's q/k/v, or gate/up) in one call: one
+// parallel region over the rows of all of them (AVX-512), and one dispatch instead of several. Each
+// output row is computed exactly as `gemm` computes it.
+std::vector<at::Tensor> gemm_many(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                  const c10::List<std::optional<at::Tensor>>& nested_absmax, at::TensorList quant_map,
+                                  const c10::List<std::optional<at::Tensor>>& nested_map, at::ArrayRef<double> offset,
+                                  int64_t blocksize, int64_t nested_blocksize, at::IntArrayRef N, int64_t K,
+                                  int64_t grain_weights) {
+  const size_t n = packed.size();
+  TORCH_CHECK(absmax.size() == n && nested_absmax.size() == n && quant_map.size() == n && nested_map.size() == n &&
+                  offset.size() == n && N.size() == n,
+              "gemm_many: every list must hold one entry per weight");
+  const at::Tensor xf = float_rows(x, K);
+  std::vector<at::Tensor> ys;
+  std::vector<WeightView> views;
+  for (size_t i = 0; i < n; ++i) {
+    ys.push_back(at::empty({xf.size(0), N[i]}, xf.options()));
+    views.push_back(view_of(packed[i], absmax[i], nested_absmax.get(i), quant_map[i], nested_map.get(i), offset[i],
+                            nested_blocksize, N[i], K, ys.back()));
+  }
+  gemm_views(xf, K, blocksize, views, grain_weights);
+  return ys;
+}
+
 // Rows [row0, row0 + rows) of the weight, dequantized to fp32, written into out[rows, K].
 void dequantize_rows(const uint8_t* packed, const float* qmap, const BlockScales& scales, int bshift, int64_t K,
                      int64_t row0, int64_t r0, int64_t r1, float* out) {
@@ -310,6 +334,10 @@ TORCH_LIBRARY(qkernels_cpu, m) {
       "gemm(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor quant_map, Tensor? nested_map, "
       "float offset, int blocksize, int nested_blocksize, int N, int K, int grain_weights) -> Tensor");
   m.def(
+      "gemm_many(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] nested_absmax, Tensor[] quant_map, "
+      "Tensor?[] nested_map, float[] offset, int blocksize, int nested_blocksize, int[] N, int K, "
+      "int grain_weights) -> Tensor[]");
+  m.def(
       "dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor quant_map, Tensor? nested_map, "
       "float offset, int blocksize, int nested_blocksize, int K, int row0, int rows, Tensor(a!) out, "
       "int grain_weights) -> ()");
@@ -317,5 +345,6 @@ TORCH_LIBRARY(qkernels_cpu, m) {
 
 TORCH_LIBRARY_IMPL(qkernels_cpu, CPU, m) {
   m.impl("gemm", &gemm);
+  m.impl("gemm_many", &gemm_many);
   m.impl("dequantize", &dequantize);
 }

@@ -38,6 +38,7 @@ from qformats.errors import QError
 from qkernels.ops import add_rms_norm_, decode_attention, decode_ops_available
 from qserve.lm_loss import IGNORE, linear_cross_entropy, shifted_targets
 from qserve.model_config import ModelArgs, rope_inv_freq
+from qserve.nf4_linear import linears_of_one_input
 from qserve.recompute_stash import checkpoint_layer
 
 
@@ -272,17 +273,19 @@ class Decoder(nn.Module):
         layers = list(self.layers)
         h = add_rms_norm_(x, None, layers[0].input_layernorm.weight, eps)
         # The linears' forward is called directly (no module hooks on this path): nn.Module.__call__ for
-        # 7 linears x 30 layers is a measurable share of a small model's step.
+        # 7 linears x 30 layers is a measurable share of a small model's step; those of one input
+        # (q/k/v, gate/up) go to the NF4 kernel together when they are plain NF4 linears.
         for i, layer in enumerate(layers):
             a, mlp = layer.self_attn, layer.mlp
-            q, k, v = a.q_proj.forward(h), a.k_proj.forward(h), a.v_proj.forward(h)
+            q, k, v = linears_of_one_input(h, [a.q_proj, a.k_proj, a.v_proj])
             if hasattr(a, "q_norm"):
                 q = a.q_norm(q.view(-1, a.n_heads, a.head_dim)).view(q.shape)
                 k = a.k_norm(k.view(-1, a.n_kv_heads, a.head_dim)).view(k.shape)
             y = decode_attention(q, k, v, self.rope_table, a.kv_cache.k, a.kv_cache.v, rows, positions, kv_len,
                                  a.sliding_window or 0)  # fmt: skip
             h = add_rms_norm_(x, a.o_proj.forward(y), layer.post_attention_layernorm.weight, eps)
-            gated = F.silu(mlp.gate_proj.forward(h), inplace=True).mul_(mlp.up_proj.forward(h))
+            gate, up = linears_of_one_input(h, [mlp.gate_proj, mlp.up_proj])
+            gated = F.silu(gate, inplace=True).mul_(up)
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
             h = add_rms_norm_(x, mlp.down_proj.forward(gated), following.weight, eps)
         return h

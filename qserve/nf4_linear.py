@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qformats.nf4 import NF4Weight
-from qkernels.ops import nf4_linear
+from qkernels.ops import nf4_linear, nf4_linears
 
 # The weight's tensors, registered as buffers under these names so that `.to()`, `named_buffers()`
 # and memory counts see them; `nf4_weight` holds the same tensors and is what the forward uses.
@@ -96,3 +96,13 @@ class NF4Linear(nn.Module):
                 self.bias.data.copy_(state_dict[prefix + "bias"])
             else:
                 missing_keys.append(prefix + "bias")
+
+
+def linears_of_one_input(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
+    """`[m(x) for m in modules]` without module hooks, the same values; plain `NF4Linear`s (a decode
+    layer's q/k/v, gate/up) go to `nf4_linears` in one call. Anything else (a LoRA wrapper, a float
+    linear) runs its own forward."""
+    if all(type(m) is NF4Linear for m in modules):
+        ys = nf4_linears(x, [m.nf4_weight for m in modules])
+        return [y if m.bias is None else y.add_(m.bias) for y, m in zip(ys, modules, strict=True)]
+    return [m.forward(x) for m in modules]
