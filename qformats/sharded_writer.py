@@ -2,7 +2,7 @@
 
 `ShardedWriter` fills shards up to `shard_size` bytes. A writer that knows each shard's header
 before its data (`open_shard`, as the quantizer does) streams the data straight into the final
-file, hashed as it is written; `add`, for writers that learn tensors one at a time, streams them to
+file (O_DIRECT where the filesystem takes it: qformats/direct_file.py), hashed as it is written; `add`, for writers that learn tensors one at a time, streams them to
 a data file per shard, prefixed with its header when the shard closes. It names the result
 `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json` (or `model.safetensors` alone), all
 inside `OUT.tmp-<pid>` (qformats.output_folder), renamed to OUT only by `commit()`. Any error removes the
@@ -24,13 +24,13 @@ import torch
 
 from qformats.checkpoint import Checkpoint
 from qformats.checkpoint_files import INDEX_FILE, SINGLE_FILE
+from qformats.direct_file import DirectFile
 from qformats.errors import QError
 from qformats.manifest import sha256_file
 from qformats.output_folder import check_output_folder, make_temp_folder, temp_folder
 from qformats.safetensors_file import TORCH_TO_SAFETENSORS, add_header_entry, safetensors_header
 
 _COPY_CHUNK = 16 * 1024 * 1024
-_IOV_MAX = 1024  # buffers per writev call (Linux's limit)
 
 
 def parse_size(text: str | float) -> int:
@@ -71,15 +71,15 @@ class ShardStream:
         self.size = max((e["data_offsets"][1] for e in entries.values()), default=0)
         self.written = 0
         self.hasher = hashlib.sha256()
-        # Hashes each write's bytes while the write syscall runs (both release the GIL): on a
-        # 2-core machine hashing in line with writing made the writer the pipeline's slowest stage.
+        # Hashes each write's bytes while they are written (both release the GIL): on a 2-core
+        # machine hashing in line with writing made the writer the pipeline's slowest stage.
         self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconvert-sha256-out")
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in close(); raw: each write is one syscall)
+        self.file = DirectFile(path)  # closed by close() or, on failure, by the writer's abort()
         self._write([memoryview(safetensors_header(entries, metadata))])
         self.written = 0
 
     def write(self, buffers: list) -> None:
-        """Append the bytes of `buffers` (bytes-like or CPU tensors, in header order) in one writev."""
+        """Append the bytes of `buffers` (bytes-like or CPU tensors, in header order)."""
         views = [memoryview(b.reshape(-1).view(torch.uint8).numpy() if isinstance(b, torch.Tensor) else b).cast("B")
                  for b in buffers]  # fmt: skip
         views = [v for v in views if v.nbytes]
@@ -88,22 +88,14 @@ class ShardStream:
         self._write(views)
 
     def _write(self, views: list) -> None:
-        to_hash = tuple(views)  # _writev consumes its list
+        to_hash = tuple(views)
         hashed = self._hashing.submit(lambda: [self.hasher.update(v) for v in to_hash])
         try:
-            self._writev(list(views))
+            for v in views:
+                self.file.write(v)
+                self.written += v.nbytes
         finally:
             hashed.result()  # before returning: the caller may reuse the buffers
-
-    def _writev(self, views: list) -> None:
-        while views:
-            n = os.writev(self.file.fileno(), views[:_IOV_MAX])
-            self.written += n
-            while views and n >= views[0].nbytes:
-                n -= views[0].nbytes
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
 
     def close(self) -> str:
         """Close the file, checking it holds exactly what its header describes; returns its sha256."""
@@ -180,7 +172,8 @@ class ShardedWriter:
         if self._shard is not None:
             self._shard.data.close()
         if self._stream is not None:
-            self._stream.file.close()
+            self._stream.file.abort()
+            self._stream._hashing.shutdown()
         if not self._committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
