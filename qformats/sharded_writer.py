@@ -97,6 +97,11 @@ class ShardStream:
         finally:
             hashed.result()  # before returning: the caller may reuse the buffers
 
+    def abort(self) -> None:
+        """Close the file and the hashing thread without checks (the writer failed)."""
+        self.file.abort()
+        self._hashing.shutdown()
+
     def close(self) -> str:
         """Close the file, checking it holds exactly what its header describes; returns its sha256."""
         self.file.close()
@@ -172,8 +177,7 @@ class ShardedWriter:
         if self._shard is not None:
             self._shard.data.close()
         if self._stream is not None:
-            self._stream.file.abort()
-            self._stream._hashing.shutdown()
+            self._stream.abort()
         if not self._committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
