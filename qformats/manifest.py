@@ -51,11 +51,19 @@ class BackgroundSha256:
         self._errors: dict[Path, OSError] = {}
         self._allowed, self._hashed = window, 0
         self._cond = threading.Condition()
-        self._stop = False
+        self._stop = self._finished = False
         self._thread = threading.Thread(target=self._run, name="qconvert-sha256", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._hash_files()
+        finally:  # however it ends, no digest() waits forever
+            with self._cond:
+                self._finished = True
+                self._cond.notify_all()
+
+    def _hash_files(self) -> None:
         # One buffer (no fresh pages to fault in per chunk), large: between its GIL-free read and hash
         # the thread waits for the GIL, up to 5 ms each time while the caller imports torch.
         buf = memoryview(bytearray(4 * _HASH_CHUNK))
@@ -75,15 +83,20 @@ class BackgroundSha256:
                         with self._cond:
                             self._hashed += n
             except OSError as e:
-                self._errors[path] = e
+                self._done(self._errors, path, e)
                 continue
-            self._digests[path] = h.hexdigest()
+            self._done(self._digests, path, h.hexdigest())
+
+    def _done(self, results: dict, path: Path, value) -> None:
+        with self._cond:
+            results[path] = value
+            self._cond.notify_all()  # a digest() may be waiting for this file
 
     def advance(self, n: int) -> None:
         """The caller is `n` more bytes into the files: the thread may read that much further."""
         with self._cond:
             self._allowed += n
-            self._cond.notify()
+            self._cond.notify_all()
 
     def digest(self, path: str | Path) -> str | None:
         """The file's hex sha256 (waiting for the thread to reach it; None if it was not one of the
@@ -93,13 +106,12 @@ class BackgroundSha256:
             return None
         with self._cond:
             self._allowed = float("inf")  # the caller is done: hash the rest at full speed
-            self._cond.notify()
-        while path not in self._digests and path not in self._errors and self._thread.is_alive():
-            self._thread.join(0.1)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: path in self._digests or path in self._errors or self._finished)
         if path in self._errors:
             raise QError(f"{path}: unreadable ({self._errors[path]})")
-        if path not in self._digests and self._stop:
-            raise QError(f"{path}: hashing was stopped")
+        if path not in self._digests and self._finished:
+            raise QError(f"{path}: hashing was stopped" if self._stop else f"{path}: hashing ended early (internal error)")
         if path not in self._digests or _stamp(path) != self._stamps[path]:
             raise QError(f"{path}: changed while it was being read; run again")
         return self._digests[path]
@@ -108,7 +120,7 @@ class BackgroundSha256:
         """End the thread early (the caller failed): it stops before its next chunk."""
         with self._cond:
             self._stop = True
-            self._cond.notify()
+            self._cond.notify_all()
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
