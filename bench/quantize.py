@@ -61,8 +61,10 @@ from qformats.sharded_writer import ShardedWriter
 from qkernels import cpu
 from qkernels.ops import quantize_nf4
 
-MEMORY_HEADER = ("\n| run | wall | peak RSS | above the bare interpreter | largest source shard | peak / shard |\n"
-                 "| --- | --- | --- | --- | --- | --- |")
+MEMORY_HEADER = (
+    "\n| run | wall | peak RSS | above the bare interpreter | largest source shard | peak / shard |\n"
+    "| --- | --- | --- | --- | --- | --- |"
+)
 
 
 def cpu_model() -> str:
@@ -119,11 +121,16 @@ def peak_rss_of(code: str, *argv: str) -> tuple[float, int, float]:
     """(wall seconds, peak RSS bytes, CPU seconds) of `python -c code argv...`: the child reports its
     VmHWM at exit (the peak since exec; ru_maxrss would also count the parent's pages it was forked
     with), cross-checked by psutil polling from here, and its user + system time (all threads)."""
-    report = "import sys\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + (
-        "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    report = (
+        "import os, sys\ndef report():\n"
+        "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
         "    print('PEAK', hwm, file=sys.stderr)\n"
         "    import resource\n    r = resource.getrusage(resource.RUSAGE_SELF)\n"
-        "    print('CPU', r.ru_utime + r.ru_stime, file=sys.stderr)\n")
+        "    print('CPU', r.ru_utime + r.ru_stime, file=sys.stderr, flush=True)\n"
+        # The console script ends a successful quantize with os._exit: report just before.
+        "_exit = os._exit\nos._exit = lambda code: (report(), _exit(code))\n"
+        "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + "finally:\n    report()\n"
+    )
     t0 = time.perf_counter()
     proc = psutil.Popen([sys.executable, "-c", report, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     polled = 0
@@ -158,7 +165,7 @@ def reshard(src: Path, out: Path, shard_size: int) -> None:
 def command_rows(label: str, src: Path, work: Path, bare: int) -> list[str]:
     largest = max(s.path.stat().st_size for s in open_checkpoint(src).shards)
     out = work / "nf4"
-    wall, peak, _ = peak_rss_of("from qconvert.cli import main\nmain(sys.argv[1:])", "quantize", str(src), str(out),
+    wall, peak, _ = peak_rss_of(QCONVERT, "quantize", str(src), str(out),
                              "--quiet", "--force")  # fmt: skip
     row = (f"| `qconvert quantize` {label} | {wall:.1f} s | {peak / 1e6:.0f} MB | {(peak - bare) / 1e6:.0f} MB | "
            f"{largest / 1e6:.0f} MB | **{peak / largest:.2f}x** |")  # fmt: skip
@@ -166,6 +173,8 @@ def command_rows(label: str, src: Path, work: Path, bare: int) -> list[str]:
     return [row]
 
 
+# The `qconvert` console script, as a user runs it (it ends with os._exit after a quantize).
+QCONVERT = "from qconvert.cli import run\nsys.argv[0] = 'qconvert'\nrun()"
 BENCH_OUT = Path(__file__).resolve().parents[1] / "bench-out"
 # TinyLlama-1.1B's shapes; 22 layers make its 2.2 GB, 32 the 3.1 GB multi-shard model.
 TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_key_value_heads": 4,
@@ -266,11 +275,13 @@ def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> tuple[float, ...]
     return read, write, kernel, time.perf_counter() - t0, io_cpu + kernel_cpu, buffered
 
 
-MODEL_HEADER = ("| model | source | `qconvert quantize` | MB/s of source | peak RSS (largest tensor, bare import) "
-                "| bnb script | bnb peak RSS | **speedup over bnb** | floor: read + write + kernel "
-                "(write through the page cache alone) | **ours / floor** (/ the page-cache floor) | ours - bare import / floor | sha256 of source + output, one core (not in the floor) "
-                "| CPU time: ours / floor (ours - bare import) |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+MODEL_HEADER = (
+    "| model | source | `qconvert quantize` | MB/s of source | peak RSS (largest tensor, bare import) "
+    "| bnb script | bnb peak RSS | **speedup over bnb** | floor: read + write + kernel "
+    "(write through the page cache alone) | **ours / floor** (/ the page-cache floor) | ours - bare import / floor | sha256 of source + output, one core (not in the floor) "
+    "| CPU time: ours / floor (ours - bare import) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
 
 
 def model_rows(bare_wall: float, bare_rss: int, bare_cpu: float, repeats: int, bnb_multi_shard: bool) -> list[str]:
@@ -287,7 +298,7 @@ def model_rows(bare_wall: float, bare_rss: int, bare_cpu: float, repeats: int, b
         runs, floors = [], []
         for _ in range(repeats):
             shutil.rmtree(out, ignore_errors=True)
-            runs.append(peak_rss_of("from qconvert.cli import main\nmain(sys.argv[1:])", "quantize", str(src),
+            runs.append(peak_rss_of(QCONVERT, "quantize", str(src),
                                     str(out), "--quiet", "--shard-size", out_shard))  # fmt: skip
             verify_manifest(out)
             out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -321,8 +332,11 @@ def main() -> None:
     ap.add_argument("--model", action="store_true", help="the whole command on 1.1B and 1.5B random Llamas")
     ap.add_argument("--model-only", action="store_true", help="with --model: only those rows")
     ap.add_argument("--model-repeats", type=int, default=2, help="with --model: runs of ours and of the floor")
-    ap.add_argument("--skip-bnb-multi-shard", action="store_true",
-                    help="with --model: run the bitsandbytes script on the 1.1B model only (~5 GB, slow on 1.5B)")
+    ap.add_argument(
+        "--skip-bnb-multi-shard",
+        action="store_true",
+        help="with --model: run the bitsandbytes script on the 1.1B model only (~5 GB, slow on 1.5B)",
+    )
     args = ap.parse_args()
     if not cpu.extension_available():
         raise SystemExit(f"the C++ quantizer is not available ({cpu._ext_state.get('error')}): nothing to measure")

@@ -1,5 +1,5 @@
 """`python -m qconvert ...` is the `qconvert` command (qserve export runs `push` this way)."""
 
-from qconvert.cli import main
+from qconvert.cli import run
 
-main()
+run()

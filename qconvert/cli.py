@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from qserve.cli_group import ErrorHandlingGroup
+from qserve.cli_group import ErrorHandlingGroup, console_main
 
 
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,3 +45,8 @@ main.add_command(finetune_cmd)
 from qconvert.cli_plan import plan_cmd
 
 main.add_command(plan_cmd)
+
+
+def run() -> None:
+    """The `qconvert` console script."""
+    console_main(main)

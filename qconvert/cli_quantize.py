@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from qserve.cli_group import skip_finalization
 from qserve.cli_options import (
     device_option,
     dtype_option,
@@ -68,6 +69,8 @@ def quantize(src, out, blocksize, no_double_quant, compute_dtype, skip_modules, 
     if not quiet:
         click.echo(summary.describe())
     push_if_asked(out, push_to_hub, push_private)
+    if not push_to_hub:  # OUT is committed, every file closed, the pipeline's threads joined
+        skip_finalization()
 
 
 _HASHES = "qconvert.quantize.source_hashes"

@@ -44,8 +44,6 @@ def tensor_at_a_time(src: Path, out: Path, shard_size: int, double_quant: bool =
         writer.commit()
 
 
-
-
 @pytest.mark.parametrize("shard_size", ["40KB", "5GB"], ids=["many-shards", "one-shard"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pipelined_equals_sequential_equals_tensor_at_a_time(tmp_path, shard_size, dtype):
@@ -246,4 +244,38 @@ def test_cli_hashes_the_source_before_torch_is_imported(tmp_path):
     manifest = json.loads((out / "qconvert.json").read_text())
     assert manifest["source"]["files"] == {n: sha256_file(src / n) for n in manifest["source"]["files"]}
     assert set(shards) | {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= set(
-        manifest["source"]["files"])
+        manifest["source"]["files"]
+    )
+
+
+def test_console_script_skips_finalization_only_after_success(tmp_path):
+    """The `qconvert` console script ends a successful quantize with os._exit (Python's finalization
+    after torch takes ~0.5 s): every output byte is already on disk (the folder equals an in-process
+    run's, the manifest verifies) and stdout is flushed. A failed run still exits normally, with
+    one line and status 1."""
+    src = tiny_llama(tmp_path / "src", hidden=72, intermediate=100, vocab=333, layers=2)
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('finalized', file=sys.stderr))\n"
+             "from qconvert.cli import run\n"
+             "sys.argv[0] = 'qconvert'\n"
+             "run()\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def console(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", probe, *argv], check=False, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    ok = console("quantize", str(src), str(tmp_path / "out"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "finalized" not in ok.stderr
+    assert ok.stdout.startswith("quantized ") and ok.stdout.endswith("\n")
+    verify_manifest(tmp_path / "out")
+    quantize_checkpoint(src, tmp_path / "in-process", progress=False)
+    weights = lambda folder: {k: v for k, v in folder_bytes(folder).items() if k.endswith(".safetensors")}
+    assert weights(tmp_path / "out") == weights(tmp_path / "in-process")
+
+    bad = console("quantize", str(tmp_path / "missing"), str(tmp_path / "out2"))
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines()[-2:] == [bad.stderr.splitlines()[-2], "finalized"]
+    assert bad.stderr.splitlines()[-2].startswith("error: ")
+    assert not (tmp_path / "out2").exists()
