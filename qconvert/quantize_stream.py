@@ -330,9 +330,11 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, p
     for _ in range(2):
         free.put(torch.empty(largest, dtype=torch.uint8))
     stage = WriteStage(writer, free)
-    shards = plan_shards(ckpt, jobs, s, writer.shard_size)
-    items = read_items(ckpt, jobs, lambda: pipe.get(free))
-    write = stage.handle
+    # The threads below iterate these two; the main loop reads `shards` and `items`, rebound to
+    # their queues when pipelined (a thread closing over a rebound name would read its own queue).
+    planned = plan_shards(ckpt, jobs, s, writer.shard_size)
+    source = read_items(ckpt, jobs, lambda: pipe.get(free))
+    shards, items, write = planned, source, stage.handle
     threads = []
     if pipelined:
         # The scan runs a shard ahead of the kernel: its pass over the next shard's source no
@@ -340,12 +342,12 @@ def run(ckpt: Checkpoint, jobs: list[Job], s: Settings, writer: ShardedWriter, p
         scan_q, read_q, write_q = queue.Queue(maxsize=1), queue.Queue(maxsize=2), queue.Queue(maxsize=2)
 
         def scanner() -> None:
-            for shard in shards:
+            for shard in planned:
                 pipe.put(scan_q, shard)
             pipe.put(scan_q, None)
 
         def reader() -> None:
-            for item in items:
+            for item in source:
                 pipe.put(read_q, item)
             pipe.put(read_q, None)
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,3 +280,27 @@ def test_console_script_skips_finalization_only_after_success(tmp_path):
     assert bad.stderr.splitlines()[-2:] == [bad.stderr.splitlines()[-2], "finalized"]
     assert bad.stderr.splitlines()[-2].startswith("error: ")
     assert not (tmp_path / "out2").exists()
+
+
+def test_pipeline_threads_scheduled_late_still_finish(tmp_path, monkeypatch):
+    """The scan and reader threads iterate the plan and the source, never the queues the main loop
+    reads: on a loaded machine a thread may first run after the main loop has begun (here each starts
+    0.3 s late). A reader that found the main loop's queue in its place waited on itself forever
+    (seen with 500MB shards of a 1.5B model while other jobs ran)."""
+    from qconvert import quantize_stream
+
+    thread = quantize_stream._Pipe.thread
+
+    def late(self, fn, name):
+        return thread(self, lambda: (time.sleep(0.3), fn()), name)
+
+    monkeypatch.setattr(quantize_stream._Pipe, "thread", late)
+    src = tiny_llama(tmp_path / "src", hidden=72, intermediate=100, vocab=333, layers=2, max_shard_size="60KB")
+    done = []
+    runner = threading.Thread(target=lambda: done.append(
+        quantize_checkpoint(src, tmp_path / "out", progress=False, shard_size="40KB")), daemon=True)  # fmt: skip
+    runner.start()
+    runner.join(timeout=120)
+    assert done, "the pipeline deadlocked"
+    quantize_checkpoint(src, tmp_path / "seq", progress=False, shard_size="40KB", pipelined=False)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "seq")
