@@ -120,27 +120,26 @@ def step_cpu_ms(model, batch: int, steps: int = 24) -> dict[str, float]:
 
     import torch
 
-    import qserve.model
-    from qserve.nf4_linear import NF4Linear
+    from qserve.nf4_linear import LinearsOfOneInput, NF4Linear
 
     model.setup_cache(batch, 64 + steps + 1)
     prompts_ = [list(range(100 + 7 * i, 164 + 7 * i)) for i in range(batch)]
     calls: list[tuple] = []  # (module or None for a group, replay)
     kernels = [m for m in model.modules() if isinstance(m, NF4Linear)] + [model.lm_head]
-    grouped = qserve.model.linears_of_one_input
+    grouped = LinearsOfOneInput.run
     step, kern = [], []
     with torch.inference_mode():
         model.prefill(prompts_, range(batch))
-        # The fused step calls `forward` itself (no module hooks), and the linears of one input
-        # through `linears_of_one_input`: record through both.
+        # The fused step calls `forward` itself (no module hooks), and the NF4 linears of one input
+        # through `LinearsOfOneInput.run`: record through both.
         for m in kernels:
             m.forward = lambda x, mod=m, forward=m.forward: calls.append((mod, lambda: forward(x))) or forward(x)
 
-        def record_group(x, mods):
-            calls.append((None, lambda: grouped(x, mods)))
-            return grouped(x, mods)
+        def record_group(linears, x):
+            calls.append((None, lambda: grouped(linears, x)))
+            return grouped(linears, x)
 
-        qserve.model.linears_of_one_input = record_group
+        LinearsOfOneInput.run = record_group
         tokens = torch.full((batch,), 5)
         for i in range(steps):
             pos = torch.full((batch,), 64 + i)
@@ -148,7 +147,7 @@ def step_cpu_ms(model, batch: int, steps: int = 24) -> dict[str, float]:
                 try:
                     model.decode(tokens, pos, kv_len=65 + i)
                 finally:
-                    qserve.model.linears_of_one_input = grouped
+                    LinearsOfOneInput.run = grouped
                     for m in kernels:
                         del m.forward
                 continue

@@ -243,21 +243,26 @@ def linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> t
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
 
-def linear_many(x: torch.Tensor, ws: list[NF4Weight]) -> list[torch.Tensor]:
-    """`[x @ W.T for W in ws]` in fp32 for fp32 x [M, K] without autograd, equal to `linear` on each.
-    Weights that share x (a decode layer's q/k/v, gate/up) go to the C++ kernel in one call: one
-    parallel region and one dispatch where `linear` makes several. Where the fused kernel does
-    not take them all alike, one `linear` each."""
-    K = x.shape[-1]
+def linear_many_args(ws: list[NF4Weight]) -> tuple | None:
+    """The arguments of the C++ `gemm_many` (less the thread grain) for weights that share their
+    input x (a decode layer's q/k/v, gate/up): one parallel region and one dispatch where `linear`
+    makes several, each output equal to `linear`'s bit for bit. None where the kernel does not take
+    them all alike. Built once by a caller that runs the same weights every step (qserve's fused
+    decode), then `linear_many_prepared` each step."""
     w0 = ws[0]
-    if (x.dim() == 2 and 0 < x.shape[0] <= CPU_FUSED_MAX_M and K % 32 == 0 and _SIMD and x.dtype == torch.float32
-            and all(w.shape[1] == K and w.blocksize == w0.blocksize and w.nested_blocksize == w0.nested_blocksize
-                    and supports(w) for w in ws)):  # fmt: skip
-        args = [kernel_args(w) for w in ws]  # (packed, absmax, nested_absmax, quant_map, nested_map, offset, ...)
-        return torch.ops.qkernels_cpu.gemm_many.default(
-            x, *([a[i] for a in args] for i in range(6)), w0.blocksize, w0.nested_blocksize,
-            [w.shape[0] for w in ws], K, PARALLEL_MIN_WEIGHTS)  # fmt: skip
-    return [linear(x, w) for w in ws]
+    K = w0.shape[1]
+    if not (K % 32 == 0 and _SIMD and all(w.shape[1] == K and w.blocksize == w0.blocksize
+                                          and w.nested_blocksize == w0.nested_blocksize and supports(w)
+                                          for w in ws)):  # fmt: skip
+        return None
+    args = [kernel_args(w) for w in ws]  # (packed, absmax, nested_absmax, quant_map, nested_map, offset, ...)
+    return (*([a[i] for a in args] for i in range(6)), w0.blocksize, w0.nested_blocksize, [w.shape[0] for w in ws], K)
+
+
+def linear_many_prepared(x: torch.Tensor, args: tuple) -> list[torch.Tensor]:
+    """`[linear(x, w) for w in ws]` given `args = linear_many_args(ws)`, without autograd: fp32 x [M, K],
+    0 < M <= CPU_FUSED_MAX_M."""
+    return torch.ops.qkernels_cpu.gemm_many.default(x, *args, PARALLEL_MIN_WEIGHTS)
 
 
 def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ Plain tables: `quantize_nf4(weight, blocksize, double_quant)` (on CPU the fused 
 `linear_fp32`, and the seeded-dropout LoRA products `dropout_apply`, `dropout_add_`, `lora_down`,
 `lora_grad_a`, `lora_up_add_` (reference: `qkernels.lora_dropout`; CPU: `qkernels.cpu`).
 CPU only, `decode_attention` and `add_rms_norm_`: the fused ops of a decode step (cpu_decode.cpp),
-whose reference is the model's unfused step (qserve/model.py, `Decoder.decode_fused`); and
-`nf4_linears(x, weights)`, several NF4 linears of one input in one kernel call (elsewhere one
-`nf4_linear` each).
+whose reference is the model's unfused step (qserve/model.py, `Decoder.decode_fused`), which also
+calls the NF4 linears of one input in one kernel call (`qkernels.cpu.linear_many_args`, through
+`qserve.nf4_linear.LinearsOfOneInput`).
 
 CUDA entries are Triton kernels (`qkernels.triton_nf4`, `qkernels.triton_batched_lora`), imported on
 first use, so CPU code never touches Triton. Outputs are in x's dtype (batched LoRA: y's).
@@ -303,16 +303,6 @@ def decode_ops_available(device: torch.device) -> bool:
 
 
 _cpu_fakes: list[bool] = []  # [True] once the fakes above are registered
-
-
-def nf4_linears(x: torch.Tensor, weights: list[NF4Weight]) -> list[torch.Tensor]:
-    """`[nf4_linear(x, w) for w in weights]`, the same values: on CPU, with nothing to record for
-    autograd, one call of the C++ kernel for all of them (`qkernels.cpu.linear_many`)."""
-    for w in weights:
-        _check_x(x, w)
-    if x.is_cpu and not _needs_op(x):
-        return cpu.linear_many(x, weights)
-    return [nf4_linear(x, w) for w in weights]
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_table: torch.Tensor,

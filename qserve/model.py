@@ -38,7 +38,7 @@ from qformats.errors import QError
 from qkernels.ops import add_rms_norm_, decode_attention, decode_ops_available
 from qserve.lm_loss import IGNORE, linear_cross_entropy, shifted_targets
 from qserve.model_config import ModelArgs, rope_inv_freq
-from qserve.nf4_linear import linears_of_one_input
+from qserve.nf4_linear import LinearsOfOneInput
 from qserve.recompute_stash import checkpoint_layer
 
 
@@ -210,6 +210,7 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_table: torch.Tensor | None = None  # set by prepare_fused_decode
         self.row_ids: torch.Tensor | None = None
+        self._fused: tuple[list[_FusedLayer], list[tuple]] | None = None  # see _fused_layers
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos and sin [..., head_dim / 2] of positions [...] times each frequency, scaled: the same
@@ -270,25 +271,60 @@ class Decoder(nn.Module):
         rows = self.row_ids[: tokens.shape[0]] if slots is None else slots
         kv_len = kv_len or self.rope_table.shape[0]
         eps = self.args.rms_norm_eps
-        layers = list(self.layers)
-        h = add_rms_norm_(x, None, layers[0].input_layernorm.weight, eps)
-        # The linears' forward is called directly (no module hooks on this path): nn.Module.__call__ for
-        # 7 linears x 30 layers is a measurable share of a small model's step; those of one input
-        # (q/k/v, gate/up) go to the NF4 kernel together when they are plain NF4 linears.
-        for i, layer in enumerate(layers):
-            a, mlp = layer.self_attn, layer.mlp
-            q, k, v = linears_of_one_input(h, [a.q_proj, a.k_proj, a.v_proj])
-            if hasattr(a, "q_norm"):
-                q = a.q_norm(q.view(-1, a.n_heads, a.head_dim)).view(q.shape)
-                k = a.k_norm(k.view(-1, a.n_kv_heads, a.head_dim)).view(k.shape)
-            y = decode_attention(q, k, v, self.rope_table, a.kv_cache.k, a.kv_cache.v, rows, positions, kv_len,
-                                 a.sliding_window or 0)  # fmt: skip
-            h = add_rms_norm_(x, a.o_proj.forward(y), layer.post_attention_layernorm.weight, eps)
-            gate, up = linears_of_one_input(h, [mlp.gate_proj, mlp.up_proj])
-            gated = F.silu(gate, inplace=True).mul_(up)
-            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-            h = add_rms_norm_(x, mlp.down_proj.forward(gated), following.weight, eps)
+        layers = self._fused_layers()
+        h = add_rms_norm_(x, None, layers[0].input_norm, eps)
+        for layer in layers:
+            q, k, v = layer.qkv.run(h)
+            if layer.q_norm is not None:
+                q = layer.q_norm(q.view(-1, layer.n_heads, layer.head_dim)).view(q.shape)
+                k = layer.k_norm(k.view(-1, layer.n_kv_heads, layer.head_dim)).view(k.shape)
+            cache = layer.kv_cache
+            y = decode_attention(q, k, v, self.rope_table, cache.k, cache.v, rows, positions, kv_len, layer.window)
+            (o,) = layer.o.run(y)
+            h = add_rms_norm_(x, o, layer.post_norm, eps)
+            gate, up = layer.gate_up.run(h)
+            (down,) = layer.down.run(F.silu(gate, inplace=True).mul_(up))
+            h = add_rms_norm_(x, down, layer.next_norm, eps)
         return h
+
+    def _fused_layers(self) -> list[_FusedLayer]:
+        """The layers as `decode_fused` runs them, prepared once and again whenever a module, weight or
+        cache they hold has been replaced since (an adapter's wrapper, a reloaded weight): the
+        nn.Module attribute lookups, checks and argument lists of some 120 kernel calls a step were
+        a fifth of SmolLM2's step. Checking costs one dict lookup per prepared object."""
+        if self._fused is None or not all(holder.get(key) is obj for holder, key, obj in self._fused[1]):
+            layers = list(self.layers)
+            fused = [_FusedLayer(layer, layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm)
+                     for i, layer in enumerate(layers)]  # fmt: skip
+            checks = [(self._modules, "layers", self.layers), (self._modules, "norm", self.norm),
+                      *((self.layers._modules, str(i), layer) for i, layer in enumerate(layers)),
+                      *(c for f in fused for c in f.checks)]  # fmt: skip
+            self._fused = (fused, checks)
+        return self._fused[0]
+
+
+class _FusedLayer:
+    """One decoder layer as `Decoder.decode_fused` calls it, its modules, weights and cache looked up once."""
+
+    def __init__(self, layer: DecoderLayer, following_norm: RMSNorm):
+        a, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+        self.qkv = LinearsOfOneInput(a, ["q_proj", "k_proj", "v_proj"])
+        self.o = LinearsOfOneInput(a, ["o_proj"])
+        self.gate_up = LinearsOfOneInput(mlp, ["gate_proj", "up_proj"])
+        self.down = LinearsOfOneInput(mlp, ["down_proj"])
+        self.q_norm, self.k_norm = a._modules.get("q_norm"), a._modules.get("k_norm")
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.window = a.sliding_window or 0
+        self.kv_cache = a.kv_cache
+        norms = [layer._modules["input_layernorm"], layer._modules["post_attention_layernorm"], following_norm]
+        self.input_norm, self.post_norm, self.next_norm = (n._parameters["weight"] for n in norms)
+        self.checks = [*self.qkv.checks, *self.o.checks, *self.gate_up.checks, *self.down.checks,
+                       (layer._modules, "self_attn", a), (layer._modules, "mlp", mlp),
+                       (a._modules, "q_norm", self.q_norm), (a._modules, "k_norm", self.k_norm),
+                       (a._modules, "kv_cache", self.kv_cache), (a.__dict__, "sliding_window", a.sliding_window),
+                       (layer._modules, "input_layernorm", norms[0]),
+                       (layer._modules, "post_attention_layernorm", norms[1]),
+                       *((n._parameters, "weight", n._parameters["weight"]) for n in norms)]  # fmt: skip
 
 
 class CausalLM(nn.Module):

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from qformats.nf4 import NF4Weight
-from qkernels.ops import nf4_linear, nf4_linears
+from qkernels import cpu
+from qkernels.ops import nf4_linear
 
 # The weight's tensors, registered as buffers under these names so that `.to()`, `named_buffers()`
 # and memory counts see them; `nf4_weight` holds the same tensors and is what the forward uses.
@@ -98,11 +99,30 @@ class NF4Linear(nn.Module):
                 missing_keys.append(prefix + "bias")
 
 
-def linears_of_one_input(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
-    """`[m(x) for m in modules]` without module hooks, the same values; plain `NF4Linear`s (a decode
-    layer's q/k/v, gate/up) go to `nf4_linears` in one call. Anything else (a LoRA wrapper, a float
-    linear) runs its own forward."""
-    if all(type(m) is NF4Linear for m in modules):
-        ys = nf4_linears(x, [m.nf4_weight for m in modules])
-        return [y if m.bias is None else y.add_(m.bias) for y, m in zip(ys, modules, strict=True)]
-    return [m.forward(x) for m in modules]
+class LinearsOfOneInput:
+    """Linears that take the same input, called every decode step (a layer's q/k/v, gate/up, or one
+    alone): `[m(x) for m in modules]` without module hooks, the same values. Plain `NF4Linear`s go to
+    the C++ kernel in one call whose arguments are built once here (`qkernels.cpu.linear_many_args`);
+    anything else (a LoRA wrapper, a float linear), or more rows than the fused kernel takes, runs
+    each module's own forward. `checks`: (holder, key, object) triples that hold while what was
+    prepared is still what the model holds (a wrapper or a new weight installed since breaks one)."""
+
+    def __init__(self, parent: nn.Module, names: list[str]):
+        self.modules = [parent._modules[n] for n in names]
+        self.checks: list[tuple[dict, str, object]] = [(parent._modules, n, m) for n, m in zip(names, self.modules)]
+        self.biases = [m._parameters.get("bias") for m in self.modules]
+        self.args = None
+        if all(type(m) is NF4Linear for m in self.modules):
+            self.args = cpu.linear_many_args([m.nf4_weight for m in self.modules])
+            self.checks += [(m.__dict__, "nf4_weight", m.nf4_weight) for m in self.modules]
+            self.checks += [(m._parameters, "bias", b) for m, b in zip(self.modules, self.biases)]
+
+    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The linears of fp32 x [B, in] (B rows of one token each)."""
+        if self.args is not None and x.shape[0] <= cpu.CPU_FUSED_MAX_M and not torch.compiler.is_compiling():
+            ys = cpu.linear_many_prepared(x, self.args)
+            for y, b in zip(ys, self.biases):
+                if b is not None:
+                    y.add_(b)
+            return ys
+        return [m.forward(x) for m in self.modules]

@@ -204,17 +204,27 @@ def test_inference_mode_then_no_grad(path):
 @pytest.mark.parametrize("k,blocksize,dq", [(576, 64, True), (576, 128, False), (1024, 32, True), (130, 128, True)])
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 17])
 def test_linears_of_one_input_equal_one_call_each(path, k, blocksize, dq, m):
-    """`ops.nf4_linears` (one C++ call for weights sharing x: one parallel region over all their
-    rows) equals `nf4_linear` on each weight bit for bit, for row counts that leave tile tails,
-    on every path (K = 130 and 17 rows take the one-call-each fallback)."""
+    """`LinearsOfOneInput` (the decode step's NF4 linears of one input in one C++ `gemm_many` call:
+    one parallel region over all their rows) equals `nf4_linear` on each weight bit for bit, for
+    row counts that leave tile tails, on every path (K = 130 and 17 rows take each module's forward)."""
+    from qserve.nf4_linear import LinearsOfOneInput, NF4Linear
+
+    def linears(weights):
+        parent = torch.nn.Module()
+        for i, w in enumerate(weights):
+            parent.add_module(f"l{i}", NF4Linear(w))
+        return LinearsOfOneInput(parent, [f"l{i}" for i in range(len(weights))])
+
     ws = [make_weight(n, k, blocksize, dq, seed=s) for s, n in enumerate([192, 64, 64, 37])]
     x = torch.randn(m, k)
-    ys = ops.nf4_linears(x, ws)
-    assert len(ys) == len(ws)
-    for y, w in zip(ys, ws, strict=True):
-        assert torch.equal(y, ops.nf4_linear(x, w))
-    mixed = [ws[0], make_weight(64, k, blocksize * 2 if blocksize < 4096 else 32, dq)]  # blocksizes differ
-    for y, w in zip(ops.nf4_linears(x, mixed), mixed, strict=True):
-        assert torch.equal(y, ops.nf4_linear(x, w))
-    with pytest.raises(QError, match="features"):
-        ops.nf4_linears(torch.randn(m, k + 1), ws)
+    with torch.no_grad():
+        ys = linears(ws).run(x)
+        assert len(ys) == len(ws)
+        for y, w in zip(ys, ws, strict=True):
+            assert torch.equal(y, ops.nf4_linear(x, w))
+        mixed = [ws[0], make_weight(64, k, blocksize * 2 if blocksize < 4096 else 32, dq)]  # blocksizes differ
+        assert linears(mixed).args is None
+        for y, w in zip(linears(mixed).run(x), mixed, strict=True):
+            assert torch.equal(y, ops.nf4_linear(x, w))
+        with pytest.raises((QError, RuntimeError), match="features|must be"):
+            linears(ws).run(torch.randn(m, k + 1))

@@ -67,3 +67,52 @@ def test_fused_decode_refuses_a_position_outside_the_cache(tmp_path):
             m.decode(torch.tensor([5, 6]), torch.tensor([3, 16]))
         with pytest.raises(RuntimeError, match="outside the cache"):
             m.decode(torch.tensor([5]), torch.tensor([3]), torch.tensor([2]))
+
+
+def test_fused_decode_on_nf4_follows_modules_and_weights_replaced_between_steps(tmp_path):
+    """On an NF4 model the fused step prepares each layer's kernel arguments once (`LinearsOfOneInput`);
+    a module wrapped after a step (as an adapter's wrapper is) or a weight reloaded after a step is
+    what the next step uses, and batches past the fused kernel's rows take the modules' own forward."""
+    from qconvert.quantize import quantize_checkpoint
+    from qserve.nf4_linear import NF4Linear
+
+    save_tiny("smollm2", tmp_path / "fp32")
+    quantize_checkpoint(tmp_path / "fp32", tmp_path / "nf4", progress=False)
+    fused, plain = load_model(tmp_path / "nf4"), load_model(tmp_path / "nf4")
+    assert type(fused.model.layers[0].mlp.down_proj) is NF4Linear
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    rows = cpu.CPU_FUSED_MAX_M + 1
+    prompts = [torch.randint(3, 256, (4 + i % 5,)).tolist() for i in range(rows)]
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.setup_cache(max_batch=rows, max_seq=32)
+            m.prefill(prompts, range(rows))
+        plain.model.rope_table = None
+        pos = torch.tensor([len(p) for p in prompts])
+        tokens = torch.tensor([p[-1] for p in prompts])
+
+        def step(n: int) -> None:
+            nonlocal pos, tokens
+            want, got = plain.decode(tokens[:n], pos[:n]), fused.decode(tokens[:n], pos[:n])
+            assert rel_err(got, want) < 1e-5
+            tokens[:n], pos[:n] = want.argmax(-1), pos[:n] + 1
+
+        step(3)
+        assert fused.model._fused[0][0].qkv.args is not None  # the prepared NF4 path ran
+        for m in (fused, plain):
+            m.model.layers[1].mlp.down_proj = Doubled(m.model.layers[1].mlp.down_proj)
+        step(3)
+        assert fused.model._fused[0][1].down.args is None
+        for m in (fused, plain):  # layer 1's q_proj now holds layer 0's weight
+            q0 = m.model.layers[0].self_attn.q_proj.state_dict()
+            m.model.layers[1].self_attn.q_proj.load_state_dict(q0)
+        step(3)
+        step(rows)
