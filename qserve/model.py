@@ -28,6 +28,7 @@ Two ways to run the decoder (`hidden`, or `forward` for logits of every position
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -210,7 +211,7 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_table: torch.Tensor | None = None  # set by prepare_fused_decode
         self.row_ids: torch.Tensor | None = None
-        self._fused: tuple[list[_FusedLayer], list[tuple]] | None = None  # see _fused_layers
+        self._fused: tuple[list[_FusedLayer], tuple] | None = None  # see _fused_layers
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos and sin [..., head_dim / 2] of positions [...] times each frequency, scaled: the same
@@ -291,15 +292,15 @@ class Decoder(nn.Module):
         """The layers as `decode_fused` runs them, prepared once and again whenever a module, weight or
         cache they hold has been replaced since (an adapter's wrapper, a reloaded weight): the
         nn.Module attribute lookups, checks and argument lists of some 120 kernel calls a step were
-        a fifth of SmolLM2's step. Checking costs one dict lookup per prepared object."""
-        if self._fused is None or not all(holder.get(key) is obj for holder, key, obj in self._fused[1]):
+        a fifth of SmolLM2's step. Checking costs one dict lookup per prepared object (in C: map)."""
+        if self._fused is None or not all(map(operator.is_, map(dict.get, *self._fused[1][:2]), self._fused[1][2])):
             layers = list(self.layers)
             fused = [_FusedLayer(layer, layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm)
                      for i, layer in enumerate(layers)]  # fmt: skip
             checks = [(self._modules, "layers", self.layers), (self._modules, "norm", self.norm),
                       *((self.layers._modules, str(i), layer) for i, layer in enumerate(layers)),
                       *(c for f in fused for c in f.checks)]  # fmt: skip
-            self._fused = (fused, checks)
+            self._fused = (fused, tuple(zip(*checks, strict=True)))  # (holders, keys, objects)
         return self._fused[0]
 
 
