@@ -61,7 +61,11 @@ def console_main(group: click.Group) -> None:
         group.main()
     except SystemExit as e:
         if _skip_finalization and e.code in (None, 0):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            code = 0
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):  # a closed pipe (`| head`): what it held is lost either way
+                    code = 1 if stream is sys.stdout else code
+            os._exit(code)
         raise
