@@ -293,15 +293,20 @@ class Decoder(nn.Module):
         cache they hold has been replaced since (an adapter's wrapper, a reloaded weight): the
         nn.Module attribute lookups, checks and argument lists of some 120 kernel calls a step were
         a fifth of SmolLM2's step. Checking costs one dict lookup per prepared object (in C: map)."""
+        layers = list(self.layers)
+        if torch.compiler.is_compiling():  # traced once into a graph: nothing to keep between steps
+            return [_FusedLayer(layer, following) for layer, following in zip(layers, self._following_norms(layers))]
         if self._fused is None or not all(map(operator.is_, map(dict.get, *self._fused[1][:2]), self._fused[1][2])):
-            layers = list(self.layers)
-            fused = [_FusedLayer(layer, layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm)
-                     for i, layer in enumerate(layers)]  # fmt: skip
+            fused = [_FusedLayer(layer, following) for layer, following in zip(layers, self._following_norms(layers))]
             checks = [(self._modules, "layers", self.layers), (self._modules, "norm", self.norm),
                       *((self.layers._modules, str(i), layer) for i, layer in enumerate(layers)),
                       *(c for f in fused for c in f.checks)]  # fmt: skip
             self._fused = (fused, tuple(zip(*checks, strict=True)))  # (holders, keys, objects)
         return self._fused[0]
+
+    def _following_norms(self, layers: list[nn.Module]) -> list[RMSNorm]:
+        """The norm after each layer: the next layer's input norm, the final norm after the last."""
+        return [layer.input_layernorm for layer in layers[1:]] + [self.norm]
 
 
 class _FusedLayer:

@@ -112,7 +112,7 @@ class LinearsOfOneInput:
         self.checks: list[tuple[dict, str, object]] = [(parent._modules, n, m) for n, m in zip(names, self.modules)]
         self.biases = [m._parameters.get("bias") for m in self.modules]
         self.args = None
-        if all(type(m) is NF4Linear for m in self.modules):
+        if all(type(m) is NF4Linear for m in self.modules) and not torch.compiler.is_compiling():
             self.args = cpu.linear_many_args([m.nf4_weight for m in self.modules])
             self.checks += [(m.__dict__, "nf4_weight", m.nf4_weight) for m in self.modules]
             self.checks += [(m._parameters, "bias", b) for m, b in zip(self.modules, self.biases)]
