@@ -12,7 +12,9 @@ Contenders, each in its own subprocess (so peak RSS is its own, imports and load
                       that our batch 1 and our batch-8 aggregate are measured against
 Each decodes `--new-tokens` greedy tokens (EOS ignored) after a 64-token prompt of tests/data/prose.txt,
 at batch 1 and 8 (rows start at different offsets of the text); tokens/s counts generated tokens
-over the whole generate call (prefill included), after one short warm-up call. GB/s: the bytes a
+over the whole generate call (prefill included), after one short warm-up call; "decode tok/s" (ours
+and llama.cpp, which both stream tokens) counts the tokens after the first over the time from the
+first streamed token to the last: the decode steps alone, without the prompt's processing. GB/s: the bytes a
 decode step reads (every weight once, the output layer included, plus the KV cache up to the
 average position; ours split into NF4 linears, output layer and KV cache) times steps/s, against the memory-copy bandwidth measured here with the same
 threads (read + write bytes of a 256 MiB copy). Perplexity: the sliding window of `qconvert eval`
@@ -201,15 +203,19 @@ def worker_llama(gguf: Path, fp16: Path, new_tokens: int, threads: int) -> dict:
 
     def run(rows, n):
         llm.reset()
+        times = []
         for got, _ in enumerate(llm.generate(rows[0], temp=0.0, top_k=1, reset=True), 1):
+            times.append(time.perf_counter())
             if got == n:
                 break
+        return times
 
     rows = prompts(fp16, 1, 64)
     run(rows, 8)
     t = time.perf_counter()
-    run(rows, new_tokens)
-    result["tok_s"][1] = new_tokens / (time.perf_counter() - t)
+    times = run(rows, new_tokens)
+    result["tok_s"][1] = new_tokens / (times[-1] - t)
+    result["decode_tok_s"] = {1: (new_tokens - 1) / (times[-1] - times[0])}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -233,8 +239,11 @@ def worker_decode(kind: str, fp16: Path, nf4: Path, batches: list[int], new_toke
         result["bytes_per_step"] = ours_weight_bytes(model) + kv
         result["bytes_split"] = {**ours_bytes_split(model), "kv": kv}
 
-        def run(rows, n):
-            gen.generate(rows, SamplingParams(max_new_tokens=n, stop_token_ids=()))
+        def run(rows, n):  # the steps of `Generator.generate`, streamed: the time of every token
+            params = SamplingParams(max_new_tokens=n, stop_token_ids=())
+            return [time.perf_counter() for _ in gen.token_steps(rows, params)]
+
+        result["decode_tok_s"] = {}
     else:
 
         def run(rows, n):
@@ -248,8 +257,10 @@ def worker_decode(kind: str, fp16: Path, nf4: Path, batches: list[int], new_toke
         rows = prompts(fp16, b, 64)
         run(rows, 8)  # warm-up (and compile, with --compile)
         t = time.perf_counter()
-        run(rows, new_tokens)
+        times = run(rows, new_tokens)
         result["tok_s"][b] = b * new_tokens / (time.perf_counter() - t)
+        if "decode_tok_s" in result:
+            result["decode_tok_s"][b] = b * (new_tokens - 1) / (times[-1] - times[0])
     if kind == "ours-nf4" and not use_compile:  # the compiled step has static shapes: no new cache, no hooks
         result["step_ms"] = {b: step_cpu_ms(model, b) for b in batches}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -304,8 +315,9 @@ def best_of_rounds(rounds: list[dict]) -> dict:
     best = rounds[0]
     for r in rounds[1:]:
         for kind, d in r.items():
-            for b, v in d["tok_s"].items():
-                best[kind]["tok_s"][b] = max(best[kind]["tok_s"][b], v)
+            for key in ("tok_s", "decode_tok_s"):
+                for b, v in d.get(key, {}).items():
+                    best[kind][key][b] = max(best[kind][key][b], v)
             for b, ms in d.get("step_ms", {}).items():
                 if ms["step"] < best[kind]["step_ms"][b]["step"]:
                     best[kind]["step_ms"][b] = ms
@@ -364,13 +376,15 @@ def main() -> None:
     mode = "torch.compile" if args.compile else "eager"
     print(f"\nSmolLM2-135M-Instruct, {args.new_tokens} new tokens after a 64-token prompt, greedy. {info}. "
           f"Memory copy: {copy_gbs:.1f} GB/s.\n")  # fmt: skip
-    head = "| | " + " | ".join(f"batch {b} tok/s" for b in batches) + " | MB read per step | batch 1 GB/s (of copy) "
+    head = "| | " + " | ".join(f"batch {b} tok/s" for b in batches) + " | "
+    head += " | ".join(f"batch {b} decode tok/s" for b in batches) + " | MB read per step | batch 1 GB/s (of copy) "
     print(head + "| peak RSS MB | load s | prose ppl |")
-    print("|" + " --- |" * (len(batches) + 6))
+    print("|" + " --- |" * (2 * len(batches) + 6))
     for kind in kinds:
         d = decode[kind]
         label = f"{CONTENDERS[kind]}, {mode}" if kind == "ours-nf4" else CONTENDERS[kind]
-        cells = [f"{d['tok_s'][str(b)]:.1f}" if str(b) in d["tok_s"] else "-" for b in batches]
+        cells = [f"{d[key][str(b)]:.1f}" if str(b) in d.get(key, {}) else "-"
+                 for key in ("tok_s", "decode_tok_s") for b in batches]  # fmt: skip
         step_mb, bw = "-", "-"
         if "bytes_per_step" in d and "1" in d["tok_s"]:
             gbs = d["bytes_per_step"] * d["tok_s"]["1"] / 1e9
@@ -388,6 +402,9 @@ def main() -> None:
         r = [f"batch {b}: {ours['tok_s'][str(b)] / ref:.2f}x" for b in batches]
         print(f"qserve NF4 vs llama.cpp batch 1 ({ref:.1f} tok/s): {'; '.join(r)} "
               "(targets: batch 1 >= 1.0x, batch 8 aggregate >= 2x).")  # fmt: skip
+        ref = decode["llama-cpp"]["decode_tok_s"]["1"]
+        r = [f"batch {b}: {ours['decode_tok_s'][str(b)] / ref:.2f}x" for b in batches if str(b) in ours["decode_tok_s"]]
+        print(f"The same, decode steps alone (after the first token; llama.cpp {ref:.1f} tok/s): {'; '.join(r)}.")
     if ours and "bytes_split" in ours:
         split = ours["bytes_split"]
         print(f"qserve NF4 bytes read per step: NF4 linears {split['nf4'] / 1e6:.1f} MB, output layer "
