@@ -258,7 +258,8 @@ def worker_decode(kind: str, fp16: Path, nf4: Path, batches: list[int], new_toke
         run(rows, 8)  # warm-up (and compile, with --compile)
         t = time.perf_counter()
         times = run(rows, new_tokens)
-        result["tok_s"][b] = b * new_tokens / (time.perf_counter() - t)
+        end = times[-1] if times else time.perf_counter()  # the last token, as for llama.cpp
+        result["tok_s"][b] = b * new_tokens / (end - t)
         if "decode_tok_s" in result:
             result["decode_tok_s"][b] = b * (new_tokens - 1) / (times[-1] - times[0])
     if kind == "ours-nf4" and not use_compile:  # the compiled step has static shapes: no new cache, no hooks
