@@ -51,7 +51,8 @@ _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
 _SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_nf4_avx512.cpp", "cpu_linear16.cpp",
                                                   "cpu_quantize.cpp", "cpu_caching_allocator.cpp",
                                                   "cpu_lora_dropout.cpp", "cpu_decode.cpp")]  # fmt: skip
-_HEADERS = [Path(__file__).with_name("cpu_nf4.h")]  # hashed with the sources: a new header is a new build
+# Hashed with the sources: a new header is a new build.
+_HEADERS = [Path(__file__).with_name(f) for f in ("cpu_nf4.h", "cpu_decode.h")]
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
 # element, slower than dequantize + BLAS, so other CPUs and shapes take that path instead.
 _SIMD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -19,32 +19,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <vector>
 
+#include "cpu_decode.h"
+
 namespace {
 
-// Eight partial sums, which gcc vectorizes (a single running sum it may not reorder).
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t n8 = n - n % 8;
-  for (int64_t i = 0; i < n8; i += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (int64_t i = n8; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// x * cos + cat(-x2, x1) * sin over one head of D = 2 * half values, into out.
-inline void rope(const float* x, const float* c, const float* s, int64_t half, float* out) {
-  for (int64_t i = 0; i < half; ++i) {
-    out[i] = x[i] * c[i] - x[i + half] * s[i];
-    out[i + half] = x[i + half] * c[i] + x[i] * s[i];
-  }
-}
+using namespace qkernels_decode;
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             const at::Tensor& rope_table, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& rows,
@@ -76,19 +59,13 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
     TORCH_CHECK(rp[b] >= 0 && rp[b] < slots && pp[b] >= 0 && pp[b] < S && pp[b] < rope_table.size(0), "row ", b,
                 ": slot ", rp[b], " position ", pp[b], " outside the cache [", slots, ", ", S, "] or rope table");
 
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
   const float* cp = rope_table.data_ptr<float>();  // row p: cos(p * f) in [0, half), sin(p * f) in [half, D)
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
-  // Write the new keys (rotated) and values first: every query head of a row reads them.
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t g = 0; g < KV; ++g) {
-      const int64_t at = ((rp[b] * KV + g) * S + pp[b]) * D;
-      rope(kp + (b * KV + g) * D, cp + pp[b] * D, cp + pp[b] * D + half, half, kc + at);
-      std::copy_n(vp + (b * KV + g) * D, D, vc + at);
-    }
+  // The new keys and values first: every query head of a row reads them.
+  write_kv(k.data_ptr<float>(), v.data_ptr<float>(), cp, B, KV, S, D, rp, pp, kc, vc);
   at::Tensor y = at::empty({B, H * D}, q.options());
   float* yp = y.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t group = H / KV;
   const int64_t span = std::min(S, std::max<int64_t>(kv_len, 1));
   // One task per (row, query head); only a long cache is worth more than one thread.
@@ -96,29 +73,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> qr(D), p(span);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / group;
-      rope(qp + i * D, cp + pp[b] * D, cp + pp[b] * D + half, half, qr.data());
-      const int64_t end = std::min(pp[b] + 1, span);
-      const int64_t start = window > 0 ? std::max<int64_t>(0, pp[b] - window + 1) : 0;
-      const float* keys = kc + (rp[b] * KV + g) * S * D;
-      const float* values = vc + (rp[b] * KV + g) * S * D;
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t j = start; j < end; ++j) {
-        p[j] = dot(qr.data(), keys + j * D, D) * scale;
-        top = std::max(top, p[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = start; j < end; ++j) {
-        p[j] = std::exp(p[j] - top);
-        total += p[j];
-      }
-      float* out = yp + i * D;
-      std::fill_n(out, D, 0.f);
-      for (int64_t j = start; j < end; ++j) {
-        const float w = p[j] / total;
-        const float* vj = values + j * D;
-        for (int64_t d = 0; d < D; ++d) out[d] += w * vj[d];
-      }
+      const int64_t b = i / H, g = (i % H) / group, cache = (rp[b] * KV + g) * S * D;
+      attend(qp + i * D, cp, kc + cache, vc + cache, pp[b], span, window, D, qr.data(), p.data(), yp + i * D);
     }
   });
   return y;
@@ -138,15 +94,7 @@ at::Tensor add_rms_norm_(at::Tensor& x, const std::optional<at::Tensor>& delta, 
     dp = dc.data_ptr<float>();
   }
   at::Tensor y = at::empty_like(x);
-  float* yp = y.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) {
-    float* xr = xp + r * D;
-    if (dp)
-      for (int64_t d = 0; d < D; ++d) xr[d] += dp[r * D + d];
-    const float inv = 1.0f / std::sqrt(dot(xr, xr, D) / static_cast<float>(D) + static_cast<float>(eps));
-    for (int64_t d = 0; d < D; ++d) yp[r * D + d] = xr[d] * inv * wp[d];
-  }
+  add_rms_norm_rows(xp, dp, weight.data_ptr<float>(), R, D, static_cast<float>(eps), y.data_ptr<float>());
   return y;
 }
 

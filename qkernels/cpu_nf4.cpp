@@ -25,10 +25,7 @@
 
 #include "cpu_nf4.h"
 
-namespace {
-
-using qkernels_nf4::BlockScales;
-using qkernels_nf4::WeightView;
+namespace qkernels_nf4 {
 
 int log2_exact(int64_t v, const char* what) {
   TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, what, " must be a power of two, got ", v);
@@ -53,6 +50,22 @@ BlockScales make_scales(const at::Tensor& absmax, const std::optional<at::Tensor
   }
   return s;
 }
+
+WeightView view_of(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                   const at::Tensor& quant_map, const std::optional<at::Tensor>& nested_map, double offset,
+                   int64_t nested_blocksize, int64_t N, int64_t K, float* y) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && 2 * packed.numel() >= N * K,
+              "packed must be contiguous uint8 holding ", N, " x ", K, " codes");
+  TORCH_CHECK(quant_map.scalar_type() == at::kFloat && quant_map.numel() == 16, "quant_map must be 16 float32");
+  return {packed.data_ptr<uint8_t>(), quant_map.data_ptr<float>(),
+          make_scales(absmax, nested_absmax, nested_map, offset, nested_blocksize), N, y};
+}
+
+}  // namespace qkernels_nf4
+
+namespace {
+
+using namespace qkernels_nf4;
 
 inline float code_of(const uint8_t* packed, int64_t i, const float* qmap) {
   uint8_t byte = packed[i >> 1];
@@ -217,16 +230,6 @@ void gemm_one(const float* x, int64_t M, int64_t K, const WeightView& w, int bsh
   });
 }
 
-WeightView view_of(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-                   const at::Tensor& quant_map, const std::optional<at::Tensor>& nested_map, double offset,
-                   int64_t nested_blocksize, int64_t N, int64_t K, at::Tensor& y) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && 2 * packed.numel() >= N * K,
-              "packed must be contiguous uint8 holding ", N, " x ", K, " codes");
-  TORCH_CHECK(quant_map.scalar_type() == at::kFloat && quant_map.numel() == 16, "quant_map must be 16 float32");
-  return {packed.data_ptr<uint8_t>(), quant_map.data_ptr<float>(),
-          make_scales(absmax, nested_absmax, nested_map, offset, nested_blocksize), N, y.data_ptr<float>()};
-}
-
 // y_i = x @ W_i.T for weights that share K and the blocksize; each y_i allocated in its view. Rows
 // of W per thread task: at least grain_weights weights. Forking threads for a small matrix costs
 // more than it saves, and on an oversubscribed machine a fork waits for every thread to be scheduled.
@@ -253,7 +256,8 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
                 int64_t N, int64_t K, int64_t grain_weights) {
   const at::Tensor xf = float_rows(x, K);
   at::Tensor y = at::empty({xf.size(0), N}, xf.options());
-  gemm_views(xf, K, blocksize, {view_of(packed, absmax, nested_absmax, quant_map, nested_map, offset, nested_blocksize, N, K, y)},
+  gemm_views(xf, K, blocksize,
+             {view_of(packed, absmax, nested_absmax, quant_map, nested_map, offset, nested_blocksize, N, K, y.data_ptr<float>())},
              grain_weights);
   return y;
 }
@@ -276,7 +280,7 @@ std::vector<at::Tensor> gemm_many(const at::Tensor& x, at::TensorList packed, at
   for (size_t i = 0; i < n; ++i) {
     ys.push_back(at::empty({xf.size(0), N[i]}, xf.options()));
     views.push_back(view_of(packed[i], absmax[i], nested_absmax.get(i), quant_map[i], nested_map.get(i), offset[i],
-                            nested_blocksize, N[i], K, ys.back()));
+                            nested_blocksize, N[i], K, ys.back().data_ptr<float>()));
   }
   gemm_views(xf, K, blocksize, views, grain_weights);
   return ys;

@@ -2,7 +2,10 @@
 // the instruction-set macros, a weight's block scales and the view of a weight the kernels read.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -40,10 +43,24 @@ struct WeightView {
   float* y;  // its output, [M, N]
 };
 
+// log2 of a power of two (a TORCH_CHECK names `what` otherwise).
+int log2_exact(int64_t v, const char* what);
+// The view of one weight given as the tensors of qkernels.nf4_args.kernel_args, its output y [M, N].
+WeightView view_of(const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                   const at::Tensor& quant_map, const std::optional<at::Tensor>& nested_map, double offset,
+                   int64_t nested_blocksize, int64_t N, int64_t K, float* y);
+
 #ifdef QK_AVX512
 // y_i = x @ W_i.T for fp32 x [M, K] and weights whose rows hold whole scale blocks
 // (K % (1 << bshift) == 0, blocksize >= 32): rows of all weights split over threads, grain rows a task.
 void gemm512(const float* x, int64_t M, int64_t K, const std::vector<WeightView>& ws, int bshift, int64_t grain);
+
+// The pieces gemm512 is made of, for callers that split the work themselves (cpu_decode_stack.cpp):
+// x [n] (n % 32 == 0) with every 32 values as [x0 x2 .. x30 | x1 x3 .. x31], the layout the kernel
+// reads; and rows [n0, n1) of w.y [M, w.N] from such a permuted xp [M, K], the same bits however
+// the rows are split.
+void permute_pairs512(const float* x, int64_t n, float* xp);
+void weight_rows512(const float* xp, int64_t M, int64_t K, const WeightView& w, int bshift, int64_t n0, int64_t n1);
 #endif
 
 }  // namespace qkernels_nf4

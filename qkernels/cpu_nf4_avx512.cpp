@@ -104,6 +104,8 @@ void rows512(const float* xp, int64_t K, const uint8_t* packed, __m512 table, co
   for (; n < n1; ++n) tile512<MB, 1>(xp, K, packed, table, scales + (n - n0) * nblk, bshift, n, N, y, prefetch_end);
 }
 
+}  // namespace
+
 // Rows [n0, n1) of one weight for all M rows of x: the rows' scales decoded once into a per-thread
 // buffer, then slices of rows that stay in L2 while every group of up to 8 rows of x passes over
 // them (only the first pass reads DRAM, so only it prefetches).
@@ -136,17 +138,19 @@ void weight_rows512(const float* xp, int64_t M, int64_t K, const WeightView& w, 
   }
 }
 
-}  // namespace
+void permute_pairs512(const float* x, int64_t n, float* xp) {
+  for (int64_t i = 0; i < n; i += 32)
+    for (int t = 0; t < 16; ++t) {
+      xp[i + t] = x[i + 2 * t];
+      xp[i + 16 + t] = x[i + 2 * t + 1];
+    }
+}
 
 // Every weight in one parallel region: the rows of all of them, end to end, split over threads.
 void gemm512(const float* x, int64_t M, int64_t K, const std::vector<WeightView>& ws, int bshift, int64_t grain) {
   thread_local std::vector<float> xperm;
   xperm.resize(std::max<size_t>(xperm.size(), M * K));
-  for (int64_t i = 0; i < M * K; i += 32)
-    for (int t = 0; t < 16; ++t) {
-      xperm[i + t] = x[i + 2 * t];
-      xperm[i + 16 + t] = x[i + 2 * t + 1];
-    }
+  permute_pairs512(x, M * K, xperm.data());
   const float* xp = xperm.data();
   int64_t rows = 0;
   for (const WeightView& w : ws) rows += w.N;
