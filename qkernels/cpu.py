@@ -50,7 +50,8 @@ PARALLEL_MIN_WEIGHTS = 1 << 16
 _CHUNK_ELEMS = 1 << 22  # scratch buffer cap: 16 MiB of fp32 weight per chunk
 _SOURCES = [Path(__file__).with_name(f) for f in ("cpu_nf4.cpp", "cpu_nf4_avx512.cpp", "cpu_linear16.cpp",
                                                   "cpu_quantize.cpp", "cpu_caching_allocator.cpp",
-                                                  "cpu_lora_dropout.cpp", "cpu_decode.cpp")]  # fmt: skip
+                                                  "cpu_lora_dropout.cpp", "cpu_decode.cpp",
+                                                  "cpu_decode_stack.cpp")]  # fmt: skip
 # Hashed with the sources: a new header is a new build.
 _HEADERS = [Path(__file__).with_name(f) for f in ("cpu_nf4.h", "cpu_decode.h")]
 # The fused kernel's fast loop needs AVX2 and K % 32 == 0; its portable fallback is element by
@@ -264,6 +265,30 @@ def linear_many_prepared(x: torch.Tensor, args: tuple) -> list[torch.Tensor]:
     """`[linear(x, w) for w in ws]` given `args = linear_many_args(ws)`, without autograd: fp32 x [M, K],
     0 < M <= CPU_FUSED_MAX_M."""
     return torch.ops.qkernels_cpu.gemm_many.default(x, *args, PARALLEL_MIN_WEIGHTS)
+
+
+def decode_stack(weights: list[list[NF4Weight]], biases: list[list[torch.Tensor | None]], norms: list[torch.Tensor],
+                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], windows: list[int],
+                 rope_table: torch.Tensor, heads: int, eps: float) -> object | None:  # fmt: skip
+    """A whole decode step in one parallel region (cpu_decode_stack.cpp), built once: per layer the
+    weights q, k, v, o, gate, up, down and their biases; norms: the first layer's input norm, then per
+    layer its post-attention norm and the norm after it; fp32 caches [slots, kv_heads, positions,
+    head_dim]. Its `run(x, rows, positions, kv_len)` returns what `Decoder.decode_fused`'s per-layer
+    calls return, bit for bit. None where it does not apply: a build without AVX-512, weights the
+    AVX-512 kernel does not take alike (blocksizes under 32 or differing, rows not of whole blocks)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not all(len(ws) == 7 for ws in weights):
+        return None
+    w0 = weights[0][0]
+    if not (w0.blocksize >= 32 and all(w.blocksize == w0.blocksize and w.nested_blocksize == w0.nested_blocksize
+                                       and w.shape[1] % w.blocksize == 0 and supports(w)
+                                       for ws in weights for w in ws)):  # fmt: skip
+        return None
+    args = [kernel_args(w) for ws in weights for w in ws]
+    lists = [[a[i] for a in args] for i in range(6)]  # packed, absmax, nested_absmax, quant_map, nested_map, offset
+    shapes = [n for a in args for n in a[8:10]]
+    return torch.classes.qkernels_cpu.DecodeStack(*lists, [b for bs in biases for b in bs], shapes, w0.blocksize,
+                                                  w0.nested_blocksize, norms, k_caches, v_caches, windows, rope_table,
+                                                  heads, eps, PARALLEL_MIN_WEIGHTS)  # fmt: skip
 
 
 def linear16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

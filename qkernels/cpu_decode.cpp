@@ -50,14 +50,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   TORCH_CHECK(rope_table.scalar_type() == at::kFloat && rope_table.is_contiguous() && rope_table.dim() == 2 &&
                   rope_table.size(1) == D,
               "rope_table must be contiguous float32 [positions, ", D, "]");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && rows.numel() == B &&
-                  positions.numel() == B && rows.is_contiguous() && positions.is_contiguous(),
-              "rows and positions must be int64 [B]");
+  check_rows_positions(rows, positions, B, slots, S, rope_table.size(0));
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(rp[b] >= 0 && rp[b] < slots && pp[b] >= 0 && pp[b] < S && pp[b] < rope_table.size(0), "row ", b,
-                ": slot ", rp[b], " position ", pp[b], " outside the cache [", slots, ", ", S, "] or rope table");
 
   const float* qp = q.data_ptr<float>();
   const float* cp = rope_table.data_ptr<float>();  // row p: cos(p * f) in [0, half), sin(p * f) in [half, D)

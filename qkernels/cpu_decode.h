@@ -3,12 +3,28 @@
 // RMSNorm, so that both compute every value in the same order (the same bits).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
 namespace qkernels_decode {
+
+// rows and positions int64 [B]: each row's cache slot in [0, slots) and position in [0, S), with a
+// row of the rope table. Fails naming the row otherwise.
+inline void check_rows_positions(const at::Tensor& rows, const at::Tensor& positions, int64_t B, int64_t slots,
+                                 int64_t S, int64_t rope_rows) {
+  TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && rows.numel() == B &&
+                  positions.numel() == B && rows.is_contiguous() && positions.is_contiguous(),
+              "rows and positions must be int64 [B]");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < slots && pp[b] >= 0 && pp[b] < S && pp[b] < rope_rows, "row ", b, ": slot ",
+                rp[b], " position ", pp[b], " outside the cache [", slots, ", ", S, "] or rope table");
+}
 
 // Eight partial sums, which gcc vectorizes (a single running sum it may not reorder).
 inline float dot(const float* a, const float* b, int64_t n) {

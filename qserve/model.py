@@ -22,7 +22,8 @@ Two ways to run the decoder (`hidden`, or `forward` for logits of every position
   a new sequence clears what the last one wrote there first (`clear_cache`), then prefills from 0.
   `prefill(prompts, slots)` and `decode(tokens, positions, slots)` are the steps of the one decode loop
   (qserve/engine.py; qserve/generate.py runs the same steps); on CPU in fp32 `decode` runs the layers
-  through the fused ops of qkernels/cpu_decode.cpp (`Decoder.decode_fused`); `compile_decode()`
+  through the fused ops of qkernels/cpu_decode.cpp, or all of them in one C++ call where they are
+  plain NF4 linears (qkernels/cpu_decode_stack.cpp; `Decoder.decode_fused`); `compile_decode()`
   compiles the decode step.
 """
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qformats.errors import QError
+from qkernels import cpu
 from qkernels.ops import add_rms_norm_, decode_attention, decode_ops_available
 from qserve.lm_loss import IGNORE, linear_cross_entropy, shifted_targets
 from qserve.model_config import ModelArgs, rope_inv_freq
@@ -211,7 +213,7 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_table: torch.Tensor | None = None  # set by prepare_fused_decode
         self.row_ids: torch.Tensor | None = None
-        self._fused: tuple[list[_FusedLayer], tuple] | None = None  # see _fused_layers
+        self._fused: tuple[list[_FusedLayer], tuple, object | None] | None = None  # see _fused_layers
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos and sin [..., head_dim / 2] of positions [...] times each frequency, scaled: the same
@@ -266,13 +268,18 @@ class Decoder(nn.Module):
                      kv_len: int | None) -> torch.Tensor:  # fmt: skip
         """Hidden states [B, hidden] of one token per row (tokens, positions [B]) through the KV cache, with the
         fused CPU ops of qkernels/cpu_decode.cpp: per layer the seven linears, one attention call (rope, cache
-        write, attention) and two residual-add-and-norm calls, instead of some sixty small ops. The values of
-        `forward` up to the order of fp32 sums (tests/qserve/test_model.py)."""
+        write, attention) and two residual-add-and-norm calls, instead of some sixty small ops. Where every
+        layer is plain NF4 linears without q/k norms, and on an AVX-512 build, all layers in one call
+        instead (`qkernels.cpu.decode_stack`: one parallel region a step, the same bits). The values of
+        `forward` up to the order of fp32 sums (tests/qserve/test_model_decode.py, test_decode_stack.py)."""
         x = self.embed_tokens(tokens).to(self.norm.weight.dtype)  # a new tensor: the residual stream, updated in place
         rows = self.row_ids[: tokens.shape[0]] if slots is None else slots
         kv_len = kv_len or self.rope_table.shape[0]
         eps = self.args.rms_norm_eps
         layers = self._fused_layers()
+        stack = self._fused[2] if self._fused is not None else None
+        if stack is not None and tokens.shape[0] <= cpu.CPU_FUSED_MAX_M and not torch.compiler.is_compiling():
+            return stack.run(x, rows, positions, kv_len)
         h = add_rms_norm_(x, None, layers[0].input_norm, eps)
         for layer in layers:
             q, k, v = layer.qkv.run(h)
@@ -301,8 +308,26 @@ class Decoder(nn.Module):
             checks = [(self._modules, "layers", self.layers), (self._modules, "norm", self.norm),
                       *((self.layers._modules, str(i), layer) for i, layer in enumerate(layers)),
                       *(c for f in fused for c in f.checks)]  # fmt: skip
-            self._fused = (fused, tuple(zip(*checks, strict=True)))  # (holders, keys, objects)
+            stack = self._decode_stack(fused)
+            if stack is not None:  # it holds the caches' tensors and the rope table: the same ones, or rebuild
+                checks += [(self.__dict__, "rope_table", self.rope_table),
+                           *((f.kv_cache._buffers, n, f.kv_cache._buffers[n]) for f in fused for n in ("k", "v"))]  # fmt: skip
+            self._fused = (fused, tuple(zip(*checks, strict=True)), stack)  # (holders, keys, objects)
         return self._fused[0]
+
+    def _decode_stack(self, fused: list[_FusedLayer]) -> object | None:
+        """The whole step in one C++ call (qkernels.cpu.decode_stack) when every layer is plain NF4 linears
+        the prepared kernel takes and no q/k norms; else None (the per-layer calls of `decode_fused`)."""
+        if not fused or any(f.q_norm is not None or f.k_norm is not None
+                            or any(g.args is None for g in (f.qkv, f.o, f.gate_up, f.down)) for f in fused):  # fmt: skip
+            return None
+        groups = [[*f.qkv.modules, *f.o.modules, *f.gate_up.modules, *f.down.modules] for f in fused]
+        return cpu.decode_stack([[m.nf4_weight for m in g] for g in groups],
+                                [[m._parameters.get("bias") for m in g] for g in groups],
+                                [fused[0].input_norm, *(n for f in fused for n in (f.post_norm, f.next_norm))],
+                                [f.kv_cache.k for f in fused], [f.kv_cache.v for f in fused],
+                                [f.window for f in fused], self.rope_table, fused[0].n_heads,
+                                self.args.rms_norm_eps)  # fmt: skip
 
     def _following_norms(self, layers: list[nn.Module]) -> list[RMSNorm]:
         """The norm after each layer: the next layer's input norm, the final norm after the last."""
