@@ -277,8 +277,8 @@ class Decoder(nn.Module):
         kv_len = kv_len or self.rope_table.shape[0]
         eps = self.args.rms_norm_eps
         layers = self._fused_layers()
-        stack = self._fused[2] if self._fused is not None else None
-        if stack is not None and tokens.shape[0] <= cpu.CPU_FUSED_MAX_M and not torch.compiler.is_compiling():
+        stack = None if torch.compiler.is_compiling() or self._fused is None else self._fused[2]  # never traced
+        if stack is not None and tokens.shape[0] <= cpu.CPU_FUSED_MAX_M:
             return stack.run(x, rows, positions, kv_len)
         h = add_rms_norm_(x, None, layers[0].input_norm, eps)
         for layer in layers:

@@ -234,17 +234,20 @@ def test_smollm2_batch_of_prompts_equals_one_by_one(smollm2):
 @pytest.mark.parametrize("weights", ["fp32", "nf4"])
 def test_compiled_decode_equals_eager(tmp_path, weights):
     """`--compile` (torch.compile of the one decode step) gives the eager tokens, in Generator and in the
-    engine; on NF4 the eager step runs its prepared kernel arguments, the traced one the modules' forwards."""
+    engine; on NF4 the eager step runs the decode stack (AVX-512) or its prepared kernel arguments, the
+    traced one the modules' forwards."""
     from qconvert.quantize import quantize_checkpoint
     from qserve.engine import Engine
 
-    save_tiny("smollm2", tmp_path / "fp32", seed=3)
+    save_tiny("smollm2", tmp_path / "fp32", seed=3, intermediate_size=128)  # rows of whole blocks: the stack runs
     if weights == "nf4":
         quantize_checkpoint(tmp_path / "fp32", tmp_path / "nf4", progress=False)
     eager, compiled = load_model(tmp_path / weights), load_model(tmp_path / weights)
     params = SamplingParams(max_new_tokens=12, stop_token_ids=())
     prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 11)]
     want = [c.token_ids for c in Generator(eager).generate(prompts, params)]
+    if weights == "nf4":
+        assert (eager.model._fused[2] is not None) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
     assert [c.token_ids for c in Generator(compiled, compile=True).generate(prompts, params)] == want
     engine = Engine(compiled, None, max_batch=2, compile=True).start()
     try:
